@@ -1,0 +1,231 @@
+//! The cache: the in-memory manifest layer, and the size bound on the disk cache.
+//!
+//! Manifests are small and asked for on every pull, so the hot ones live in a moka cache bounded
+//! by bytes. Mirrored blobs and manifests on disk are bounded by `max_cache_size` and evicted least
+//! recently used first. Last use is the file's mtime (touched at most once a minute per blob), so
+//! it survives restarts without a database. Private content lives in the store's other area and
+//! is never counted or evicted here; blobs with a reader holding a lease are skipped.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::names::Digest;
+use crate::store::{Area, Store};
+
+/// Don't rewrite a blob's mtime more often than this: last use needs minutes, not nanoseconds.
+const TOUCH_EVERY: u64 = 60;
+
+/// A manifest held in memory: its bytes and media type.
+#[derive(Clone)]
+pub struct CachedManifest {
+    pub bytes: Bytes,
+    pub media_type: Arc<str>,
+}
+
+pub type ManifestCache = moka::future::Cache<(Area, Digest), CachedManifest>;
+
+pub fn manifest_cache(max_bytes: u64) -> ManifestCache {
+    moka::future::Cache::builder()
+        .max_capacity(max_bytes)
+        .weigher(|_, m: &CachedManifest| {
+            (m.bytes.len() + m.media_type.len() + 64)
+                .try_into()
+                .unwrap_or(u32::MAX)
+        })
+        .build()
+}
+
+#[derive(Default)]
+struct Lru {
+    /// digest -> (size, last use in seconds)
+    entries: HashMap<Digest, (u64, u64)>,
+    order: BTreeSet<(u64, Digest)>,
+    total: u64,
+}
+
+impl Lru {
+    fn insert(&mut self, digest: Digest, size: u64, used: u64) {
+        self.remove(&digest);
+        self.entries.insert(digest, (size, used));
+        self.order.insert((used, digest));
+        self.total += size;
+    }
+
+    fn remove(&mut self, digest: &Digest) -> Option<u64> {
+        let (size, used) = self.entries.remove(digest)?;
+        self.order.remove(&(used, *digest));
+        self.total -= size;
+        Some(size)
+    }
+}
+
+/// Accounting and eviction for the cache area of the store.
+pub struct DiskCache {
+    store: Store,
+    max: u64,
+    lru: Mutex<Lru>,
+    leases: Mutex<HashMap<Digest, usize>>,
+    pub evictions: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+}
+
+impl DiskCache {
+    /// Scans the cache area to learn sizes and last uses.
+    pub fn open(store: Store, max: u64) -> io::Result<DiskCache> {
+        let mut lru = Lru::default();
+        let dir = store.blobs_dir(Area::Cache);
+        for shard in fs::read_dir(&dir)?.filter_map(Result::ok) {
+            let Ok(files) = fs::read_dir(shard.path()) else {
+                continue;
+            };
+            for f in files.filter_map(Result::ok) {
+                let Some(digest) = f
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| Digest::parse(&format!("sha256:{n}")).ok())
+                else {
+                    continue;
+                };
+                let Ok(meta) = f.metadata() else { continue };
+                lru.insert(
+                    digest,
+                    meta.len(),
+                    secs(meta.modified().unwrap_or(UNIX_EPOCH)),
+                );
+            }
+        }
+        tracing::info!(
+            entries = lru.entries.len(),
+            bytes = lru.total,
+            limit = max,
+            "disk cache opened"
+        );
+        let cache = DiskCache {
+            store,
+            max,
+            lru: Mutex::new(lru),
+            leases: Mutex::new(HashMap::new()),
+            evictions: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
+        };
+        cache.evict();
+        Ok(cache)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn size(&self) -> u64 {
+        lock(&self.lru).total
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.max
+    }
+
+    /// Records a new blob in the cache area and evicts what no longer fits.
+    pub fn added(&self, digest: Digest, size: u64) {
+        lock(&self.lru).insert(digest, size, now());
+        self.evict();
+    }
+
+    /// Marks a cached blob as used now.
+    pub fn touch(&self, digest: &Digest) {
+        let now = now();
+        let mut lru = lock(&self.lru);
+        let Some(&(size, used)) = lru.entries.get(digest) else {
+            return;
+        };
+        if now.saturating_sub(used) < TOUCH_EVERY {
+            return;
+        }
+        lru.insert(*digest, size, now);
+        drop(lru);
+        if let Ok(f) = fs::File::options()
+            .write(true)
+            .open(self.store.blob_path(Area::Cache, digest))
+        {
+            let _ = f.set_modified(SystemTime::now());
+        }
+    }
+
+    /// Keeps a blob from eviction while the lease lives.
+    pub fn lease(self: &Arc<Self>, digest: Digest) -> Lease {
+        *lock(&self.leases).entry(digest).or_insert(0) += 1;
+        Lease {
+            cache: self.clone(),
+            digest,
+        }
+    }
+
+    /// Forgets a blob that was removed from disk by someone else (fsck).
+    pub fn forget(&self, digest: &Digest) {
+        lock(&self.lru).remove(digest);
+    }
+
+    fn evict(&self) {
+        loop {
+            let victim = {
+                let lru = lock(&self.lru);
+                if lru.total <= self.max {
+                    return;
+                }
+                let leases = lock(&self.leases);
+                lru.order
+                    .iter()
+                    .map(|(_, d)| *d)
+                    .find(|d| !leases.contains_key(d))
+            };
+            let Some(digest) = victim else {
+                tracing::warn!("disk cache over its limit, but every entry is in use");
+                return;
+            };
+            let size = lock(&self.lru).remove(&digest).unwrap_or(0);
+            let _ = self.store.remove_manifest_type(Area::Cache, &digest);
+            if let Err(e) = self.store.remove_blob(Area::Cache, &digest) {
+                tracing::warn!(%digest, error = %e, "eviction could not remove blob");
+            }
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+            self.evicted_bytes.fetch_add(size, Ordering::Relaxed);
+            tracing::info!(%digest, size, cache_bytes = self.size(), limit = self.max, "evicted from disk cache");
+        }
+    }
+}
+
+pub struct Lease {
+    cache: Arc<DiskCache>,
+    digest: Digest,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut leases = lock(&self.cache.leases);
+        if let Some(n) = leases.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                leases.remove(&self.digest);
+            }
+        }
+    }
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+fn now() -> u64 {
+    secs(SystemTime::now())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,424 @@
+//! Configuration: the TOML file, the command-line flags that override it, and validation.
+//!
+//! Every value is parsed into its final type while the file is read, so an invalid value is
+//! reported with the key that holds it and the rest of berth never sees a raw string.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The upstream key that Docker Hub is filed under, and the one used when a request names none.
+pub const DOCKER_HUB: &str = "docker.io";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Plain-HTTP listen address.
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log_format: LogFormat,
+    /// Repository namespaces stored locally and open to push.
+    pub private_ns: Vec<String>,
+    /// htpasswd file with bcrypt entries; required for pushes.
+    pub htpasswd: Option<PathBuf>,
+    /// Whether pulls from the private namespace are allowed without credentials.
+    pub private_pull_public: bool,
+    /// Whether every request, mirrored pulls included, needs credentials.
+    pub auth_everything: bool,
+    /// Bound on the disk cache of mirrored content; private content is not counted against it.
+    pub max_cache_size: ByteSize,
+    /// Bound on the in-memory manifest cache.
+    pub memory_cache_size: ByteSize,
+    /// A download nobody is waiting for any more is finished only below this size.
+    pub max_orphan_download: ByteSize,
+    /// Which upstream serves requests that do not name one with `?ns=`.
+    pub default_upstream: String,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// How long in-flight responses may take to finish after a shutdown signal.
+    pub shutdown_grace: Seconds,
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub url: UpstreamUrl,
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Extra CA certificate (PEM) trusted for this upstream, besides the webpki roots.
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_tag_ttl")]
+    pub tag_ttl: Seconds,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Seconds,
+    /// Longest wait for the first byte of an upstream response.
+    #[serde(default = "default_response_timeout")]
+    pub response_timeout: Seconds,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn default_tag_ttl() -> Seconds {
+    Seconds(Duration::from_secs(300))
+}
+fn default_connect_timeout() -> Seconds {
+    Seconds(Duration::from_secs(10))
+}
+fn default_response_timeout() -> Seconds {
+    Seconds(Duration::from_secs(30))
+}
+
+impl UpstreamConfig {
+    pub fn new(url: UpstreamUrl) -> Self {
+        UpstreamConfig {
+            url,
+            user: None,
+            password_file: None,
+            ca_file: None,
+            tag_ttl: default_tag_ttl(),
+            connect_timeout: default_connect_timeout(),
+            response_timeout: default_response_timeout(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut upstreams = BTreeMap::new();
+        upstreams.insert(
+            DOCKER_HUB.to_owned(),
+            UpstreamConfig::new(
+                UpstreamUrl::parse("https://registry-1.docker.io").expect("valid default"),
+            ),
+        );
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            data_dir: PathBuf::from("./berth-data"),
+            log_format: LogFormat::Text,
+            private_ns: Vec::new(),
+            htpasswd: None,
+            private_pull_public: false,
+            auth_everything: false,
+            max_cache_size: ByteSize(50 << 30),
+            memory_cache_size: ByteSize(256 << 20),
+            max_orphan_download: ByteSize(4 << 30),
+            default_upstream: DOCKER_HUB.to_owned(),
+            upstreams,
+            shutdown_grace: Seconds(Duration::from_secs(30)),
+            tls: None,
+        }
+    }
+}
+
+/// A configuration error: which key, and what is wrong with it. Displayed on one line.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config: `{}`: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; keys it does not set keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
+        Config::from_toml(&text)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        // A file that lists upstreams without Docker Hub still gets the default Docker Hub entry,
+        // so the default upstream always exists unless the file moved the default elsewhere.
+        if !config.upstreams.contains_key(DOCKER_HUB) && config.default_upstream == DOCKER_HUB {
+            config.upstreams.extend(Config::default().upstreams);
+        }
+        Ok(config)
+    }
+
+    /// Checks what cannot be checked key by key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.upstreams.contains_key(&self.default_upstream) {
+            return Err(err(
+                "default_upstream",
+                format!(
+                    "no [upstreams.\"{}\"] table is configured",
+                    self.default_upstream
+                ),
+            ));
+        }
+        for ns in &self.private_ns {
+            if crate::names::RepoName::parse(ns).is_err() {
+                return Err(err(
+                    "private_ns",
+                    format!("{ns:?} is not a valid repository namespace"),
+                ));
+            }
+        }
+        for (key, up) in &self.upstreams {
+            if up.user.is_some() != up.password_file.is_some() {
+                return Err(err(
+                    format!("upstreams.\"{key}\".user"),
+                    "user and password_file must be given together",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn default_upstream_config_mut(&mut self) -> &mut UpstreamConfig {
+        let key = self.default_upstream.clone();
+        self.upstreams
+            .entry(key)
+            .or_insert_with(|| UpstreamConfig::new(UpstreamUrl::docker_hub()))
+    }
+}
+
+/// Turns toml's multi-line report into one line naming the key at the error's position.
+fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().to_owned();
+    let Some(span) = e.span() else {
+        return err("(file)", message);
+    };
+    let line_start = text[..span.start.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line_end = text[line_start..]
+        .find('\n')
+        .map_or(text.len(), |i| line_start + i);
+    let line = &text[line_start..line_end];
+    let line_no = text[..line_start].matches('\n').count() + 1;
+    let key = match line.split_once('=') {
+        Some((k, _)) => k.trim().to_owned(),
+        None => line.trim().to_owned(),
+    };
+    // For unknown fields toml points at the key itself; its message already names it.
+    err(
+        format!("{key}` (line {line_no})")
+            .trim_end_matches('`')
+            .to_owned(),
+        message,
+    )
+}
+
+/// A byte count written as `50GiB`, `512MiB`, `10GB`, `4096`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like \"50GiB\""))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            "t" | "tb" => 1_000_000_000_000,
+            "tib" => 1 << 40,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+                ))
+            }
+        };
+        Ok(ByteSize((num * mult as f64) as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration written as `300`, `300s`, `5m`, `1h`, `250ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub Duration);
+
+impl Seconds {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration like \"5m\""))?;
+        let secs = match unit.trim() {
+            "" | "s" => num,
+            "ms" => num / 1000.0,
+            "m" => num * 60.0,
+            "h" => num * 3600.0,
+            "d" => num * 86400.0,
+            other => {
+                return Err(format!(
+                    "unknown duration unit {other:?} (use ms, s, m, h, d)"
+                ))
+            }
+        };
+        Ok(Seconds(Duration::from_secs_f64(secs)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Seconds(Duration::from_secs(n))),
+            Raw::S(s) => Seconds::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// An upstream registry's base URL: http or https, a host, an optional port, no path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub scheme: String,
+    /// `host` or `host:port`, as sent in the Host header.
+    pub authority: String,
+}
+
+impl UpstreamUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|e| format!("{s:?}: {e}"))?;
+        let scheme = uri.scheme_str().unwrap_or_default().to_owned();
+        if scheme != "http" && scheme != "https" {
+            return Err(format!("{s:?}: the scheme must be http or https"));
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("{s:?}: no host"))?
+            .to_string();
+        if authority.contains('@') {
+            return Err(format!(
+                "{s:?}: put credentials in user/password_file, not in the URL"
+            ));
+        }
+        if !matches!(uri.path(), "" | "/") {
+            return Err(format!("{s:?}: an upstream URL has no path"));
+        }
+        Ok(UpstreamUrl { scheme, authority })
+    }
+
+    pub fn docker_hub() -> Self {
+        UpstreamUrl {
+            scheme: "https".into(),
+            authority: "registry-1.docker.io".into(),
+        }
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        UpstreamUrl::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(ByteSize::parse("50GiB").unwrap().0, 50 << 30);
+        assert_eq!(ByteSize::parse("1.5KiB").unwrap().0, 1536);
+        assert_eq!(ByteSize::parse("10 MB").unwrap().0, 10_000_000);
+        assert!(ByteSize::parse("10 XB").is_err());
+        assert_eq!(Seconds::parse("5m").unwrap().0, Duration::from_secs(300));
+        assert_eq!(
+            Seconds::parse("250ms").unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert!(Seconds::parse("soon").is_err());
+    }
+
+    #[test]
+    fn file_errors_name_the_key() {
+        let e = Config::from_toml("listen = \"0.0.0.0:5000\"\nmax_cache_size = \"5 parsecs\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("max_cache_size"), "{e}");
+        assert!(!e.to_string().contains('\n'), "{e}");
+        let e = Config::from_toml("lisen = \"0.0.0.0:5000\"\n").unwrap_err();
+        assert!(e.to_string().contains("lisen"), "{e}");
+        let e =
+            Config::from_toml("[upstreams.\"ghcr.io\"]\nurl = \"ftp://ghcr.io\"\n").unwrap_err();
+        assert!(e.to_string().contains("url"), "{e}");
+    }
+
+    #[test]
+    fn a_file_with_other_upstreams_keeps_docker_hub() {
+        let c = Config::from_toml(
+            "[upstreams.\"ghcr.io\"]\nurl = \"https://ghcr.io\"\ntag_ttl = \"1m\"\n",
+        )
+        .unwrap();
+        assert!(c.upstreams.contains_key(DOCKER_HUB));
+        assert_eq!(c.upstreams["ghcr.io"].tag_ttl.0, Duration::from_secs(60));
+        c.validate().unwrap();
+    }
+}

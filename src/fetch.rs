@@ -1,0 +1,444 @@
+//! The fetch coordinator: one upstream download per missing blob, streamed to every reader.
+//!
+//! The first request for a missing blob starts a download task that writes into a temp file of
+//! the store and publishes its progress on a `watch` channel. Every request for the same blob —
+//! the first one included — reads that temp file from byte 0 at its own pace, woken by progress
+//! notifications, never past what has been written. The task belongs to no client: a client that
+//! goes away does not stop it (unless nobody is left and the blob is larger than the orphan
+//! limit). Only a verified blob is renamed into the cache; on any failure every reader's body ends
+//! with an error, so clients see a broken transfer and never a complete wrong body.
+//!
+//! `SingleFlight` gives manifest fetches and tag resolutions the same one-request-many-waiters
+//! behaviour.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::future::Future;
+use std::hash::Hash;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::Stream;
+use http::Method;
+use http_body_util::BodyExt;
+use tokio::sync::watch;
+
+use crate::cache::DiskCache;
+use crate::names::{Digest, RepoName};
+use crate::store::{Area, BlobWriter, StoreError};
+use crate::upstream::{content_length, Upstream, UpstreamError};
+
+/// Reads from disk in pieces of this size: large enough to keep syscalls cheap, small enough
+/// that eight readers of a 512 MiB blob stay within a few MiB of buffers.
+const READ_CHUNK: usize = 256 << 10;
+/// Upstream frames are coalesced into writes of up to this size when they arrive faster than disk.
+const WRITE_BATCH: usize = 1 << 20;
+
+/// Why a download ended without a cache entry.
+#[derive(Debug, Clone)]
+pub enum FetchFailure {
+    Upstream(UpstreamError),
+    Mismatch(String),
+    Truncated { expected: u64, got: u64 },
+    Abandoned,
+    Io(String),
+}
+
+impl std::fmt::Display for FetchFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchFailure::Upstream(e) => write!(f, "{e}"),
+            FetchFailure::Mismatch(m) => write!(f, "{m}"),
+            FetchFailure::Truncated { expected, got } => {
+                write!(f, "upstream stream ended at {got} of {expected} bytes")
+            }
+            FetchFailure::Abandoned => write!(
+                f,
+                "download abandoned: no readers left and over the orphan limit"
+            ),
+            FetchFailure::Io(e) => write!(f, "store I/O: {e}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    /// Waiting for the upstream's response headers.
+    Connecting,
+    Streaming,
+    Done,
+    Failed(FetchFailure),
+}
+
+#[derive(Debug, Clone)]
+struct Progress {
+    state: State,
+    written: u64,
+    total: Option<u64>,
+}
+
+/// One download in flight.
+pub struct Download {
+    file: Arc<File>,
+    progress: watch::Sender<Progress>,
+    readers: AtomicUsize,
+}
+
+/// What a blob request attaches to.
+pub enum Attach {
+    /// The blob was already in the cache.
+    Cached,
+    /// A download is under way; `joined` tells whether this request started it.
+    InFlight {
+        download: Arc<Download>,
+        joined: bool,
+    },
+}
+
+pub struct Fetches {
+    inflight: Mutex<HashMap<(String, Digest), Arc<Download>>>,
+    disk: Arc<DiskCache>,
+    max_orphan: u64,
+}
+
+impl Fetches {
+    pub fn new(disk: Arc<DiskCache>, max_orphan: u64) -> Fetches {
+        Fetches {
+            inflight: Mutex::new(HashMap::new()),
+            disk,
+            max_orphan,
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        lock(&self.inflight).len()
+    }
+
+    /// Joins the download of `digest` from `upstream`, starting it if none runs.
+    pub fn attach(
+        self: &Arc<Self>,
+        upstream: Arc<Upstream>,
+        repo: RepoName,
+        digest: Digest,
+    ) -> io::Result<Attach> {
+        let key = (upstream.key.clone(), digest);
+        let mut inflight = lock(&self.inflight);
+        if let Some(d) = inflight.get(&key) {
+            return Ok(Attach::InFlight {
+                download: d.clone(),
+                joined: true,
+            });
+        }
+        // Checked under the lock: a download renames its blob into place before it leaves the
+        // map, so a blob that is in neither place is really missing.
+        if self.disk.store().blob_len(Area::Cache, &digest)?.is_some() {
+            return Ok(Attach::Cached);
+        }
+        let writer = self.disk.store().begin_blob(Area::Cache, digest)?;
+        let (progress, _) = watch::channel(Progress {
+            state: State::Connecting,
+            written: 0,
+            total: None,
+        });
+        let download = Arc::new(Download {
+            file: writer.shared_file(),
+            progress,
+            readers: AtomicUsize::new(0),
+        });
+        inflight.insert(key.clone(), download.clone());
+        drop(inflight);
+        let this = self.clone();
+        let task_download = download.clone();
+        tokio::spawn(async move {
+            let outcome = this
+                .run(&task_download, writer, &upstream, &repo, digest)
+                .await;
+            // Remove from the map only after the rename, then tell the readers.
+            lock(&this.inflight).remove(&key);
+            task_download.progress.send_modify(|p| {
+                p.state = match outcome {
+                    Ok(()) => State::Done,
+                    Err(e) => State::Failed(e),
+                }
+            });
+        });
+        Ok(Attach::InFlight {
+            download,
+            joined: false,
+        })
+    }
+
+    async fn run(
+        &self,
+        download: &Download,
+        mut writer: BlobWriter,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: Digest,
+    ) -> Result<(), FetchFailure> {
+        let resp = upstream
+            .blob(Method::GET, repo, &digest)
+            .await
+            .map_err(FetchFailure::Upstream)?;
+        let total = content_length(resp.headers());
+        download.progress.send_modify(|p| {
+            p.state = State::Streaming;
+            p.total = total;
+        });
+        let idle = upstream.config.response_timeout.0;
+        let mut body = resp.into_body();
+        let mut batch = BytesMut::new();
+        loop {
+            let frame = match tokio::time::timeout(idle, body.frame()).await {
+                Err(_) => return Err(FetchFailure::Upstream(UpstreamError::Timeout)),
+                Ok(None) => None,
+                Ok(Some(Err(e))) => {
+                    return Err(FetchFailure::Upstream(UpstreamError::Unreachable(
+                        e.to_string(),
+                    )))
+                }
+                Ok(Some(Ok(frame))) => Some(frame),
+            };
+            let end = frame.is_none();
+            if let Some(data) = frame.and_then(|f| f.into_data().ok()) {
+                batch.extend_from_slice(&data);
+                // Take whatever else is already buffered, so a fast upstream costs few syscalls
+                // and a slow one is passed on at once.
+                while batch.len() < WRITE_BATCH {
+                    match body.frame().now_or_never() {
+                        Some(Some(Ok(f))) => {
+                            if let Ok(d) = f.into_data() {
+                                batch.extend_from_slice(&d);
+                            }
+                        }
+                        Some(Some(Err(e))) => {
+                            return Err(FetchFailure::Upstream(UpstreamError::Unreachable(
+                                e.to_string(),
+                            )))
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let chunk = batch.split().freeze();
+                writer = write_blocking(writer, chunk).await?;
+                let written = writer.written();
+                if total.is_some_and(|t| written > t) {
+                    return Err(FetchFailure::Truncated {
+                        expected: total.unwrap_or(0),
+                        got: written,
+                    });
+                }
+                download.progress.send_modify(|p| p.written = written);
+                if download.readers.load(Ordering::Acquire) == 0
+                    && total.unwrap_or(written) > self.max_orphan
+                {
+                    return Err(FetchFailure::Abandoned);
+                }
+            }
+            if end {
+                break;
+            }
+        }
+        let written = writer.written();
+        if let Some(expected) = total {
+            if written != expected {
+                return Err(FetchFailure::Truncated {
+                    expected,
+                    got: written,
+                });
+            }
+        }
+        let committed = tokio::task::spawn_blocking(move || writer.commit())
+            .await
+            .map_err(|e| FetchFailure::Io(e.to_string()))?;
+        match committed {
+            Ok(len) => {
+                self.disk.added(digest, len);
+                Ok(())
+            }
+            Err(StoreError::DigestMismatch { expected, actual }) => {
+                tracing::warn!(upstream = %upstream.key, %repo, %expected, %actual, "upstream blob does not match its digest; discarded");
+                Err(FetchFailure::Mismatch(format!(
+                    "upstream sent content with digest {actual}, not {expected}"
+                )))
+            }
+            Err(StoreError::Io(e)) => Err(FetchFailure::Io(e.to_string())),
+        }
+    }
+}
+
+async fn write_blocking(mut writer: BlobWriter, chunk: Bytes) -> Result<BlobWriter, FetchFailure> {
+    tokio::task::spawn_blocking(move || writer.write(&chunk).map(|()| writer))
+        .await
+        .map_err(|e| FetchFailure::Io(e.to_string()))?
+        .map_err(|e| FetchFailure::Io(e.to_string()))
+}
+
+impl Download {
+    /// Waits for the upstream's headers: the total length, if it sent one.
+    pub async fn ready(&self) -> Result<Option<u64>, FetchFailure> {
+        let mut rx = self.progress.subscribe();
+        loop {
+            let p = rx.borrow_and_update().clone();
+            match p.state {
+                State::Connecting => {}
+                State::Failed(e) => return Err(e),
+                State::Streaming | State::Done => {
+                    return Ok(p.total.or(if matches!(p.state, State::Done) {
+                        Some(p.written)
+                    } else {
+                        None
+                    }))
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(FetchFailure::Io("download task vanished".into()));
+            }
+        }
+    }
+
+    /// A body stream of bytes `start..end` (`end` None: to the end), as they become available.
+    pub fn reader(
+        self: &Arc<Self>,
+        start: u64,
+        end: Option<u64>,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        self.readers.fetch_add(1, Ordering::AcqRel);
+        let guard = ReaderGuard(self.clone());
+        let rx = self.progress.subscribe();
+        let file = self.file.clone();
+        futures_util::stream::try_unfold(
+            (guard, rx, file, start),
+            move |(guard, mut rx, file, pos)| async move {
+                loop {
+                    let p = rx.borrow_and_update().clone();
+                    if let State::Failed(e) = &p.state {
+                        return Err(io::Error::other(e.to_string()));
+                    }
+                    let limit = match end {
+                        Some(end) => end.min(p.written),
+                        None => p.written,
+                    };
+                    if pos < limit {
+                        let len = (limit - pos).min(READ_CHUNK as u64) as usize;
+                        let chunk = read_at(file.clone(), pos, len).await?;
+                        let next = pos + chunk.len() as u64;
+                        return Ok(Some((chunk, (guard, rx, file, next))));
+                    }
+                    let finished = matches!(p.state, State::Done);
+                    if finished || end.is_some_and(|e| pos >= e) {
+                        return Ok(None);
+                    }
+                    if rx.changed().await.is_err() {
+                        return Err(io::Error::other("download task vanished"));
+                    }
+                }
+            },
+        )
+    }
+}
+
+struct ReaderGuard(Arc<Download>);
+
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        self.0.readers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A body stream of bytes `start..end` of a complete file.
+pub fn file_reader(
+    file: File,
+    start: u64,
+    end: u64,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let file = Arc::new(file);
+    futures_util::stream::try_unfold(start, move |pos| {
+        let file = file.clone();
+        async move {
+            if pos >= end {
+                return Ok(None);
+            }
+            let len = (end - pos).min(READ_CHUNK as u64) as usize;
+            let chunk = read_at(file, pos, len).await?;
+            if chunk.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob shorter than its length",
+                ));
+            }
+            let next = pos + chunk.len() as u64;
+            Ok(Some((chunk, next)))
+        }
+    })
+}
+
+async fn read_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = BytesMut::zeroed(len);
+        let n = file.read_at(&mut buf, pos)?;
+        buf.truncate(n);
+        Ok(buf.freeze())
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// Runs one future per key at a time; callers with the same key share its result. The future
+/// runs as its own task, so it finishes even if the caller that started it goes away.
+pub struct SingleFlight<K, V> {
+    map: Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, V>>>>>,
+}
+
+impl<K, V> Default for SingleFlight<K, V> {
+    fn default() -> Self {
+        SingleFlight {
+            map: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+impl<K, V> SingleFlight<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Returns the shared result and whether this call joined a flight that was already running.
+    pub async fn run<F>(&self, key: K, make: impl FnOnce() -> F) -> (V, bool)
+    where
+        F: Future<Output = V> + Send + 'static,
+    {
+        let (shared, joined) = {
+            let mut map = lock(&self.map);
+            match map.get(&key) {
+                Some(s) => (s.clone(), true),
+                None => {
+                    let fut = make();
+                    let map_ref = self.map.clone();
+                    let key2 = key.clone();
+                    let handle = tokio::spawn(async move {
+                        let v = fut.await;
+                        lock(&map_ref).remove(&key2);
+                        v
+                    });
+                    let shared = async move { handle.await.expect("single-flight task panicked") }
+                        .boxed()
+                        .shared();
+                    map.insert(key, shared.clone());
+                    (shared, false)
+                }
+            }
+        };
+        (shared.await, joined)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

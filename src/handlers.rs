@@ -1,0 +1,539 @@
+//! Request handlers: from a parsed route to an HTTP response.
+//!
+//! Handlers speak HTTP (headers, ranges, status codes) and delegate everything else: content
+//! comes from the mirror (cache, then upstream) or the private registry; no handler touches a file.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{
+    HeaderValue, ACCEPT, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE,
+    RETRY_AFTER,
+};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+
+use crate::config::Config;
+use crate::error::RegistryError;
+use crate::fetch::{file_reader, Attach};
+use crate::mirror::{blocking, upstream_error, AcceptSet, Mirror, Outcome};
+use crate::names::{Digest, Reference, RepoName};
+use crate::routes::{Query, Route};
+use crate::store::Area;
+use crate::upstream::Upstream;
+
+pub type Body = BoxBody<Bytes, io::Error>;
+
+/// Everything a request may need, shared by all connections.
+pub struct App {
+    pub config: Config,
+    pub mirror: Arc<Mirror>,
+    pub started: Instant,
+}
+
+/// Facts about a response that the request log wants, carried in response extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct Served {
+    pub outcome: Outcome,
+}
+
+impl App {
+    pub fn new(config: Config, mirror: Mirror) -> App {
+        App {
+            config,
+            mirror: Arc::new(mirror),
+            started: Instant::now(),
+        }
+    }
+
+    /// The service entry point: never fails, errors become registry JSON errors.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let route = Route::parse(&path);
+        let label = route.as_ref().map(Route::label).unwrap_or("invalid");
+        let resp = match route {
+            Ok(route) => self
+                .dispatch(route, req)
+                .await
+                .unwrap_or_else(|e| error_response(&e, &method)),
+            Err(e) => error_response(&e, &method),
+        };
+        let outcome = resp
+            .extensions()
+            .get::<Served>()
+            .map(|s| s.outcome.as_str())
+            .unwrap_or("-");
+        let bytes = resp
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        let status = resp.status().as_u16();
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        if matches!(label, "healthz" | "readyz" | "metrics") {
+            tracing::debug!(client = %peer, %method, path, status, bytes, ms, route = label, "request");
+        } else {
+            tracing::info!(client = %peer, %method, path, status, bytes, ms, route = label, cache = outcome, "request");
+        }
+        Ok(resp)
+    }
+
+    async fn dispatch(
+        &self,
+        route: Route,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, RegistryError> {
+        let query = Query::parse(req.uri().query());
+        let method = req.method().clone();
+        let head = method == Method::HEAD;
+        match (route, method) {
+            (Route::Base, Method::GET | Method::HEAD) => {
+                Ok(base_response(StatusCode::OK, json_body(head, "{}")))
+            }
+            (Route::Healthz, Method::GET | Method::HEAD) => Ok(text(StatusCode::OK, "ok\n")),
+            (Route::Readyz, Method::GET | Method::HEAD) => self.ready().await,
+            (Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
+                let accept = AcceptSet::from_headers(
+                    req.headers()
+                        .get_all(ACCEPT)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok()),
+                );
+                self.get_manifest(name, reference, &query, &accept, head)
+                    .await
+            }
+            (Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
+                let range = req
+                    .headers()
+                    .get(RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                self.get_blob(name, digest, &query, range.as_deref(), head)
+                    .await
+            }
+            (Route::Tags { name }, Method::GET) => self.get_tags(name, &query).await,
+            (
+                route @ (Route::Manifest { .. }
+                | Route::Blob { .. }
+                | Route::UploadStart { .. }
+                | Route::Upload { .. }),
+                _,
+            ) => Err(self.refuse_write(&route)),
+            (_, _) => Err(RegistryError::Unsupported(
+                "method not allowed on this route".into(),
+            )),
+        }
+    }
+
+    fn is_private(&self, name: &RepoName) -> bool {
+        self.config
+            .private_ns
+            .iter()
+            .any(|ns| name.is_in_namespace(ns))
+    }
+
+    fn refuse_write(&self, route: &Route) -> RegistryError {
+        match route {
+            Route::Manifest { name, .. }
+            | Route::Blob { name, .. }
+            | Route::UploadStart { name }
+            | Route::Upload { name, .. }
+                if self.is_private(name) =>
+            {
+                RegistryError::Unsupported("pushes to the private namespace are not enabled".into())
+            }
+            _ => RegistryError::Denied(
+                "this repository is a read-only mirror; push into the private namespace".into(),
+            ),
+        }
+    }
+
+    async fn ready(&self) -> Result<Response<Body>, RegistryError> {
+        let store = self.mirror.store().clone();
+        blocking(move || {
+            let probe = store.root().join("tmp").join(".ready");
+            std::fs::write(&probe, b"ok")?;
+            std::fs::remove_file(&probe)
+        })
+        .await
+        .map_err(|e| RegistryError::Unavailable(format!("store not writable: {e}")))?;
+        Ok(text(StatusCode::OK, "ready\n"))
+    }
+
+    async fn get_manifest(
+        &self,
+        name: RepoName,
+        reference: Reference,
+        query: &Query,
+        accept: &AcceptSet,
+        head: bool,
+    ) -> Result<Response<Body>, RegistryError> {
+        let (served, outcome) = if self.is_private(&name) {
+            let Reference::Digest(d) = &reference else {
+                return Err(RegistryError::ManifestUnknown(format!(
+                    "{name}:{reference}"
+                )));
+            };
+            let m = self
+                .mirror
+                .local_manifest(Area::Local, d)
+                .await?
+                .ok_or_else(|| RegistryError::ManifestUnknown(format!("{name}@{d}")))?;
+            (m, Outcome::Local)
+        } else {
+            let (up, name) = self.mirror.route(query.ns.as_deref(), name)?;
+            self.mirror.manifest(&up, &name, &reference, accept).await?
+        };
+        let m = &served.manifest;
+        let mut resp = Response::builder()
+            .status(StatusCode::OK)
+            .header(CONTENT_TYPE, &*m.media_type)
+            .header(CONTENT_LENGTH, m.bytes.len())
+            .header("docker-content-digest", served.digest.to_string())
+            .header(ETAG, format!("\"{}\"", served.digest))
+            .body(if head { empty() } else { full(m.bytes.clone()) })
+            .map_err(internal)?;
+        api_version(&mut resp);
+        resp.extensions_mut().insert(Served { outcome });
+        Ok(resp)
+    }
+
+    async fn get_blob(
+        &self,
+        name: RepoName,
+        digest: Digest,
+        query: &Query,
+        range: Option<&str>,
+        head: bool,
+    ) -> Result<Response<Body>, RegistryError> {
+        if self.is_private(&name) {
+            return self
+                .serve_stored_blob(Area::Local, digest, range, head, Outcome::Local)
+                .await?
+                .ok_or_else(|| RegistryError::BlobUnknown(digest.to_string()));
+        }
+        let (up, name) = self.mirror.route(query.ns.as_deref(), name)?;
+        if let Some(resp) = self
+            .serve_stored_blob(Area::Cache, digest, range, head, Outcome::Hit)
+            .await?
+        {
+            return Ok(resp);
+        }
+        if head {
+            return self.head_upstream_blob(&up, &name, digest).await;
+        }
+        loop {
+            match self.mirror.attach_blob(&up, &name, digest)? {
+                Attach::Cached => {
+                    if let Some(resp) = self
+                        .serve_stored_blob(Area::Cache, digest, range, head, Outcome::Hit)
+                        .await?
+                    {
+                        return Ok(resp);
+                    }
+                    // Evicted between the check and the open: start over.
+                }
+                Attach::InFlight { download, joined } => {
+                    let outcome = if joined {
+                        Outcome::Joined
+                    } else {
+                        Outcome::Miss
+                    };
+                    let total = download.ready().await.map_err(|e| match e {
+                        crate::fetch::FetchFailure::Upstream(u) => {
+                            upstream_blob_error(u, &name, &digest)
+                        }
+                        other => RegistryError::Unavailable(other.to_string()),
+                    })?;
+                    let (status, start, end) = match (total, range) {
+                        (Some(total), Some(range)) => match parse_range(range, total)? {
+                            Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, Some(e)),
+                            None => (StatusCode::OK, 0, None),
+                        },
+                        _ => (StatusCode::OK, 0, None),
+                    };
+                    let body = BodyExt::boxed(StreamBody::new(futures_util::StreamExt::map(
+                        download.reader(start, end),
+                        |r| r.map(Frame::data),
+                    )));
+                    let mut b = blob_headers(Response::builder().status(status), &digest);
+                    match (status, total, end) {
+                        (StatusCode::PARTIAL_CONTENT, Some(total), Some(end)) => {
+                            b = b.header(CONTENT_LENGTH, end - start).header(
+                                CONTENT_RANGE,
+                                format!("bytes {start}-{}/{total}", end - 1),
+                            );
+                        }
+                        (_, Some(total), _) => b = b.header(CONTENT_LENGTH, total),
+                        _ => {}
+                    }
+                    let mut resp = b.body(body).map_err(internal)?;
+                    resp.extensions_mut().insert(Served { outcome });
+                    return Ok(resp);
+                }
+            }
+        }
+    }
+
+    async fn serve_stored_blob(
+        &self,
+        area: Area,
+        digest: Digest,
+        range: Option<&str>,
+        head: bool,
+        outcome: Outcome,
+    ) -> Result<Option<Response<Body>>, RegistryError> {
+        let store = self.mirror.store().clone();
+        let Some((file, len)) = blocking(move || store.open_blob(area, &digest)).await? else {
+            return Ok(None);
+        };
+        let lease = (area == Area::Cache).then(|| {
+            self.mirror.disk.touch(&digest);
+            self.mirror.disk.lease(digest)
+        });
+        let (status, start, end) = match range {
+            Some(r) => match parse_range(r, len)? {
+                Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
+                None => (StatusCode::OK, 0, len),
+            },
+            None => (StatusCode::OK, 0, len),
+        };
+        let mut b = blob_headers(Response::builder().status(status), &digest)
+            .header(CONTENT_LENGTH, end - start);
+        if status == StatusCode::PARTIAL_CONTENT {
+            b = b.header(CONTENT_RANGE, format!("bytes {start}-{}/{len}", end - 1));
+        }
+        let body = if head {
+            empty()
+        } else {
+            // The lease rides along with the body, so eviction skips the blob while it is read.
+            let stream = futures_util::StreamExt::map(file_reader(file, start, end), move |r| {
+                let _keep = &lease;
+                r.map(Frame::data)
+            });
+            BodyExt::boxed(StreamBody::new(stream))
+        };
+        let mut resp = b.body(body).map_err(internal)?;
+        resp.extensions_mut().insert(Served { outcome });
+        Ok(Some(resp))
+    }
+
+    async fn head_upstream_blob(
+        &self,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        digest: Digest,
+    ) -> Result<Response<Body>, RegistryError> {
+        let resp = up
+            .blob(Method::HEAD, name, &digest)
+            .await
+            .map_err(|e| upstream_blob_error(e, name, &digest))?;
+        let mut b = blob_headers(Response::builder().status(StatusCode::OK), &digest);
+        if let Some(len) = crate::upstream::content_length(resp.headers()) {
+            b = b.header(CONTENT_LENGTH, len);
+        }
+        let mut resp = b.body(empty()).map_err(internal)?;
+        resp.extensions_mut().insert(Served {
+            outcome: Outcome::Miss,
+        });
+        Ok(resp)
+    }
+
+    async fn get_tags(
+        &self,
+        name: RepoName,
+        query: &Query,
+    ) -> Result<Response<Body>, RegistryError> {
+        if self.is_private(&name) {
+            return Err(RegistryError::NameUnknown(name.to_string()));
+        }
+        let (up, name) = self.mirror.route(query.ns.as_deref(), name)?;
+        let pass = {
+            let mut pass = form_urlencoded::Serializer::new(String::new());
+            if let Some(n) = &query.n {
+                pass.append_pair("n", n);
+            }
+            if let Some(last) = &query.last {
+                pass.append_pair("last", last);
+            }
+            pass.finish()
+        };
+        let resp = up
+            .tags_list(&name, &pass)
+            .await
+            .map_err(|e| upstream_error(e, &name, RegistryError::NameUnknown(name.to_string())))?;
+        let link = resp.headers().get(http::header::LINK).cloned();
+        let body = http_body_util::Limited::new(resp.into_body(), 16 << 20)
+            .collect()
+            .await
+            .map_err(|e| RegistryError::Unavailable(format!("reading tag list: {e}")))?
+            .to_bytes();
+        let mut b = Response::builder()
+            .status(StatusCode::OK)
+            .header(CONTENT_TYPE, "application/json")
+            .header(CONTENT_LENGTH, body.len());
+        if let Some(link) = link {
+            b = b.header(http::header::LINK, link);
+        }
+        let mut resp = b.body(full(body)).map_err(internal)?;
+        api_version(&mut resp);
+        resp.extensions_mut().insert(Served {
+            outcome: Outcome::Miss,
+        });
+        Ok(resp)
+    }
+}
+
+fn upstream_blob_error(
+    e: crate::upstream::UpstreamError,
+    repo: &RepoName,
+    digest: &Digest,
+) -> RegistryError {
+    upstream_error(e, repo, RegistryError::BlobUnknown(digest.to_string()))
+}
+
+/// Parses a single `bytes=` range against a length: `Ok(None)` to serve the whole blob
+/// (no usable range), `Ok(Some((start, end_exclusive)))`, or 416.
+fn parse_range(header: &str, len: u64) -> Result<Option<(u64, u64)>, RegistryError> {
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        // Multipart ranges are legal to ignore; no registry client sends them.
+        return Ok(None);
+    }
+    let unsatisfiable = || RegistryError::RangeInvalid(format!("{header} of {len} bytes"));
+    let (a, b) = spec.split_once('-').ok_or_else(unsatisfiable)?;
+    let (a, b) = (a.trim(), b.trim());
+    let (start, end) = if a.is_empty() {
+        let suffix: u64 = b.parse().map_err(|_| unsatisfiable())?;
+        if suffix == 0 {
+            return Err(unsatisfiable());
+        }
+        (len.saturating_sub(suffix), len)
+    } else {
+        let start: u64 = a.parse().map_err(|_| unsatisfiable())?;
+        let end = if b.is_empty() {
+            len
+        } else {
+            b.parse::<u64>()
+                .map_err(|_| unsatisfiable())?
+                .saturating_add(1)
+                .min(len)
+        };
+        (start, end)
+    };
+    if start >= len || start >= end {
+        return Err(unsatisfiable());
+    }
+    Ok(Some((start, end)))
+}
+
+fn blob_headers(b: http::response::Builder, digest: &Digest) -> http::response::Builder {
+    b.header(CONTENT_TYPE, "application/octet-stream")
+        .header("docker-content-digest", digest.to_string())
+        .header(ETAG, format!("\"{digest}\""))
+        .header(ACCEPT_RANGES, "bytes")
+        .header("docker-distribution-api-version", "registry/2.0")
+}
+
+pub fn api_version(resp: &mut Response<Body>) {
+    resp.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn json_body(head: bool, s: &'static str) -> Body {
+    if head {
+        empty()
+    } else {
+        full(s)
+    }
+}
+
+fn base_response(status: StatusCode, body: Body) -> Response<Body> {
+    let mut resp = Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(body)
+        .unwrap_or_default();
+    api_version(&mut resp);
+    resp
+}
+
+fn text(status: StatusCode, s: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(full(s))
+        .unwrap_or_default()
+}
+
+fn internal(e: http::Error) -> RegistryError {
+    RegistryError::Internal(e.to_string())
+}
+
+/// The registry JSON error document with the error's status.
+pub fn error_response(e: &RegistryError, method: &Method) -> Response<Body> {
+    let body = e.body();
+    let len = body.len();
+    let mut b = Response::builder()
+        .status(e.status())
+        .header(CONTENT_TYPE, "application/json")
+        .header(CONTENT_LENGTH, len);
+    if let Some(after) = e.retry_after() {
+        b = b.header(RETRY_AFTER, after.as_secs().max(1));
+    }
+    if let RegistryError::Unauthorized(_) = e {
+        b = b.header(http::header::WWW_AUTHENTICATE, "Basic realm=\"berth\"");
+    }
+    let mut resp = b
+        .body(if method == Method::HEAD {
+            empty()
+        } else {
+            full(body)
+        })
+        .unwrap_or_default();
+    api_version(&mut resp);
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100).unwrap(), Some((0, 10)));
+        assert_eq!(parse_range("bytes=90-", 100).unwrap(), Some((90, 100)));
+        assert_eq!(parse_range("bytes=-10", 100).unwrap(), Some((90, 100)));
+        assert_eq!(parse_range("bytes=50-500", 100).unwrap(), Some((50, 100)));
+        assert!(parse_range("bytes=100-", 100).is_err());
+        assert!(parse_range("bytes=5-2", 100).is_err());
+        assert_eq!(parse_range("items=1-2", 100).unwrap(), None);
+    }
+}

@@ -1,0 +1,168 @@
+//! The `berth` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use berth::config::{Config, ConfigError, LogFormat, UpstreamUrl};
+
+#[derive(Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "A pull-through caching mirror for container registries"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the mirror.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file; flags given here override its values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Plain-HTTP listen address [default: 0.0.0.0:5000]
+    #[arg(long)]
+    listen: Option<String>,
+    /// Where the cache and private repositories live [default: ./berth-data]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// URL of the default upstream (Docker Hub) [default: https://registry-1.docker.io]
+    #[arg(long)]
+    upstream: Option<String>,
+    /// User for the default upstream (with --upstream-password-file)
+    #[arg(long)]
+    upstream_user: Option<String>,
+    /// File holding the default upstream's password or access token
+    #[arg(long)]
+    upstream_password_file: Option<PathBuf>,
+    /// Namespace stored locally and open to pushes (repeatable)
+    #[arg(long)]
+    private_ns: Vec<String>,
+    /// htpasswd file (bcrypt entries) with the users who may push
+    #[arg(long)]
+    htpasswd: Option<PathBuf>,
+    /// Log format
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+impl ServeArgs {
+    fn config(&self) -> Result<Config, ConfigError> {
+        let flag = |key: &str, message: String| ConfigError {
+            key: format!("--{key}"),
+            message,
+        };
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(listen) = &self.listen {
+            config.listen = listen
+                .parse()
+                .map_err(|e| flag("listen", format!("{listen:?}: {e}")))?;
+        }
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(url) = &self.upstream {
+            config.default_upstream_config_mut().url =
+                UpstreamUrl::parse(url).map_err(|e| flag("upstream", e))?;
+        }
+        if let Some(user) = &self.upstream_user {
+            config.default_upstream_config_mut().user = Some(user.clone());
+        }
+        if let Some(file) = &self.upstream_password_file {
+            config.default_upstream_config_mut().password_file = Some(file.clone());
+        }
+        if !self.private_ns.is_empty() {
+            config.private_ns = self.private_ns.clone();
+        }
+        if let Some(h) = &self.htpasswd {
+            config.htpasswd = Some(h.clone());
+        }
+        if let Some(f) = self.log_format {
+            config.log_format = f;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match args.config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("berth: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logs(config.log_format);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("berth: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(serve(config))
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let running = match berth::server::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stop = running.stopper();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received");
+        let _ = stop.send(true);
+    });
+    running.wait().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on SIGTERM, just not gracefully.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,522 @@
+//! The mirror: how a pull is answered from the caches, and when the upstream is asked.
+//!
+//! Manifests by digest are immutable: memory, then disk, then one upstream GET. Tags are
+//! mutable: a resolution younger than the upstream's `tag_ttl` is answered from the cache; an
+//! older one is revalidated with a HEAD and re-fetched only when the digest moved; when the
+//! upstream is down (unreachable, timing out, 5xx or 429) the cached resolution is served stale.
+//! Resolutions are kept per accepted media-type set, so a client is never handed a manifest kind
+//! it did not ask for. Identical concurrent upstream requests are coalesced.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::cache::{manifest_cache, CachedManifest, DiskCache, ManifestCache};
+use crate::config::Config;
+use crate::error::RegistryError;
+use crate::fetch::{Attach, Fetches, SingleFlight};
+use crate::names::{Digest, Reference, RepoName, Tag};
+use crate::store::{now_secs, Area, Store, TagEntry};
+use crate::upstream::{Upstream, UpstreamError, UpstreamSetupError};
+
+/// Manifest media types a registry client may ask for, with short names for cache keys.
+const MANIFEST_TYPES: [(&str, &str); 6] = [
+    ("application/vnd.docker.distribution.manifest.v2+json", "s2"),
+    (
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "ml",
+    ),
+    ("application/vnd.oci.image.manifest.v1+json", "om"),
+    ("application/vnd.oci.image.index.v1+json", "oi"),
+    (
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+        "s1",
+    ),
+    (
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "s1j",
+    ),
+];
+
+/// The manifest media types a request accepts, as sent upstream and as the tag cache key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AcceptSet {
+    /// The Accept header forwarded upstream.
+    pub header: String,
+    /// Canonical key: the short names of the accepted types, sorted.
+    pub variant: String,
+}
+
+impl AcceptSet {
+    /// From the client's Accept headers; a client that names no manifest type gets the four
+    /// modern ones, which is what Docker, containerd and skopeo send anyway.
+    pub fn from_headers<'a>(values: impl Iterator<Item = &'a str>) -> AcceptSet {
+        let mut picked: Vec<(&str, &str)> = Vec::new();
+        for value in values {
+            for part in value.split(',') {
+                let media = part.split(';').next().unwrap_or("").trim();
+                if let Some(&t) = MANIFEST_TYPES.iter().find(|(m, _)| *m == media) {
+                    if !picked.contains(&t) {
+                        picked.push(t);
+                    }
+                }
+            }
+        }
+        if picked.is_empty() {
+            picked = MANIFEST_TYPES[..4].to_vec();
+        }
+        picked.sort_by_key(|(_, short)| *short);
+        AcceptSet {
+            header: picked
+                .iter()
+                .map(|(m, _)| *m)
+                .collect::<Vec<_>>()
+                .join(", "),
+            variant: picked.iter().map(|(_, s)| *s).collect::<Vec<_>>().join("."),
+        }
+    }
+}
+
+/// How a request was answered, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+    /// Joined an upstream request another client started.
+    Joined,
+    /// Served from cache because the upstream is down.
+    Stale,
+    /// Private namespace, never upstream.
+    Local,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Joined => "joined",
+            Outcome::Stale => "stale",
+            Outcome::Local => "local",
+        }
+    }
+}
+
+/// A manifest ready to serve.
+#[derive(Clone)]
+pub struct ServedManifest {
+    pub manifest: CachedManifest,
+    pub digest: Digest,
+}
+
+type TagKey = (String, RepoName, Tag, String);
+
+pub struct Mirror {
+    store: Store,
+    pub disk: Arc<DiskCache>,
+    pub fetches: Arc<Fetches>,
+    upstreams: HashMap<String, Arc<Upstream>>,
+    default_upstream: String,
+    manifests: ManifestCache,
+    tags: moka::future::Cache<TagKey, TagEntry>,
+    manifest_flights: SingleFlight<
+        (String, RepoName, Reference, String),
+        Result<(ServedManifest, Outcome), RegistryError>,
+    >,
+    pub stale_serves: AtomicU64,
+}
+
+impl Mirror {
+    pub fn new(config: &Config, store: Store) -> Result<Mirror, MirrorSetupError> {
+        let disk = Arc::new(
+            DiskCache::open(store.clone(), config.max_cache_size.0)
+                .map_err(MirrorSetupError::Store)?,
+        );
+        let mut upstreams = HashMap::new();
+        for (key, up) in &config.upstreams {
+            let client =
+                Upstream::new(key, up).map_err(|e| MirrorSetupError::Upstream(key.clone(), e))?;
+            upstreams.insert(key.clone(), Arc::new(client));
+        }
+        Ok(Mirror {
+            fetches: Arc::new(Fetches::new(disk.clone(), config.max_orphan_download.0)),
+            disk,
+            store,
+            upstreams,
+            default_upstream: config.default_upstream.clone(),
+            manifests: manifest_cache(config.memory_cache_size.0),
+            tags: moka::future::Cache::builder().max_capacity(100_000).build(),
+            manifest_flights: SingleFlight::default(),
+            stale_serves: AtomicU64::new(0),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn upstreams(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        self.upstreams.values()
+    }
+
+    /// Picks the upstream a request means (containerd's `?ns=`, else the default) and the
+    /// repository name as that upstream spells it.
+    pub fn route(
+        &self,
+        ns: Option<&str>,
+        name: RepoName,
+    ) -> Result<(Arc<Upstream>, RepoName), RegistryError> {
+        let key = ns.unwrap_or(&self.default_upstream);
+        let up = self
+            .upstreams
+            .get(key)
+            .ok_or_else(|| {
+                RegistryError::NameUnknown(format!("no upstream is configured for ns={key}"))
+            })?
+            .clone();
+        let name = if up.is_docker_hub() {
+            name.with_library_prefix()
+        } else {
+            name
+        };
+        Ok((up, name))
+    }
+
+    /// A mirrored manifest, by tag or digest.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &AcceptSet,
+    ) -> Result<(ServedManifest, Outcome), RegistryError> {
+        match reference {
+            Reference::Digest(d) => {
+                if let Some(m) = self.local_manifest(Area::Cache, d).await? {
+                    return Ok((m, Outcome::Hit));
+                }
+            }
+            Reference::Tag(tag) => {
+                if let Some(entry) = self.tag_entry(up, repo, tag, &accept.variant).await? {
+                    let fresh =
+                        now_secs().saturating_sub(entry.fetched_at) < up.config.tag_ttl.0.as_secs();
+                    if fresh {
+                        if let Some(m) = self.manifest_for_entry(&entry).await? {
+                            return Ok((m, Outcome::Hit));
+                        }
+                    }
+                }
+            }
+        }
+        let key = (
+            up.key.clone(),
+            repo.clone(),
+            reference.clone(),
+            accept.variant.clone(),
+        );
+        let this = self.clone();
+        let (up2, repo2, reference2, accept2) =
+            (up.clone(), repo.clone(), reference.clone(), accept.clone());
+        let (result, joined) = self
+            .manifest_flights
+            .run(key, move || async move {
+                this.fetch_manifest(&up2, &repo2, &reference2, &accept2)
+                    .await
+            })
+            .await;
+        match result {
+            Ok((m, Outcome::Miss)) if joined => Ok((m, Outcome::Joined)),
+            other => other,
+        }
+    }
+
+    /// Asks the upstream, revalidating a cached tag with a HEAD first.
+    async fn fetch_manifest(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &AcceptSet,
+    ) -> Result<(ServedManifest, Outcome), RegistryError> {
+        let Reference::Tag(tag) = reference else {
+            let fetched = up
+                .get_manifest(repo, reference, &accept.header)
+                .await
+                .map_err(|e| upstream_error(e, repo, manifest_unknown(repo, reference)))?;
+            let served = self
+                .keep_manifest(fetched.digest, &fetched.media_type, fetched.bytes)
+                .await?;
+            return Ok((served, Outcome::Miss));
+        };
+        let cached = match self.tag_entry(up, repo, tag, &accept.variant).await? {
+            Some(entry) => self.manifest_for_entry(&entry).await?.map(|m| (entry, m)),
+            None => None,
+        };
+        if let Some((entry, served)) = &cached {
+            match up.head_manifest(repo, reference, &accept.header).await {
+                Ok(Some((digest, _, _))) if digest == served.digest => {
+                    let entry = TagEntry {
+                        fetched_at: now_secs(),
+                        ..entry.clone()
+                    };
+                    self.put_tag(up, repo, tag, &accept.variant, entry).await?;
+                    return Ok((served.clone(), Outcome::Hit));
+                }
+                Ok(_) => {}
+                Err(e) if e.is_outage() => {
+                    return Ok(self.stale(up, repo, tag, &e, served.clone()))
+                }
+                Err(e) => return Err(upstream_error(e, repo, manifest_unknown(repo, reference))),
+            }
+        }
+        match up.get_manifest(repo, reference, &accept.header).await {
+            Ok(fetched) => {
+                let media_type = fetched.media_type.clone();
+                let served = self
+                    .keep_manifest(fetched.digest, &fetched.media_type, fetched.bytes)
+                    .await?;
+                let entry = TagEntry {
+                    digest: served.digest.to_string(),
+                    media_type,
+                    fetched_at: now_secs(),
+                };
+                self.put_tag(up, repo, tag, &accept.variant, entry).await?;
+                Ok((served, Outcome::Miss))
+            }
+            Err(e) if e.is_outage() => match cached {
+                Some((_, served)) => Ok(self.stale(up, repo, tag, &e, served)),
+                None => Err(upstream_error(e, repo, manifest_unknown(repo, reference))),
+            },
+            Err(e) => Err(upstream_error(e, repo, manifest_unknown(repo, reference))),
+        }
+    }
+
+    fn stale(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        e: &UpstreamError,
+        served: ServedManifest,
+    ) -> (ServedManifest, Outcome) {
+        tracing::warn!(upstream = %up.key, %repo, %tag, error = %e, "upstream unavailable; serving cached tag");
+        self.stale_serves.fetch_add(1, Ordering::Relaxed);
+        (served, Outcome::Stale)
+    }
+
+    async fn tag_entry(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        variant: &str,
+    ) -> Result<Option<TagEntry>, RegistryError> {
+        let key = (
+            up.key.clone(),
+            repo.clone(),
+            tag.clone(),
+            variant.to_owned(),
+        );
+        if let Some(e) = self.tags.get(&key).await {
+            return Ok(Some(e));
+        }
+        let store = self.store.clone();
+        let (k, r, t, v) = (
+            up.key.clone(),
+            repo.clone(),
+            tag.clone(),
+            variant.to_owned(),
+        );
+        let entry = blocking(move || store.get_tag(Area::Cache, &k, &r, &t, &v)).await?;
+        if let Some(e) = &entry {
+            self.tags.insert(key, e.clone()).await;
+        }
+        Ok(entry)
+    }
+
+    async fn put_tag(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        variant: &str,
+        entry: TagEntry,
+    ) -> Result<(), RegistryError> {
+        let store = self.store.clone();
+        let (k, r, t, v, e) = (
+            up.key.clone(),
+            repo.clone(),
+            tag.clone(),
+            variant.to_owned(),
+            entry.clone(),
+        );
+        blocking(move || store.put_tag(Area::Cache, &k, &r, &t, &v, &e)).await?;
+        self.tags
+            .insert(
+                (
+                    up.key.clone(),
+                    repo.clone(),
+                    tag.clone(),
+                    variant.to_owned(),
+                ),
+                entry,
+            )
+            .await;
+        Ok(())
+    }
+
+    async fn manifest_for_entry(
+        &self,
+        entry: &TagEntry,
+    ) -> Result<Option<ServedManifest>, RegistryError> {
+        match Digest::parse(&entry.digest) {
+            Ok(d) => self.local_manifest(Area::Cache, &d).await,
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// A manifest from memory or disk, without asking anyone.
+    pub async fn local_manifest(
+        &self,
+        area: Area,
+        digest: &Digest,
+    ) -> Result<Option<ServedManifest>, RegistryError> {
+        if let Some(m) = self.manifests.get(&(area, *digest)).await {
+            return Ok(Some(ServedManifest {
+                manifest: m,
+                digest: *digest,
+            }));
+        }
+        let store = self.store.clone();
+        let d = *digest;
+        let Some((bytes, media_type)) = blocking(move || store.get_manifest(area, &d)).await?
+        else {
+            return Ok(None);
+        };
+        let m = CachedManifest {
+            bytes,
+            media_type: media_type.into(),
+        };
+        self.manifests.insert((area, *digest), m.clone()).await;
+        if area == Area::Cache {
+            self.disk.touch(digest);
+        }
+        Ok(Some(ServedManifest {
+            manifest: m,
+            digest: *digest,
+        }))
+    }
+
+    async fn keep_manifest(
+        &self,
+        digest: Digest,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<ServedManifest, RegistryError> {
+        let store = self.store.clone();
+        let (mt, b) = (media_type.to_owned(), bytes.clone());
+        let len = bytes.len() as u64;
+        blocking(move || {
+            store
+                .put_manifest(Area::Cache, digest, &mt, &b)
+                .map_err(std::io::Error::other)
+        })
+        .await?;
+        self.disk.added(digest, len);
+        let m = CachedManifest {
+            bytes,
+            media_type: media_type.into(),
+        };
+        self.manifests
+            .insert((Area::Cache, digest), m.clone())
+            .await;
+        Ok(ServedManifest {
+            manifest: m,
+            digest,
+        })
+    }
+
+    /// Forgets a manifest held in memory (after a delete in the private namespace).
+    pub async fn forget_manifest(&self, area: Area, digest: &Digest) {
+        self.manifests.invalidate(&(area, *digest)).await;
+    }
+
+    /// Starts or joins the download of a mirrored blob.
+    pub fn attach_blob(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: Digest,
+    ) -> Result<Attach, RegistryError> {
+        self.fetches
+            .attach(up.clone(), repo.clone(), digest)
+            .map_err(|e| RegistryError::Internal(format!("store: {e}")))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorSetupError {
+    #[error("opening the cache: {0}")]
+    Store(std::io::Error),
+    #[error("upstream {0}: {1}")]
+    Upstream(String, UpstreamSetupError),
+}
+
+/// Maps an upstream failure to what the client is told.
+/// `unknown` is what an upstream 404 means for this request.
+pub fn upstream_error(e: UpstreamError, repo: &RepoName, unknown: RegistryError) -> RegistryError {
+    match e {
+        UpstreamError::NotFound => unknown,
+        UpstreamError::TooManyRequests { retry_after } => RegistryError::TooManyRequests {
+            retry_after: retry_after.max(Duration::from_secs(1)),
+        },
+        UpstreamError::Denied(s) => {
+            RegistryError::Unauthorized(format!("upstream refused access to {repo} ({s})"))
+        }
+        other => RegistryError::Unavailable(other.to_string()),
+    }
+}
+
+fn manifest_unknown(repo: &RepoName, reference: &Reference) -> RegistryError {
+    RegistryError::ManifestUnknown(format!("{repo}:{reference}"))
+}
+
+/// Runs store I/O off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, RegistryError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RegistryError::Internal(e.to_string()))?
+        .map_err(|e| RegistryError::Internal(format!("store: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_sets_are_canonical() {
+        let a = AcceptSet::from_headers(["application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json;q=0.9"].into_iter());
+        let b = AcceptSet::from_headers(
+            [
+                "application/vnd.docker.distribution.manifest.v2+json",
+                "application/vnd.oci.image.index.v1+json",
+            ]
+            .into_iter(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.variant, "oi.s2");
+        let s2 = AcceptSet::from_headers(
+            ["application/vnd.docker.distribution.manifest.v2+json"].into_iter(),
+        );
+        assert_ne!(s2.variant, a.variant);
+        assert_eq!(
+            AcceptSet::from_headers(["*/*"].into_iter()).variant,
+            "ml.oi.om.s2"
+        );
+    }
+}

@@ -1,0 +1,533 @@
+//! The on-disk store: content-addressed blobs, manifests' media types, tag indexes.
+//!
+//! Layout under the data dir:
+//! ```text
+//! cache/blobs/sha256/ab/abcd…        mirrored blobs and manifests (evictable)
+//! cache/types/sha256/ab/abcd…        media type of a mirrored manifest
+//! cache/repos/<upstream>/<repo>/_tags/<tag>@<accept>   tag -> digest, with fetch time
+//! local/…                            the same for the private namespace (never evicted)
+//! tmp/                               writes in progress; emptied at start
+//! ```
+//! Every write goes to a temp file under `tmp/` (same filesystem), is hashed as it is written,
+//! checked against the expected digest, fsynced and renamed into place, so a crash or a mismatch
+//! at any point leaves no entry. Paths are built only from parsed `Digest`s and `RepoName`s.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::names::{Digest, RepoName, Tag};
+
+/// Which half of the store: the evictable mirror cache or the private namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Area {
+    Cache,
+    Local,
+}
+
+impl Area {
+    fn dir(self) -> &'static str {
+        match self {
+            Area::Cache => "cache",
+            Area::Local => "local",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("content does not match digest {expected} (got {actual})")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("store I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A tag resolution as recorded on disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TagEntry {
+    pub digest: String,
+    pub media_type: String,
+    /// Seconds since the epoch when the upstream last confirmed this digest.
+    pub fetched_at: u64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    root: Arc<PathBuf>,
+}
+
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Store {
+    /// Opens (creating) the store and removes leftovers of writes a crash interrupted.
+    pub fn open(root: &Path) -> io::Result<Store> {
+        fs::create_dir_all(root)?;
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            let removed = fs::read_dir(&tmp)?
+                .filter_map(Result::ok)
+                .filter(|e| fs::remove_file(e.path()).is_ok())
+                .count();
+            if removed > 0 {
+                tracing::info!(removed, "removed unfinished writes left by an earlier run");
+            }
+        }
+        fs::create_dir_all(&tmp)?;
+        for area in [Area::Cache, Area::Local] {
+            fs::create_dir_all(root.join(area.dir()).join("blobs/sha256"))?;
+        }
+        Ok(Store {
+            root: Arc::new(root.to_path_buf()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blob_path(&self, area: Area, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root
+            .join(area.dir())
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    fn type_path(&self, area: Area, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root
+            .join(area.dir())
+            .join("types/sha256")
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    pub fn blobs_dir(&self, area: Area) -> PathBuf {
+        self.root.join(area.dir()).join("blobs/sha256")
+    }
+
+    fn tags_dir(&self, area: Area, upstream: &str, repo: &RepoName) -> PathBuf {
+        self.root
+            .join(area.dir())
+            .join("repos")
+            .join(upstream)
+            .join(repo.as_str())
+            .join("_tags")
+    }
+
+    /// Opens a stored blob for reading, with its length.
+    pub fn open_blob(&self, area: Area, digest: &Digest) -> io::Result<Option<(File, u64)>> {
+        match File::open(self.blob_path(area, digest)) {
+            Ok(f) => {
+                let len = f.metadata()?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn blob_len(&self, area: Area, digest: &Digest) -> io::Result<Option<u64>> {
+        match fs::metadata(self.blob_path(area, digest)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts a verified write of a blob.
+    pub fn begin_blob(&self, area: Area, expected: Digest) -> io::Result<BlobWriter> {
+        let path = self.temp_path();
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(BlobWriter {
+            file: Arc::new(file),
+            temp: Some(path),
+            hasher: Sha256::new(),
+            written: 0,
+            dest: self.blob_path(area, &expected),
+            expected,
+        })
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        self.root.join("tmp").join(format!(
+            "{}-{n}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ))
+    }
+
+    /// Stores a whole small blob (a manifest) in one call.
+    pub fn put_blob(&self, area: Area, digest: Digest, bytes: &[u8]) -> Result<(), StoreError> {
+        let mut w = self.begin_blob(area, digest)?;
+        w.write(bytes)?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Stores a manifest and its media type; the blob goes first so a type never names nothing.
+    pub fn put_manifest(
+        &self,
+        area: Area,
+        digest: Digest,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        self.put_blob(area, digest, bytes)?;
+        self.write_atomic(&self.type_path(area, &digest), media_type.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn get_manifest(&self, area: Area, digest: &Digest) -> io::Result<Option<(Bytes, String)>> {
+        let media_type = match fs::read_to_string(self.type_path(area, digest)) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match fs::read(self.blob_path(area, digest)) {
+            // A manifest evicted or found corrupt by fsck is simply a miss.
+            Ok(bytes) if Digest::of(&bytes) == *digest => {
+                Ok(Some((Bytes::from(bytes), media_type)))
+            }
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Forgets a manifest's media type (the blob itself is removed separately).
+    pub fn remove_manifest_type(&self, area: Area, digest: &Digest) -> io::Result<()> {
+        remove_if_exists(&self.type_path(area, digest))
+    }
+
+    pub fn remove_blob(&self, area: Area, digest: &Digest) -> io::Result<()> {
+        remove_if_exists(&self.blob_path(area, digest))
+    }
+
+    /// `variant` separates resolutions of one tag that differ by what the client accepts.
+    pub fn get_tag(
+        &self,
+        area: Area,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        variant: &str,
+    ) -> io::Result<Option<TagEntry>> {
+        let path = self
+            .tags_dir(area, upstream, repo)
+            .join(tag_file(tag, variant));
+        match fs::read(&path) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn put_tag(
+        &self,
+        area: Area,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        variant: &str,
+        entry: &TagEntry,
+    ) -> io::Result<()> {
+        let path = self
+            .tags_dir(area, upstream, repo)
+            .join(tag_file(tag, variant));
+        let json = serde_json::to_vec(entry).map_err(io::Error::other)?;
+        self.write_atomic(&path, &json)
+    }
+
+    pub fn remove_tag(
+        &self,
+        area: Area,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        variant: &str,
+    ) -> io::Result<bool> {
+        let path = self
+            .tags_dir(area, upstream, repo)
+            .join(tag_file(tag, variant));
+        match fs::remove_file(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every tag of a repository with its entry, sorted by tag name.
+    pub fn list_tags(
+        &self,
+        area: Area,
+        upstream: &str,
+        repo: &RepoName,
+    ) -> io::Result<Vec<(Tag, String, TagEntry)>> {
+        let dir = self.tags_dir(area, upstream, repo);
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let (tag, variant) = name.split_once('@').unwrap_or((name, ""));
+            let (Ok(tag), Ok(bytes)) = (Tag::parse(tag), fs::read(entry.path())) else {
+                continue;
+            };
+            if let Ok(e) = serde_json::from_slice(&bytes) {
+                out.push((tag, variant.to_owned(), e));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        Ok(out)
+    }
+
+    /// Every repository that has tags in an area, as (upstream, name).
+    pub fn list_repos(&self, area: Area) -> io::Result<Vec<(String, RepoName)>> {
+        let base = self.root.join(area.dir()).join("repos");
+        let mut out = Vec::new();
+        let Ok(upstreams) = fs::read_dir(&base) else {
+            return Ok(out);
+        };
+        for up in upstreams.filter_map(Result::ok) {
+            let Some(up_name) = up.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            collect_repos(&up.path(), "", &up_name, &mut out);
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Writes a small file atomically: temp, fsync, rename.
+    pub fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+        let temp = self.temp_path();
+        let result = (|| {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&temp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::rename(&temp, dest)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        result
+    }
+}
+
+fn collect_repos(dir: &Path, prefix: &str, upstream: &str, out: &mut Vec<(String, RepoName)>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if name == "_tags" {
+            if let Ok(repo) = RepoName::parse(prefix) {
+                out.push((upstream.to_owned(), repo));
+            }
+        } else if e.path().is_dir() {
+            let next = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            collect_repos(&e.path(), &next, upstream, out);
+        }
+    }
+}
+
+fn tag_file(tag: &Tag, variant: &str) -> String {
+    if variant.is_empty() {
+        tag.as_str().to_owned()
+    } else {
+        format!("{tag}@{variant}")
+    }
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A blob being written. Dropping it without `commit` removes the temp file.
+pub struct BlobWriter {
+    file: Arc<File>,
+    temp: Option<PathBuf>,
+    hasher: Sha256,
+    written: u64,
+    dest: PathBuf,
+    expected: Digest,
+}
+
+impl BlobWriter {
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(bytes, self.written)?;
+        self.hasher.update(bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    pub fn expected(&self) -> Digest {
+        self.expected
+    }
+
+    /// The temp file, for readers that follow the write as it grows.
+    pub fn shared_file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
+    /// Verifies the digest, makes the bytes durable and moves them into place.
+    pub fn commit(mut self) -> Result<u64, StoreError> {
+        let actual = Digest::from_sha256(self.hasher.clone().finalize().into());
+        if actual != self.expected {
+            return Err(StoreError::DigestMismatch {
+                expected: self.expected,
+                actual,
+            });
+        }
+        self.file.sync_all()?;
+        let temp = self
+            .temp
+            .take()
+            .ok_or_else(|| io::Error::other("blob committed twice"))?;
+        let parent = self.dest.parent().map(Path::to_path_buf);
+        if let Some(parent) = &parent {
+            fs::create_dir_all(parent)?;
+        }
+        if let Err(e) = fs::rename(&temp, &self.dest) {
+            let _ = fs::remove_file(&temp);
+            return Err(e.into());
+        }
+        if let Some(parent) = parent {
+            // The rename is durable only once the directory entry is.
+            if let Ok(dir) = File::open(parent) {
+                let _ = dir.sync_all();
+            }
+        }
+        Ok(self.written)
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if let Some(temp) = self.temp.take() {
+            let _ = fs::remove_file(temp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mismatched_or_dropped_writes_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let good = Digest::of(b"hello");
+        let mut w = store.begin_blob(Area::Cache, good).unwrap();
+        w.write(b"jello").unwrap();
+        assert!(matches!(w.commit(), Err(StoreError::DigestMismatch { .. })));
+        assert!(store.open_blob(Area::Cache, &good).unwrap().is_none());
+        let mut w = store.begin_blob(Area::Cache, good).unwrap();
+        w.write(b"hel").unwrap();
+        drop(w);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        store.put_blob(Area::Cache, good, b"hello").unwrap();
+        assert_eq!(store.blob_len(Area::Cache, &good).unwrap(), Some(5));
+        assert!(store.open_blob(Area::Local, &good).unwrap().is_none());
+    }
+
+    #[test]
+    fn leftover_temp_files_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        fs::write(dir.path().join("tmp/partial"), b"half a layer").unwrap();
+        Store::open(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn tags_round_trip_and_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let repo = RepoName::parse("library/alpine").unwrap();
+        let entry = TagEntry {
+            digest: Digest::of(b"m").to_string(),
+            media_type: "x".into(),
+            fetched_at: 7,
+        };
+        for t in ["latest", "3.19"] {
+            store
+                .put_tag(
+                    Area::Cache,
+                    "docker.io",
+                    &repo,
+                    &Tag::parse(t).unwrap(),
+                    "v1",
+                    &entry,
+                )
+                .unwrap();
+        }
+        let got = store
+            .get_tag(
+                Area::Cache,
+                "docker.io",
+                &repo,
+                &Tag::parse("latest").unwrap(),
+                "v1",
+            )
+            .unwrap();
+        assert_eq!(got, Some(entry));
+        let tags: Vec<_> = store
+            .list_tags(Area::Cache, "docker.io", &repo)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.0.to_string())
+            .collect();
+        assert_eq!(tags, ["3.19", "latest"]);
+        assert_eq!(
+            store.list_repos(Area::Cache).unwrap(),
+            vec![("docker.io".to_owned(), repo)]
+        );
+    }
+}

@@ -1,0 +1,722 @@
+//! The upstream client: one per configured upstream registry.
+//!
+//! It owns everything about talking to a registry the way Docker does: Bearer token auth (with
+//! tokens cached per scope and fetched once for concurrent requests), Basic auth, blob redirects
+//! to CDN hosts (never carrying the Authorization header to another host), timeouts, and Docker
+//! Hub's rate-limit headers and 429 back-off.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{UpstreamConfig, UpstreamUrl};
+use crate::names::{Digest, Reference, RepoName};
+
+/// The largest manifest berth will take from an upstream (Docker Hub's limit is 4 MiB).
+const MAX_MANIFEST: usize = 8 << 20;
+const MAX_REDIRECTS: usize = 5;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    #[error("upstream timed out")]
+    Timeout,
+    #[error("upstream says not found")]
+    NotFound,
+    #[error("upstream rate limit hit; retry after {retry_after:?}")]
+    TooManyRequests { retry_after: Duration },
+    #[error("upstream denied access ({0})")]
+    Denied(StatusCode),
+    #[error("upstream answered {0}")]
+    Status(StatusCode),
+    #[error("upstream sent invalid content: {0}")]
+    Invalid(String),
+}
+
+impl UpstreamError {
+    /// Whether a cached copy should be served instead: the upstream is down, not saying "no".
+    pub fn is_outage(&self) -> bool {
+        match self {
+            UpstreamError::Unreachable(_)
+            | UpstreamError::Timeout
+            | UpstreamError::TooManyRequests { .. } => true,
+            UpstreamError::Status(s) => s.is_server_error(),
+            _ => false,
+        }
+    }
+}
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// A manifest fetched from upstream, verified against its digest.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+#[derive(Clone)]
+struct Token {
+    value: String,
+    ttl: Duration,
+}
+
+struct TokenExpiry;
+
+impl moka::Expiry<String, Token> for TokenExpiry {
+    fn expire_after_create(&self, _: &String, token: &Token, _: Instant) -> Option<Duration> {
+        // Refresh a little before the registry would refuse the token.
+        Some(
+            token
+                .ttl
+                .mul_f64(0.9)
+                .saturating_sub(Duration::from_secs(1))
+                .max(Duration::from_millis(500)),
+        )
+    }
+}
+
+/// What a 401 asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Challenge {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+    Basic,
+}
+
+pub struct Upstream {
+    pub key: String,
+    pub url: UpstreamUrl,
+    pub config: UpstreamConfig,
+    client: HttpClient,
+    credentials: Option<(String, String)>,
+    /// The Bearer challenge learnt from the first 401, so later requests send a token up front.
+    bearer: Mutex<Option<(String, Option<String>)>>,
+    tokens: moka::future::Cache<String, Token>,
+    backoff_until: Mutex<Option<Instant>>,
+    /// Docker Hub's last `ratelimit-remaining`, -1 before any was seen.
+    pub ratelimit_remaining: AtomicI64,
+    pub ratelimit_limit: AtomicI64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+}
+
+impl Upstream {
+    pub fn new(key: &str, config: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
+        let credentials = match (&config.user, &config.password_file) {
+            (Some(user), Some(file)) => {
+                let password =
+                    std::fs::read_to_string(file).map_err(|e| UpstreamSetupError::File {
+                        path: file.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+                Some((
+                    user.clone(),
+                    password.trim_end_matches(['\r', '\n']).to_owned(),
+                ))
+            }
+            _ => None,
+        };
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        if let Some(ca) = &config.ca_file {
+            let fail = |message: String| UpstreamSetupError::File {
+                path: ca.display().to_string(),
+                message,
+            };
+            let pem = std::fs::read(ca).map_err(|e| fail(e.to_string()))?;
+            let mut added = 0;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| fail(e.to_string()))?;
+                roots.add(cert).map_err(|e| fail(e.to_string()))?;
+                added += 1;
+            }
+            if added == 0 {
+                return Err(fail("no PEM certificate found".into()));
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(config.connect_timeout.0));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(https);
+        Ok(Upstream {
+            key: key.to_owned(),
+            url: config.url.clone(),
+            config: config.clone(),
+            client,
+            credentials,
+            bearer: Mutex::new(None),
+            tokens: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .expire_after(TokenExpiry)
+                .build(),
+            backoff_until: Mutex::new(None),
+            ratelimit_remaining: AtomicI64::new(-1),
+            ratelimit_limit: AtomicI64::new(-1),
+        })
+    }
+
+    /// Docker Hub files official images under `library/`.
+    pub fn is_docker_hub(&self) -> bool {
+        self.key == crate::config::DOCKER_HUB
+    }
+
+    fn uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
+        format!("{}{}", self.url, path_and_query)
+            .parse()
+            .map_err(|e| UpstreamError::Invalid(format!("{e}")))
+    }
+
+    /// GETs a manifest and checks its bytes against the digest (the requested one, or the one the
+    /// upstream claims in `Docker-Content-Digest`).
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &str,
+    ) -> Result<FetchedManifest, UpstreamError> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let resp = self.send(Method::GET, &path, accept, repo).await?;
+        let resp = check_status(resp)?;
+        let media_type = content_type(resp.headers());
+        let claimed = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
+        let body = Limited::new(resp.into_body(), MAX_MANIFEST)
+            .collect()
+            .await
+            .map_err(|e| UpstreamError::Invalid(format!("reading manifest: {e}")))?
+            .to_bytes();
+        let digest = Digest::of(&body);
+        let expected = match reference {
+            Reference::Digest(d) => Some(*d),
+            Reference::Tag(_) => claimed,
+        };
+        if let Some(expected) = expected {
+            if expected != digest {
+                return Err(UpstreamError::Invalid(format!(
+                    "manifest digest {digest} does not match {expected}"
+                )));
+            }
+        }
+        Ok(FetchedManifest {
+            bytes: body,
+            media_type,
+            digest,
+        })
+    }
+
+    /// HEADs a manifest: the cheap way to learn what a tag points at (Docker Hub does not count
+    /// HEADs against the pull limit).
+    pub async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &str,
+    ) -> Result<Option<(Digest, String, u64)>, UpstreamError> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let resp = self.send(Method::HEAD, &path, accept, repo).await?;
+        let resp = check_status(resp)?;
+        let digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
+        let len = content_length(resp.headers()).unwrap_or(0);
+        Ok(digest.map(|d| (d, content_type(resp.headers()), len)))
+    }
+
+    /// GETs (or HEADs) a blob, following CDN redirects. The response status is checked.
+    pub async fn blob(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        let mut resp = self.send(method.clone(), &path, "*/*", repo).await?;
+        let mut current = self.uri(&path)?;
+        for _ in 0..MAX_REDIRECTS {
+            if !matches!(
+                resp.status(),
+                StatusCode::MOVED_PERMANENTLY
+                    | StatusCode::FOUND
+                    | StatusCode::SEE_OTHER
+                    | StatusCode::TEMPORARY_REDIRECT
+                    | StatusCode::PERMANENT_REDIRECT
+            ) {
+                return check_status(resp);
+            }
+            let location = resp
+                .headers()
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| UpstreamError::Invalid("redirect without Location".into()))?;
+            let next = resolve(&current, location)?;
+            // The redirect target (a CDN) gets no credentials: it authenticates by a signed URL,
+            // and the token belongs to the registry that issued the challenge.
+            let same_host =
+                next.authority() == current.authority() && next.scheme() == current.scheme();
+            tracing::debug!(upstream = %self.key, to = %next.authority().map(|a| a.as_str()).unwrap_or(""), "following blob redirect");
+            let mut req = Request::builder().method(method.clone()).uri(next.clone());
+            if same_host
+                && next.authority().map(|a| a.as_str()) == Some(self.url.authority.as_str())
+            {
+                if let Some(auth) = self.auth_header(repo).await? {
+                    req = req.header(AUTHORIZATION, auth);
+                }
+            }
+            let req = req
+                .body(Empty::new())
+                .map_err(|e| UpstreamError::Invalid(e.to_string()))?;
+            resp = self.dispatch(req).await?;
+            current = next;
+        }
+        Err(UpstreamError::Invalid("too many redirects".into()))
+    }
+
+    /// GETs the tag list, passing `n` and `last` through.
+    pub async fn tags_list(
+        &self,
+        repo: &RepoName,
+        query: &str,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let path = if query.is_empty() {
+            format!("/v2/{repo}/tags/list")
+        } else {
+            format!("/v2/{repo}/tags/list?{query}")
+        };
+        check_status(
+            self.send(Method::GET, &path, "application/json", repo)
+                .await?,
+        )
+    }
+
+    /// Sends a request to the registry itself, answering one auth challenge.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        accept: &str,
+        repo: &RepoName,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.check_backoff()?;
+        let uri = self.uri(path)?;
+        let build = |auth: Option<HeaderValue>| {
+            let mut req = Request::builder()
+                .method(method.clone())
+                .uri(uri.clone())
+                .header(ACCEPT, accept);
+            if let Some(auth) = auth {
+                req = req.header(AUTHORIZATION, auth);
+            }
+            req.body(Empty::new())
+                .map_err(|e| UpstreamError::Invalid(e.to_string()))
+        };
+        let sent_auth = self.auth_header(repo).await?;
+        let had_auth = sent_auth.is_some();
+        let resp = self.dispatch(build(sent_auth)?).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let Some(challenge) = resp
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_challenge)
+        else {
+            return Ok(resp);
+        };
+        let auth = match challenge {
+            Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            } => {
+                let scope = scope.unwrap_or_else(|| pull_scope(repo));
+                *lock(&self.bearer) = Some((realm.clone(), service.clone()));
+                let key = token_key(&realm, service.as_deref(), &scope);
+                if had_auth {
+                    // The token we sent was refused: fetch a new one rather than retry with it.
+                    self.tokens.invalidate(&key).await;
+                }
+                Some(self.token(&realm, service.as_deref(), &scope).await?)
+            }
+            Challenge::Basic => match &self.credentials {
+                Some(_) if !had_auth => self.basic(),
+                _ => return Ok(resp),
+            },
+        };
+        self.dispatch(build(auth)?).await
+    }
+
+    /// The Authorization header to send up front, when earlier challenges told us what it is.
+    async fn auth_header(&self, repo: &RepoName) -> Result<Option<HeaderValue>, UpstreamError> {
+        let bearer = lock(&self.bearer).clone();
+        match bearer {
+            Some((realm, service)) => self
+                .token(&realm, service.as_deref(), &pull_scope(repo))
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn basic(&self) -> Option<HeaderValue> {
+        let (user, password) = self.credentials.as_ref()?;
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let mut v = HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+
+    /// A Bearer token for a scope, from the cache or the realm; concurrent callers share one fetch.
+    async fn token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<HeaderValue, UpstreamError> {
+        let key = token_key(realm, service, scope);
+        let token = self
+            .tokens
+            .try_get_with(key, self.fetch_token(realm, service, scope))
+            .await
+            .map_err(|e: Arc<UpstreamError>| (*e).clone())?;
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", token.value))
+            .map_err(|_| UpstreamError::Invalid("token is not a header value".into()))?;
+        v.set_sensitive(true);
+        Ok(v)
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<Token, UpstreamError> {
+        let mut url = format!("{realm}?scope={}", urlencode(scope));
+        if let Some(service) = service {
+            url.push_str(&format!("&service={}", urlencode(service)));
+        }
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| UpstreamError::Invalid(format!("bad token realm {realm:?}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(UpstreamError::Invalid(format!("bad token realm {realm:?}")));
+        }
+        let mut req = Request::builder().method(Method::GET).uri(uri);
+        // Credentials go to the token realm the registry named, and nowhere else.
+        if let Some(basic) = self.basic() {
+            req = req.header(AUTHORIZATION, basic);
+        }
+        let req = req
+            .body(Empty::new())
+            .map_err(|e| UpstreamError::Invalid(e.to_string()))?;
+        let resp = self.dispatch(req).await?;
+        match resp.status() {
+            s if s.is_success() => {}
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(UpstreamError::Denied(resp.status()))
+            }
+            s => return Err(UpstreamError::Status(s)),
+        }
+        let body = Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| UpstreamError::Invalid(format!("token: {e}")))?
+            .to_bytes();
+        #[derive(serde::Deserialize)]
+        struct TokenResponse {
+            token: Option<String>,
+            access_token: Option<String>,
+            expires_in: Option<u64>,
+        }
+        let parsed: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
+        let value = parsed
+            .token
+            .or(parsed.access_token)
+            .ok_or_else(|| UpstreamError::Invalid("token response has no token".into()))?;
+        let ttl = Duration::from_secs(parsed.expires_in.unwrap_or(60).max(1));
+        tracing::debug!(upstream = %self.key, scope, ttl_s = ttl.as_secs(), "fetched upstream token");
+        Ok(Token { value, ttl })
+    }
+
+    /// Sends one request with the first-byte timeout, and records rate-limit headers and 429s.
+    async fn dispatch(
+        &self,
+        req: Request<Empty<Bytes>>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let timeout = self.config.response_timeout.0;
+        let resp = match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Err(_) => return Err(UpstreamError::Timeout),
+            Ok(Err(e)) => {
+                let msg = error_chain(&e);
+                return Err(if msg.contains("timed out") || msg.contains("timeout") {
+                    UpstreamError::Timeout
+                } else {
+                    UpstreamError::Unreachable(msg)
+                });
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        self.record_rate_limit(resp.headers());
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = resp
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after)
+                .unwrap_or(Duration::from_secs(60));
+            *lock(&self.backoff_until) = Some(Instant::now() + retry_after);
+            tracing::warn!(upstream = %self.key, retry_after_s = retry_after.as_secs(), "upstream rate limit hit; backing off");
+            return Err(UpstreamError::TooManyRequests { retry_after });
+        }
+        Ok(resp)
+    }
+
+    fn check_backoff(&self) -> Result<(), UpstreamError> {
+        let mut guard = lock(&self.backoff_until);
+        if let Some(until) = *guard {
+            let now = Instant::now();
+            if now < until {
+                return Err(UpstreamError::TooManyRequests {
+                    retry_after: until - now,
+                });
+            }
+            *guard = None;
+        }
+        Ok(())
+    }
+
+    fn record_rate_limit(&self, headers: &HeaderMap) {
+        let read = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(';').next())
+                .and_then(|v| v.trim().parse::<i64>().ok())
+        };
+        if let Some(limit) = read("ratelimit-limit") {
+            self.ratelimit_limit.store(limit, Ordering::Relaxed);
+        }
+        if let Some(remaining) = read("ratelimit-remaining") {
+            let before = self.ratelimit_remaining.swap(remaining, Ordering::Relaxed);
+            if before != remaining {
+                tracing::info!(upstream = %self.key, remaining, limit = self.ratelimit_limit.load(Ordering::Relaxed), "upstream rate limit");
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn pull_scope(repo: &RepoName) -> String {
+    format!("repository:{repo}:pull")
+}
+
+fn token_key(realm: &str, service: Option<&str>, scope: &str) -> String {
+    format!("{realm}\n{}\n{scope}", service.unwrap_or(""))
+}
+
+fn check_status(resp: Response<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    match resp.status() {
+        s if s.is_success() => Ok(resp),
+        StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            Err(UpstreamError::Denied(resp.status()))
+        }
+        s => Err(UpstreamError::Status(s)),
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned())
+        .unwrap_or_else(|| "application/octet-stream".into())
+}
+
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    if let Ok(secs) = v.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(v).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+fn resolve(base: &Uri, location: &str) -> Result<Uri, UpstreamError> {
+    let bad = || UpstreamError::Invalid(format!("bad redirect location {location:?}"));
+    let uri: Uri = location.parse().map_err(|_| bad())?;
+    if uri.scheme().is_some() {
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(bad());
+        }
+        return Ok(uri);
+    }
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(location.parse().map_err(|_| bad())?);
+    Uri::from_parts(parts).map_err(|_| bad())
+}
+
+/// Parses `WWW-Authenticate: Bearer realm="…",service="…",scope="…"` or `Basic realm="…"`.
+fn parse_challenge(header: &str) -> Option<Challenge> {
+    let (scheme, rest) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut realm = None;
+    let mut service = None;
+    let mut scope = None;
+    let mut rest = rest.trim();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let (value, after) = if let Some(quoted) = after.strip_prefix('"') {
+            let end = quoted.find('"')?;
+            (&quoted[..end], &quoted[end + 1..])
+        } else {
+            after.split_once(',').map_or((after, ""), |(v, a)| (v, a))
+        };
+        match key.trim().to_ascii_lowercase().as_str() {
+            "realm" => realm = Some(value.to_owned()),
+            "service" => service = Some(value.to_owned()),
+            "scope" => scope = Some(value.to_owned()),
+            _ => {}
+        }
+        rest = after.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
+    }
+    Some(Challenge::Bearer {
+        realm: realm?,
+        service,
+        scope,
+    })
+}
+
+fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_parse() {
+        let c = parse_challenge(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#).unwrap();
+        assert_eq!(
+            c,
+            Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/alpine:pull".into()),
+            }
+        );
+        assert_eq!(
+            parse_challenge(r#"Basic realm="registry""#),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(parse_challenge("Negotiate"), None);
+        assert_eq!(parse_challenge(r#"Bearer service="x""#), None);
+    }
+
+    #[test]
+    fn redirects_resolve() {
+        let base: Uri = "https://registry-1.docker.io/v2/library/alpine/blobs/sha256:x"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            resolve(&base, "https://cdn.example/abc?sig=1")
+                .unwrap()
+                .to_string(),
+            "https://cdn.example/abc?sig=1"
+        );
+        assert_eq!(
+            resolve(&base, "/other").unwrap().to_string(),
+            "https://registry-1.docker.io/other"
+        );
+        assert!(resolve(&base, "file:///etc/passwd").is_err());
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("30"), Some(Duration::from_secs(30)));
+        assert!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT").is_some());
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}
