@@ -321,9 +321,17 @@ impl Download {
                     if let State::Failed(e) = &p.state {
                         return Err(io::Error::other(e.to_string()));
                     }
+                    // The last byte is held back until the digest is verified: with a declared
+                    // Content-Length, a client holding every byte takes the body as complete, so
+                    // a mismatch must still be able to cut the transfer short.
+                    let verified = matches!(p.state, State::Done);
+                    let available = match p.total {
+                        Some(total) if !verified => p.written.min(total.saturating_sub(1)),
+                        _ => p.written,
+                    };
                     let limit = match end {
-                        Some(end) => end.min(p.written),
-                        None => p.written,
+                        Some(end) => end.min(available),
+                        None => available,
                     };
                     if pos < limit {
                         let len = (limit - pos).min(READ_CHUNK as u64) as usize;
@@ -331,8 +339,7 @@ impl Download {
                         let next = pos + chunk.len() as u64;
                         return Ok(Some((chunk, (guard, rx, file, next))));
                     }
-                    let finished = matches!(p.state, State::Done);
-                    if finished || end.is_some_and(|e| pos >= e) {
+                    if verified || end.is_some_and(|e| pos >= e) {
                         return Ok(None);
                     }
                     if rx.changed().await.is_err() {
