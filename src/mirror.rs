@@ -113,6 +113,8 @@ pub struct ServedManifest {
 }
 
 type TagKey = (String, RepoName, Tag, String);
+type ManifestKey = (String, RepoName, Reference, String);
+type ManifestResult = Result<(ServedManifest, Outcome), RegistryError>;
 
 pub struct Mirror {
     store: Store,
@@ -122,9 +124,7 @@ pub struct Mirror {
     default_upstream: String,
     manifests: ManifestCache,
     tags: moka::future::Cache<TagKey, TagEntry>,
-    manifest_flights: SingleFlight<
-        (String, RepoName, Reference, String),
-        Result<(ServedManifest, Outcome), RegistryError>,
+    manifest_flights: SingleFlight<ManifestKey, ManifestResult>,
     >,
     pub stale_serves: AtomicU64,
 }
