@@ -125,7 +125,6 @@ pub struct Mirror {
     manifests: ManifestCache,
     tags: moka::future::Cache<TagKey, TagEntry>,
     manifest_flights: SingleFlight<ManifestKey, ManifestResult>,
-    >,
     pub stale_serves: AtomicU64,
 }
 
