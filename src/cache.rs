@@ -18,7 +18,8 @@ use bytes::Bytes;
 use crate::names::Digest;
 use crate::store::{Area, Store};
 
-/// Don't rewrite a blob's mtime more often than this: last use needs minutes, not nanoseconds.
+/// Don't rewrite a blob's mtime more often than this (seconds): after a restart, last use
+/// needs minutes of precision, not nanoseconds.
 const TOUCH_EVERY: u64 = 60;
 
 /// A manifest held in memory: its bytes and media type.
@@ -41,27 +42,63 @@ pub fn manifest_cache(max_bytes: u64) -> ManifestCache {
         .build()
 }
 
+/// Recency order of the cache area. In memory every use moves an entry to the back; on disk the
+/// file's mtime records the use, rewritten at most once a minute, which is all a restart needs.
 #[derive(Default)]
 struct Lru {
-    /// digest -> (size, last use in seconds)
-    entries: HashMap<Digest, (u64, u64)>,
+    entries: HashMap<Digest, Entry>,
     order: BTreeSet<(u64, Digest)>,
+    next_tick: u64,
     total: u64,
 }
 
+struct Entry {
+    size: u64,
+    tick: u64,
+    /// The last use written to the file's mtime, in seconds.
+    persisted: u64,
+}
+
 impl Lru {
-    fn insert(&mut self, digest: Digest, size: u64, used: u64) {
+    fn insert(&mut self, digest: Digest, size: u64, persisted: u64) {
         self.remove(&digest);
-        self.entries.insert(digest, (size, used));
-        self.order.insert((used, digest));
+        let tick = self.next_tick;
+        self.next_tick += 1;
+        self.entries.insert(
+            digest,
+            Entry {
+                size,
+                tick,
+                persisted,
+            },
+        );
+        self.order.insert((tick, digest));
         self.total += size;
     }
 
+    /// Moves an entry to the most recent end; tells whether its mtime is due for a rewrite.
+    fn used(&mut self, digest: &Digest, now: u64) -> bool {
+        let tick = self.next_tick;
+        let Some(e) = self.entries.get_mut(digest) else {
+            return false;
+        };
+        self.order.remove(&(e.tick, *digest));
+        e.tick = tick;
+        self.order.insert((tick, *digest));
+        self.next_tick += 1;
+        if now.saturating_sub(e.persisted) >= TOUCH_EVERY {
+            e.persisted = now;
+            true
+        } else {
+            false
+        }
+    }
+
     fn remove(&mut self, digest: &Digest) -> Option<u64> {
-        let (size, used) = self.entries.remove(digest)?;
-        self.order.remove(&(used, *digest));
-        self.total -= size;
-        Some(size)
+        let e = self.entries.remove(digest)?;
+        self.order.remove(&(e.tick, *digest));
+        self.total -= e.size;
+        Some(e.size)
     }
 }
 
@@ -78,7 +115,7 @@ pub struct DiskCache {
 impl DiskCache {
     /// Scans the cache area to learn sizes and last uses.
     pub fn open(store: Store, max: u64) -> io::Result<DiskCache> {
-        let mut lru = Lru::default();
+        let mut found = Vec::new();
         let dir = store.blobs_dir(Area::Cache);
         for shard in fs::read_dir(&dir)?.filter_map(Result::ok) {
             let Ok(files) = fs::read_dir(shard.path()) else {
@@ -93,12 +130,18 @@ impl DiskCache {
                     continue;
                 };
                 let Ok(meta) = f.metadata() else { continue };
-                lru.insert(
+                found.push((
+                    secs(meta.modified().unwrap_or(UNIX_EPOCH)),
                     digest,
                     meta.len(),
-                    secs(meta.modified().unwrap_or(UNIX_EPOCH)),
-                );
+                ));
             }
+        }
+        // Oldest first, so the recency order after a restart is the one before it.
+        found.sort();
+        let mut lru = Lru::default();
+        for (used, digest, size) in found {
+            lru.insert(digest, size, used);
         }
         tracing::info!(
             entries = lru.entries.len(),
@@ -138,21 +181,14 @@ impl DiskCache {
 
     /// Marks a cached blob as used now.
     pub fn touch(&self, digest: &Digest) {
-        let now = now();
-        let mut lru = lock(&self.lru);
-        let Some(&(size, used)) = lru.entries.get(digest) else {
-            return;
-        };
-        if now.saturating_sub(used) < TOUCH_EVERY {
-            return;
-        }
-        lru.insert(*digest, size, now);
-        drop(lru);
-        if let Ok(f) = fs::File::options()
-            .write(true)
-            .open(self.store.blob_path(Area::Cache, digest))
-        {
-            let _ = f.set_modified(SystemTime::now());
+        let persist = lock(&self.lru).used(digest, now());
+        if persist {
+            if let Ok(f) = fs::File::options()
+                .write(true)
+                .open(self.store.blob_path(Area::Cache, digest))
+            {
+                let _ = f.set_modified(SystemTime::now());
+            }
         }
     }
 
@@ -228,4 +264,74 @@ fn now() -> u64 {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(store: &Store, seed: u8, len: usize) -> Digest {
+        let bytes = vec![seed; len];
+        let d = Digest::of(&bytes);
+        store.put_blob(Area::Cache, d, &bytes).unwrap();
+        d
+    }
+
+    #[test]
+    fn evicts_least_recently_used_first_and_skips_leased_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cache = Arc::new(DiskCache::open(store.clone(), 300).unwrap());
+        let (a, b, c) = (
+            blob(&store, 1, 100),
+            blob(&store, 2, 100),
+            blob(&store, 3, 100),
+        );
+        for d in [a, b, c] {
+            cache.added(d, 100);
+        }
+        cache.touch(&a);
+        let lease_b = cache.lease(b);
+        let e = blob(&store, 4, 100);
+        cache.added(e, 100);
+        // c is the least recently used; b is older than a but leased.
+        assert!(store.blob_len(Area::Cache, &c).unwrap().is_none());
+        for d in [a, b, e] {
+            assert!(store.blob_len(Area::Cache, &d).unwrap().is_some());
+        }
+        assert_eq!(cache.size(), 300);
+        drop(lease_b);
+        let f = blob(&store, 5, 100);
+        cache.added(f, 100);
+        assert!(
+            store.blob_len(Area::Cache, &b).unwrap().is_none(),
+            "b is the oldest once its lease is gone"
+        );
+        assert_eq!(cache.evictions.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn recency_survives_a_restart_and_private_blobs_are_not_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (old, new) = (blob(&store, 1, 100), blob(&store, 2, 100));
+        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        let f = fs::File::options()
+            .write(true)
+            .open(store.blob_path(Area::Cache, &old))
+            .unwrap();
+        f.set_modified(hour_ago).unwrap();
+        let private = vec![9u8; 1000];
+        store
+            .put_blob(Area::Local, Digest::of(&private), &private)
+            .unwrap();
+        let cache = DiskCache::open(store.clone(), 150).unwrap();
+        assert_eq!(cache.size(), 100);
+        assert!(store.blob_len(Area::Cache, &old).unwrap().is_none());
+        assert!(store.blob_len(Area::Cache, &new).unwrap().is_some());
+        assert!(store
+            .blob_len(Area::Local, &Digest::of(&private))
+            .unwrap()
+            .is_some());
+    }
 }

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -103,6 +103,11 @@ pub struct Fetches {
     inflight: Mutex<HashMap<(String, Digest), Arc<Download>>>,
     disk: Arc<DiskCache>,
     max_orphan: u64,
+    /// Downloads started, and requests that joined one already running.
+    pub started: AtomicU64,
+    pub joined: AtomicU64,
+    /// Bytes received from upstreams.
+    pub upstream_bytes: AtomicU64,
 }
 
 impl Fetches {
@@ -111,6 +116,9 @@ impl Fetches {
             inflight: Mutex::new(HashMap::new()),
             disk,
             max_orphan,
+            started: AtomicU64::new(0),
+            joined: AtomicU64::new(0),
+            upstream_bytes: AtomicU64::new(0),
         }
     }
 
@@ -128,6 +136,7 @@ impl Fetches {
         let key = (upstream.key.clone(), digest);
         let mut inflight = lock(&self.inflight);
         if let Some(d) = inflight.get(&key) {
+            self.joined.fetch_add(1, Ordering::Relaxed);
             return Ok(Attach::InFlight {
                 download: d.clone(),
                 joined: true,
@@ -150,6 +159,7 @@ impl Fetches {
             readers: AtomicUsize::new(0),
         });
         inflight.insert(key.clone(), download.clone());
+        self.started.fetch_add(1, Ordering::Relaxed);
         drop(inflight);
         let this = self.clone();
         let task_download = download.clone();
@@ -226,6 +236,7 @@ impl Fetches {
             }
             if !batch.is_empty() {
                 let chunk = batch.split().freeze();
+                let chunk_len = chunk.len() as u64;
                 writer = write_blocking(writer, chunk).await?;
                 let written = writer.written();
                 if total.is_some_and(|t| written > t) {
@@ -234,6 +245,7 @@ impl Fetches {
                         got: written,
                     });
                 }
+                self.upstream_bytes.fetch_add(chunk_len, Ordering::Relaxed);
                 download.progress.send_modify(|p| p.written = written);
                 if download.readers.load(Ordering::Acquire) == 0
                     && total.unwrap_or(written) > self.max_orphan
@@ -401,12 +413,15 @@ async fn read_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
 /// runs as its own task, so it finishes even if the caller that started it goes away.
 pub struct SingleFlight<K, V> {
     map: Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, V>>>>>,
+    /// Calls that joined a flight already running.
+    pub joined: AtomicU64,
 }
 
 impl<K, V> Default for SingleFlight<K, V> {
     fn default() -> Self {
         SingleFlight {
             map: Arc::new(Mutex::new(HashMap::new())),
+            joined: AtomicU64::new(0),
         }
     }
 }
@@ -424,7 +439,10 @@ where
         let (shared, joined) = {
             let mut map = lock(&self.map);
             match map.get(&key) {
-                Some(s) => (s.clone(), true),
+                Some(s) => {
+                    self.joined.fetch_add(1, Ordering::Relaxed);
+                    (s.clone(), true)
+                }
                 None => {
                     let fut = make();
                     let map_ref = self.map.clone();

@@ -22,6 +22,71 @@ struct Cli {
 enum Command {
     /// Run the mirror.
     Serve(ServeArgs),
+    /// Re-hash every stored blob and report (or, with --repair, remove) corrupt ones.
+    Fsck(FsckArgs),
+}
+
+#[derive(Args)]
+struct FsckArgs {
+    /// TOML config file (for its data_dir)
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data dir to check [default: the config's, else ./berth-data]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Remove corrupt blobs so the next pull fetches them again
+    #[arg(long)]
+    repair: bool,
+}
+
+/// `berth fsck`: exit 0 when the store is sound (or was repaired), 1 when corruption remains.
+fn fsck(args: FsckArgs) -> ExitCode {
+    let data_dir = match (&args.data_dir, &args.config) {
+        (Some(d), _) => d.clone(),
+        (None, Some(c)) => match Config::from_file(c) {
+            Ok(c) => c.data_dir,
+            Err(e) => {
+                eprintln!("berth: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => Config::default().data_dir,
+    };
+    let store = match berth::store::Store::open(&data_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("berth: data dir {}: {e}", data_dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    match store.fsck(args.repair) {
+        Ok(report) => {
+            for (_, path) in &report.corrupt {
+                let verb = if args.repair { "removed" } else { "corrupt" };
+                println!("{verb}: {}", path.display());
+            }
+            println!(
+                "checked {} blobs ({} bytes): {} corrupt{}",
+                report.checked,
+                report.bytes,
+                report.corrupt.len(),
+                if args.repair && !report.corrupt.is_empty() {
+                    ", removed"
+                } else {
+                    ""
+                }
+            );
+            if report.corrupt.is_empty() || args.repair {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("berth: fsck: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Args)]
@@ -112,6 +177,7 @@ fn init_logs(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Fsck(args) => fsck(args),
         Command::Serve(args) => {
             let config = match args.config() {
                 Ok(c) => c,

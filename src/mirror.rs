@@ -153,6 +153,11 @@ impl Mirror {
         })
     }
 
+    /// Manifest requests that joined an upstream request already under way.
+    pub fn manifest_joins(&self) -> u64 {
+        self.manifest_flights.joined.load(Ordering::Relaxed)
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }

@@ -59,6 +59,9 @@ impl Running {
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let store = Store::open(&config.data_dir)
         .map_err(|e| StartError::Store(config.data_dir.display().to_string(), e))?;
+    store
+        .remove_leftovers()
+        .map_err(|e| StartError::Store(config.data_dir.display().to_string(), e))?;
     let mirror = Mirror::new(&config, store).map_err(|e| StartError::Setup(e.to_string()))?;
     let listener = TcpListener::bind(config.listen)
         .await

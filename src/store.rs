@@ -68,25 +68,30 @@ static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl Store {
     /// Opens (creating) the store and removes leftovers of writes a crash interrupted.
+    /// Opens (creating) the store. Safe beside a running server: it changes nothing that exists.
     pub fn open(root: &Path) -> io::Result<Store> {
-        fs::create_dir_all(root)?;
-        let tmp = root.join("tmp");
-        if tmp.exists() {
-            let removed = fs::read_dir(&tmp)?
-                .filter_map(Result::ok)
-                .filter(|e| fs::remove_file(e.path()).is_ok())
-                .count();
-            if removed > 0 {
-                tracing::info!(removed, "removed unfinished writes left by an earlier run");
-            }
-        }
-        fs::create_dir_all(&tmp)?;
+        fs::create_dir_all(root.join("tmp"))?;
         for area in [Area::Cache, Area::Local] {
             fs::create_dir_all(root.join(area.dir()).join("blobs/sha256"))?;
         }
         Ok(Store {
             root: Arc::new(root.to_path_buf()),
         })
+    }
+
+    /// Removes writes a crash interrupted. Only the server that owns the data dir calls this,
+    /// at start, before anything else can be writing.
+    pub fn remove_leftovers(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        for e in fs::read_dir(self.root.join("tmp"))?.filter_map(Result::ok) {
+            if fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed unfinished writes left by an earlier run");
+        }
+        Ok(removed)
     }
 
     pub fn root(&self) -> &Path {
@@ -339,6 +344,53 @@ impl Store {
     }
 }
 
+/// What `berth fsck` found.
+#[derive(Debug, Default)]
+pub struct FsckReport {
+    pub checked: u64,
+    pub bytes: u64,
+    /// Blobs whose content does not hash to their name (removed when repairing).
+    pub corrupt: Vec<(Area, PathBuf)>,
+}
+
+impl Store {
+    /// Re-hashes every stored blob; with `repair`, removes the corrupt ones (and a manifest's
+    /// media type with it) so they are fetched again on the next pull.
+    pub fn fsck(&self, repair: bool) -> io::Result<FsckReport> {
+        let mut report = FsckReport::default();
+        for area in [Area::Cache, Area::Local] {
+            for shard in fs::read_dir(self.blobs_dir(area))?.filter_map(Result::ok) {
+                for entry in fs::read_dir(shard.path())?.filter_map(Result::ok) {
+                    let path = entry.path();
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let expected = Digest::parse(&format!("sha256:{name}")).ok();
+                    let (actual, len) = hash_file(&path)?;
+                    report.checked += 1;
+                    report.bytes += len;
+                    if expected == Some(actual) {
+                        continue;
+                    }
+                    if repair {
+                        fs::remove_file(&path)?;
+                        if let Some(d) = expected {
+                            self.remove_manifest_type(area, &d)?;
+                        }
+                    }
+                    report.corrupt.push((area, path));
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let len = io::copy(&mut f, &mut hasher)?;
+    Ok((Digest::from_sha256(hasher.finalize().into()), len))
+}
+
 fn collect_repos(dir: &Path, prefix: &str, upstream: &str, out: &mut Vec<(String, RepoName)>) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -478,11 +530,30 @@ mod tests {
     }
 
     #[test]
+    fn fsck_finds_and_repairs_corrupt_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (good, bad) = (Digest::of(b"good"), Digest::of(b"bad"));
+        store.put_blob(Area::Cache, good, b"good").unwrap();
+        store.put_manifest(Area::Local, bad, "x", b"bad").unwrap();
+        fs::write(store.blob_path(Area::Local, &bad), b"rot").unwrap();
+        let r = store.fsck(false).unwrap();
+        assert_eq!((r.checked, r.corrupt.len()), (2, 1));
+        assert!(store.blob_len(Area::Local, &bad).unwrap().is_some());
+        store.fsck(true).unwrap();
+        assert!(store.blob_len(Area::Local, &bad).unwrap().is_none());
+        assert!(store.get_manifest(Area::Local, &bad).unwrap().is_none());
+        assert_eq!(store.fsck(false).unwrap().corrupt.len(), 0);
+    }
+
+    #[test]
     fn leftover_temp_files_are_removed_at_open() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("tmp")).unwrap();
         fs::write(dir.path().join("tmp/partial"), b"half a layer").unwrap();
-        Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
+        assert_eq!(store.remove_leftovers().unwrap(), 1);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 

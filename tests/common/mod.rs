@@ -151,6 +151,8 @@ pub struct FakeState {
     pub redirect_blobs_to: Option<String>,
     pub issued_tokens: usize,
     pub rate_limit_headers: bool,
+    /// When set, manifest requests wait for this before answering.
+    pub manifest_gate: Option<Arc<Notify>>,
 }
 
 #[derive(Clone)]
@@ -314,6 +316,11 @@ impl Fake {
         } else if let Some((repo, rest)) = split_route(&path) {
             match rest {
                 Route::Manifest(reference) => {
+                    let gate = self.st().manifest_gate.clone();
+                    if let Some(gate) = gate {
+                        gate.notified().await;
+                        gate.notify_one();
+                    }
                     let accept = headers
                         .get_all("accept")
                         .iter()
@@ -726,4 +733,20 @@ pub async fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> 
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Sends a GET from its own task (owning its arguments), for concurrent clients.
+pub fn spawn_get(url: &str, headers: &[(&str, &str)]) -> tokio::task::JoinHandle<Reply> {
+    let url = url.to_owned();
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::spawn(async move {
+        let h: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        send(Method::GET, &url, &h).await
+    })
 }
