@@ -150,6 +150,8 @@ pub struct FakeState {
     /// When set, blob GETs redirect here (`{cdn}/cdn/<digest>`).
     pub redirect_blobs_to: Option<String>,
     pub issued_tokens: usize,
+    /// Tokens numbered up to this are refused (as if expired).
+    pub revoked_below: usize,
     pub rate_limit_headers: bool,
     /// When set, manifest requests wait for this before answering.
     pub manifest_gate: Option<Arc<Notify>>,
@@ -292,13 +294,16 @@ impl Fake {
             return r;
         }
         if auth.is_some() {
-            let issued = self.st().issued_tokens;
+            let (issued, revoked) = {
+                let s = self.st();
+                (s.issued_tokens, s.revoked_below)
+            };
             let ok = headers
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer token-"))
                 .and_then(|n| n.parse::<usize>().ok())
-                .is_some_and(|n| n >= 1 && n <= issued);
+                .is_some_and(|n| n > revoked && n <= issued);
             if !ok {
                 let scope = repo_scope(&path);
                 let mut r = status(401);
