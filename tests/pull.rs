@@ -275,3 +275,73 @@ async fn multi_arch_indexes_and_accept_negotiation() {
         .await;
     assert_eq!(r.bytes(), arm.manifest);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_stops_accepting_and_lets_in_flight_responses_finish() {
+    let up = Fake::start().await;
+    let blob = pseudo_random(30, 1 << 20);
+    let d = up.add_blob(blob.clone());
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.st()
+        .faults
+        .insert(d.clone(), BlobFault::Gate(100_000, gate.clone()));
+    let mut b = Berth::start(&up, |c| {
+        c.shutdown_grace = berth::config::Seconds(std::time::Duration::from_secs(20))
+    })
+    .await;
+    let in_flight = spawn_get(&b.url(&format!("/v2/library/g/blobs/{d}")), &[]);
+    wait_for(
+        "the download to start",
+        std::time::Duration::from_secs(10),
+        || up.count("GET", "/blobs/") == 1,
+    )
+    .await;
+    let addr = b.addr;
+    let running = b.running.take().unwrap();
+    let stopping = tokio::spawn(running.shutdown());
+    // New connections are refused once the listener is closed...
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still accepting after shutdown"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        !stopping.is_finished(),
+        "shutdown must wait for the response in flight"
+    );
+    // ...while the response in flight completes.
+    gate.notify_one();
+    assert_eq!(in_flight.await.unwrap().bytes(), blob);
+    stopping.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_clients_are_served() {
+    use http_body_util::BodyExt;
+    let up = Fake::start().await;
+    let img = Image::new(31, &[10]);
+    up.add_image("library/h2", "1", &img);
+    let b = Berth::start(&up, |_| {}).await;
+    let stream = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(b.url("/v2/h2/manifests/1"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.into_body().collect().await.unwrap().to_bytes(),
+        img.manifest
+    );
+}
