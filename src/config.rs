@@ -223,13 +223,18 @@ fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
         Some((k, _)) => k.trim().to_owned(),
         None => line.trim().to_owned(),
     };
-    // For unknown fields toml points at the key itself; its message already names it.
-    err(
-        format!("{key}` (line {line_no})")
-            .trim_end_matches('`')
-            .to_owned(),
-        message,
-    )
+    // Keys inside a table are named with the table, as in `upstreams."ghcr.io".url`.
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    let key = match table {
+        Some(t) if !key.starts_with('[') => format!("{t}.{key}"),
+        _ => key,
+    };
+    err(key, format!("line {line_no}: {message}"))
 }
 
 /// A byte count written as `50GiB`, `512MiB`, `10GB`, `4096`.
