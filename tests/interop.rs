@@ -1,0 +1,417 @@
+//! The interop tier: berth between real Debian tools.
+//!
+//! Upstream is the distribution registry (`docker-registry`, Debian's v2.8) on 127.0.0.1; images
+//! are built here as OCI layouts, pushed into it with `skopeo copy --preserve-digests`, and pulled
+//! back through berth with skopeo into `dir:` layouts whose files are compared byte for byte with
+//! what was pushed. The registry's access log tells how many blob GETs reached upstream.
+//!
+//! Built and run only with `cargo test --features interop --test interop`. A missing tool fails
+//! the test with the Debian package to install; nothing is skipped.
+
+#[path = "interop/oci.rs"]
+mod oci;
+#[path = "interop/procs.rs"]
+mod procs;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use oci::{Artifact, Image, LayerSpec};
+use procs::{Berth, Registry, Skopeo};
+use tempfile::TempDir;
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+
+/// Three layers, a few MiB: two gzip'd, one plain tar.
+fn three_layer_image(seed: u64) -> Image {
+    oci::image(
+        "amd64",
+        &[
+            LayerSpec {
+                seed,
+                size: 3 * MIB / 2,
+                gzip: true,
+            },
+            LayerSpec {
+                seed: seed + 1,
+                size: MIB,
+                gzip: true,
+            },
+            LayerSpec {
+                seed: seed + 2,
+                size: 512 * KIB,
+                gzip: false,
+            },
+        ],
+    )
+}
+
+/// An index of amd64 and arm64 images that share their base layer.
+fn two_platform_index(seed: u64) -> Artifact {
+    let base = LayerSpec {
+        seed,
+        size: MIB,
+        gzip: true,
+    };
+    let amd64 = oci::image(
+        "amd64",
+        &[
+            base,
+            LayerSpec {
+                seed: seed + 1,
+                size: 768 * KIB,
+                gzip: true,
+            },
+        ],
+    );
+    let arm64 = oci::image(
+        "arm64",
+        &[
+            base,
+            LayerSpec {
+                seed: seed + 2,
+                size: 640 * KIB,
+                gzip: true,
+            },
+        ],
+    );
+    oci::index(vec![(amd64, "amd64"), (arm64, "arm64")])
+}
+
+/// Pushes `artifact` to `registry` as `library/NAME:TAG` with its digests unchanged, and checks
+/// that a direct pull from the registry gives back exactly those bytes, so that any later
+/// difference is berth's.
+fn push(skopeo: &Skopeo, registry: &Registry, artifact: &Artifact, name: &str, tag: &str) {
+    let layout = TempDir::new().expect("create a layout dir");
+    artifact.write_layout(layout.path(), tag);
+    let src = format!("oci:{}:{tag}", layout.path().display());
+    let dest = format!("docker://{}/library/{name}:{tag}", registry.addr);
+    let mut args = vec!["--dest-tls-verify=false", "--preserve-digests"];
+    if artifact.is_index() {
+        args.push("--all");
+    }
+    args.extend([src.as_str(), dest.as_str()]);
+    skopeo.copy(&args);
+
+    let src = format!("docker://{}/library/{name}:{tag}", registry.addr);
+    let direct = pull(skopeo, &src, artifact.is_index());
+    assert_pulled(
+        direct.path(),
+        &expected_files(artifact, None),
+        "the direct pull from the upstream registry (before berth is involved)",
+    );
+}
+
+/// `skopeo copy SRC dir:OUT` (with `--all` for an index), plain HTTP source.
+fn pull_with(skopeo: &Skopeo, src: &str, extra: &[&str]) -> TempDir {
+    let out = TempDir::new().expect("create a pull dir");
+    let dest = format!("dir:{}", out.path().join("image").display());
+    let mut args = vec!["--src-tls-verify=false"];
+    args.extend_from_slice(extra);
+    args.extend([src, dest.as_str()]);
+    skopeo.copy(&args);
+    out
+}
+
+fn pull(skopeo: &Skopeo, src: &str, all: bool) -> TempDir {
+    pull_with(skopeo, src, if all { &["--all"] } else { &[] })
+}
+
+/// The files a `dir:` pull must hold: `manifest.json` is the tag's manifest (or the one platform
+/// image asked for), an index's platform manifests are `<hex>.manifest.json`, blobs are `<hex>`.
+fn expected_files(artifact: &Artifact, platform: Option<&Image>) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let images = match platform {
+        Some(image) => {
+            files.insert("manifest.json".to_owned(), image.manifest.bytes.clone());
+            vec![image]
+        }
+        None => {
+            files.insert("manifest.json".to_owned(), artifact.top().bytes.clone());
+            let images = artifact.images();
+            if artifact.is_index() {
+                for image in &images {
+                    files.insert(
+                        format!("{}.manifest.json", oci::hex_of(&image.manifest.digest)),
+                        image.manifest.bytes.clone(),
+                    );
+                }
+            }
+            images
+        }
+    };
+    for image in images {
+        for blob in image.blobs() {
+            files.insert(oci::hex_of(&blob.digest).to_owned(), blob.bytes.clone());
+        }
+    }
+    files
+}
+
+/// Asserts that the `dir:` layout under `out` holds exactly `expected` (plus skopeo's `version`).
+fn assert_pulled(out: &Path, expected: &BTreeMap<String, Vec<u8>>, what: &str) {
+    let dir = out.join("image");
+    let mut found = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{what}: {dir:?}: {e}")) {
+        let entry = entry.expect("read a pulled dir entry");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "version" {
+            continue;
+        }
+        found.insert(
+            name,
+            std::fs::read(entry.path()).expect("read a pulled file"),
+        );
+    }
+    let missing: Vec<&String> = expected
+        .keys()
+        .filter(|k| !found.contains_key(*k))
+        .collect();
+    let extra: Vec<&String> = found
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{what}: pulled files differ from what was pushed\n  missing: {missing:?}\n  \
+         unexpected: {extra:?}"
+    );
+    for (name, want) in expected {
+        let got = &found[name];
+        assert!(
+            got == want,
+            "{what}: {name} differs from what was pushed: got {} bytes (sha256 {}), \
+             want {} bytes (sha256 {})",
+            got.len(),
+            oci::digest_of(got),
+            want.len(),
+            oci::digest_of(want),
+        );
+    }
+}
+
+/// Waits until the upstream has logged `expected` more blob GETs than `before`, then asserts
+/// they are exactly one GET of each expected digest, in `repo`.
+fn assert_fetched_once(
+    registry: &Registry,
+    before: usize,
+    repo: &str,
+    expected: &BTreeMap<String, &oci::Blob>,
+) {
+    // A request is logged before its last bytes leave the registry, so once skopeo is done the
+    // lines are there; the short poll only guards against a slow file system.
+    let gets = procs::wait_for(
+        &format!("{} upstream blob GETs", expected.len()),
+        Duration::from_secs(5),
+        || {
+            let gets = registry.blob_gets();
+            (gets.len() >= before + expected.len()).then_some(gets)
+        },
+    );
+    let new = &gets[before..];
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for (r, digest) in new {
+        assert_eq!(r, repo, "upstream blob GET in an unexpected repository");
+        *counts.entry(digest.as_str()).or_default() += 1;
+    }
+    let want: BTreeMap<&str, usize> = expected.keys().map(|d| (d.as_str(), 1)).collect();
+    assert_eq!(
+        counts, want,
+        "the first pull through berth must GET each blob from upstream exactly once"
+    );
+}
+
+fn assert_no_new_blob_gets(registry: &Registry, before: usize, what: &str) {
+    let gets = registry.blob_gets();
+    assert!(
+        gets.len() == before,
+        "{what} must be served from berth's cache, but upstream served {} blob GETs: {:?}",
+        gets.len() - before,
+        &gets[before..]
+    );
+}
+
+/// Asserts that berth logged every blob GET after the first `skip` request lines as a hit.
+fn assert_blob_hits(berth: &Berth, skip: usize, what: &str) {
+    let served = berth.served();
+    let blobs: Vec<_> = served[skip..]
+        .iter()
+        .filter(|s| s.route == "blob" && s.method == "GET")
+        .collect();
+    assert!(!blobs.is_empty(), "{what}: berth logged no blob GET");
+    for s in blobs {
+        assert!(
+            s.status == 200 && s.cache == "hit",
+            "{what}: berth served {} with status {} cache={}, want 200 cache=hit",
+            s.path,
+            s.status,
+            s.cache
+        );
+    }
+}
+
+#[test]
+fn three_layer_image_pulls_byte_identical_and_second_pull_hits_cache() {
+    procs::require_tools();
+    let skopeo = Skopeo::new();
+    let registry = Registry::start();
+    let image = Artifact::Image(three_layer_image(0x1000));
+    push(&skopeo, &registry, &image, "multilayer", "v1");
+    let mut berth = Berth::start(&registry.url());
+    let want = expected_files(&image, None);
+
+    let before = registry.blob_gets().len();
+    let first = pull(
+        &skopeo,
+        &format!("docker://{}/library/multilayer:v1", berth.addr),
+        false,
+    );
+    assert_pulled(first.path(), &want, "first pull through berth");
+    assert_fetched_once(
+        &registry,
+        before,
+        "library/multilayer",
+        &image.distinct_blobs(),
+    );
+
+    let before = registry.blob_gets().len();
+    let logged = berth.served().len();
+    let second = pull(
+        &skopeo,
+        &format!("docker://{}/library/multilayer:v1", berth.addr),
+        false,
+    );
+    assert_pulled(second.path(), &want, "second pull through berth");
+    assert_no_new_blob_gets(&registry, before, "the second pull");
+    assert_blob_hits(&berth, logged, "the second pull");
+
+    let logged = berth.served().len();
+    let short = pull(
+        &skopeo,
+        &format!("docker://{}/multilayer:v1", berth.addr),
+        false,
+    );
+    assert_pulled(short.path(), &want, "pull of the one-segment name");
+    assert_no_new_blob_gets(&registry, before, "the one-segment pull");
+    assert_blob_hits(&berth, logged, "the one-segment pull");
+
+    assert!(berth.is_running(), "berth exited during the test");
+}
+
+#[test]
+fn multi_arch_index_pulls_all_platforms_byte_identical() {
+    procs::require_tools();
+    let skopeo = Skopeo::new();
+    let registry = Registry::start();
+    let index = two_platform_index(0x2000);
+    push(&skopeo, &registry, &index, "multiarch", "v1");
+    let mut berth = Berth::start(&registry.url());
+    let src = format!("docker://{}/library/multiarch:v1", berth.addr);
+    let want = expected_files(&index, None);
+    let blobs = index.distinct_blobs();
+    assert_eq!(blobs.len(), 5, "two configs, one shared and two own layers");
+
+    let before = registry.blob_gets().len();
+    let first = pull(&skopeo, &src, true);
+    assert_pulled(first.path(), &want, "first --all pull through berth");
+    assert_fetched_once(&registry, before, "library/multiarch", &blobs);
+
+    let before = registry.blob_gets().len();
+    let logged = berth.served().len();
+    let second = pull(&skopeo, &src, true);
+    assert_pulled(second.path(), &want, "second --all pull through berth");
+    assert_no_new_blob_gets(&registry, before, "the second --all pull");
+    assert_blob_hits(&berth, logged, "the second --all pull");
+
+    // One platform picked out of the index: skopeo fetches the index by tag, then the arm64
+    // manifest by digest.
+    let arm64 = &index.images()[1];
+    let logged = berth.served().len();
+    let one = pull_with(
+        &skopeo,
+        &format!("docker://{}/multiarch:v1", berth.addr),
+        &["--override-os", "linux", "--override-arch", "arm64"],
+    );
+    assert_pulled(
+        one.path(),
+        &expected_files(&index, Some(arm64)),
+        "arm64-only pull of the one-segment name",
+    );
+    assert_no_new_blob_gets(&registry, before, "the arm64-only pull");
+    assert_blob_hits(&berth, logged, "the arm64-only pull");
+
+    assert!(berth.is_running(), "berth exited during the test");
+}
+
+#[test]
+fn one_segment_name_cold_pull_fetches_from_library() {
+    procs::require_tools();
+    let skopeo = Skopeo::new();
+    let registry = Registry::start();
+    let image = Artifact::Image(three_layer_image(0x3000));
+    push(&skopeo, &registry, &image, "shortname", "1.0");
+    let berth = Berth::start(&registry.url());
+
+    let before = registry.blob_gets().len();
+    let pulled = pull(
+        &skopeo,
+        &format!("docker://{}/shortname:1.0", berth.addr),
+        false,
+    );
+    assert_pulled(
+        pulled.path(),
+        &expected_files(&image, None),
+        "cold pull of the one-segment name",
+    );
+    assert_fetched_once(
+        &registry,
+        before,
+        "library/shortname",
+        &image.distinct_blobs(),
+    );
+}
+
+#[test]
+fn concurrent_cold_pulls_fetch_each_blob_once() {
+    procs::require_tools();
+    let skopeo = Skopeo::new();
+    let registry = Registry::start();
+    let image = Artifact::Image(three_layer_image(0x4000));
+    push(&skopeo, &registry, &image, "concurrent", "v1");
+    let berth = Berth::start(&registry.url());
+    let want = expected_files(&image, None);
+    let src = format!("docker://{}/library/concurrent:v1", berth.addr);
+
+    let before = registry.blob_gets().len();
+    let pulls: Vec<TempDir> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| pull(&skopeo, &src, false)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a concurrent pull panicked"))
+            .collect()
+    });
+    for (i, out) in pulls.iter().enumerate() {
+        assert_pulled(out.path(), &want, &format!("concurrent pull #{i}"));
+    }
+    assert_fetched_once(
+        &registry,
+        before,
+        "library/concurrent",
+        &image.distinct_blobs(),
+    );
+    let outcomes: Vec<String> = berth
+        .served()
+        .into_iter()
+        .filter(|s| s.route == "blob" && s.method == "GET")
+        .map(|s| s.cache)
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|c| *c == "miss").count(),
+        image.distinct_blobs().len(),
+        "berth must log one miss per blob across concurrent pulls, logged {outcomes:?}"
+    );
+}

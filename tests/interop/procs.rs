@@ -1,0 +1,367 @@
+//! The processes an interop test runs: the distribution registry as upstream, berth, skopeo.
+//!
+//! Every server binds 127.0.0.1 only, is killed when its guard drops, and is waited for by
+//! polling `GET /v2/` against a deadline. A guard dropped during a panic prints the tail of its
+//! process's log, so a failing test shows what the servers saw.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// How long a server may take to answer `GET /v2/` after it is started.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Panics, naming the Debian package, unless `tool` is an executable on PATH.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(dir.join(tool))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    });
+    assert!(
+        found,
+        "the interop tests need `{tool}`, which is not on PATH: install the Debian package \
+         `{package}` (apt-get install -y {package}; .ci/run does this)"
+    );
+}
+
+/// Both tools every interop test uses.
+pub fn require_tools() {
+    require_tool("docker-registry", "docker-registry");
+    require_tool("skopeo", "skopeo");
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0 to find a free port")
+        .port()
+}
+
+/// Polls `cond` every 20 ms until it returns `Some`, or panics with `what` after `deadline`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A minimal HTTP/1.1 GET: the status code, or `None` if nothing answered.
+pub fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(head.get(9..12)?).ok()?.parse().ok()
+}
+
+/// The last `lines` lines of a log file, for failure messages.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A child process killed (and reaped) on drop.
+struct Guard {
+    name: &'static str,
+    child: Child,
+    logs: Vec<PathBuf>,
+}
+
+impl Guard {
+    fn spawn(name: &'static str, mut cmd: Command, stdout: &Path, stderr: &Path) -> Guard {
+        let out = File::create(stdout).expect("create a log file");
+        let err = File::create(stderr).expect("create a log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Guard {
+            name,
+            child,
+            logs: vec![stdout.to_owned(), stderr.to_owned()],
+        }
+    }
+
+    /// Waits until `GET /v2/` answers 200, failing at once if the process exits.
+    fn wait_ready(&mut self, addr: SocketAddr) {
+        let name = self.name;
+        wait_for(
+            &format!("{name} to answer GET /v2/ on {addr}"),
+            START_DEADLINE,
+            || {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!("{name} exited with {status} before it was ready");
+                }
+                (http_status(addr, "/v2/") == Some(200)).then_some(())
+            },
+        );
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            for log in &self.logs {
+                eprintln!(
+                    "----- {} log {} (last 40 lines) -----\n{}",
+                    self.name,
+                    log.display(),
+                    tail(log, 40)
+                );
+            }
+        }
+    }
+}
+
+/// One line of the registry's access log (Apache combined format).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+/// The distribution registry (`docker-registry serve`), storing in a temp dir.
+pub struct Registry {
+    pub addr: SocketAddr,
+    access_log: PathBuf,
+    _guard: Guard,
+    _dir: TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().expect("create the registry's temp dir");
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\n\
+                 log:\n  level: info\n  accesslog:\n    disabled: false\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                 http:\n  addr: {addr}\n  secret: berth-interop-test\n",
+                dir.path().join("storage").display()
+            ),
+        )
+        .expect("write the registry config");
+        // The access log goes to stdout; the application log to stderr.
+        let access_log = dir.path().join("access.log");
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(&config);
+        let mut guard = Guard::spawn(
+            "docker-registry",
+            cmd,
+            &access_log,
+            &dir.path().join("registry.log"),
+        );
+        guard.wait_ready(addr);
+        Registry {
+            addr,
+            access_log,
+            _guard: guard,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request logged so far.
+    pub fn accesses(&self) -> Vec<Access> {
+        let text = std::fs::read_to_string(&self.access_log).expect("read the access log");
+        text.lines().filter_map(parse_access).collect()
+    }
+
+    /// The blob GETs logged so far, as (repository path, digest) pairs.
+    pub fn blob_gets(&self) -> Vec<(String, String)> {
+        self.accesses()
+            .into_iter()
+            .filter(|a| a.method == "GET")
+            .filter_map(|a| {
+                let (repo, digest) = a.path.strip_prefix("/v2/")?.split_once("/blobs/")?;
+                digest
+                    .starts_with("sha256:")
+                    .then(|| (repo.to_owned(), digest.to_owned()))
+            })
+            .collect()
+    }
+}
+
+/// `127.0.0.1 - - [date] "GET /v2/x HTTP/1.1" 200 2 "" "agent"` → method, path, status.
+fn parse_access(line: &str) -> Option<Access> {
+    let (_, rest) = line.split_once('"')?;
+    let (request, rest) = rest.split_once('"')?;
+    let mut request = request.split(' ');
+    let method = request.next()?.to_owned();
+    let path = request.next()?.to_owned();
+    let status = rest.split_whitespace().next()?.parse().ok()?;
+    Some(Access {
+        method,
+        path,
+        status,
+    })
+}
+
+/// One `request` line of berth's JSON log.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub route: String,
+    pub cache: String,
+}
+
+/// berth, started from the binary cargo built for this test run.
+pub struct Berth {
+    pub addr: SocketAddr,
+    log: PathBuf,
+    guard: Guard,
+    _dir: TempDir,
+}
+
+impl Berth {
+    pub fn start(upstream: &str) -> Berth {
+        let dir = tempfile::tempdir().expect("create berth's temp dir");
+        // berth cannot report the port it chose for :0, so pick one and hand it over.
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--upstream")
+            .arg(upstream)
+            .arg("--log-format")
+            .arg("json")
+            .env("BERTH_LOG", "info")
+            .env("NO_COLOR", "1");
+        let log = dir.path().join("berth.log");
+        let mut guard = Guard::spawn("berth", cmd, &dir.path().join("berth.stdout"), &log);
+        guard.wait_ready(addr);
+        Berth {
+            addr,
+            log,
+            guard,
+            _dir: dir,
+        }
+    }
+
+    /// The request lines berth logged so far.
+    pub fn served(&self) -> Vec<Served> {
+        let text = std::fs::read_to_string(&self.log).expect("read berth's log");
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|v| v["message"] == "request")
+            .map(|v| {
+                let s = |k: &str| match &v[k] {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Null => String::new(),
+                    other => other.to_string(),
+                };
+                Served {
+                    method: s("method"),
+                    path: s("path"),
+                    status: s("status").parse().unwrap_or(0),
+                    route: s("route"),
+                    cache: s("cache"),
+                }
+            })
+            .collect()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.guard.child.try_wait(), Ok(None))
+    }
+}
+
+/// skopeo with a private policy, auth file and temp dir, so the host's settings do not matter.
+pub struct Skopeo {
+    dir: TempDir,
+}
+
+impl Skopeo {
+    pub fn new() -> Skopeo {
+        let dir = tempfile::tempdir().expect("create skopeo's temp dir");
+        std::fs::write(
+            dir.path().join("policy.json"),
+            br#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+        )
+        .expect("write policy.json");
+        std::fs::write(dir.path().join("auth.json"), b"{}").expect("write auth.json");
+        std::fs::create_dir(dir.path().join("tmp")).expect("create skopeo's tmp dir");
+        Skopeo { dir }
+    }
+
+    /// Runs `skopeo copy ARGS`, panicking with skopeo's output if it fails.
+    pub fn copy(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new("skopeo");
+        cmd.arg("--policy")
+            .arg(self.dir.path().join("policy.json"))
+            .arg("--tmpdir")
+            .arg(self.dir.path().join("tmp"))
+            .arg("copy")
+            .arg("--retry-times=0")
+            .args(args)
+            .env("REGISTRY_AUTH_FILE", self.dir.path().join("auth.json"))
+            .stdin(Stdio::null());
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run skopeo: {e}"));
+        assert!(
+            out.status.success(),
+            "skopeo copy {} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_lines_parse() {
+        let a = parse_access(
+            "127.0.0.1 - - [23/Nov/2026:19:50:26 +0000] \"GET /v2/library/x/blobs/sha256:00 \
+             HTTP/1.1\" 404 157 \"\" \"curl/7.88.1\"",
+        )
+        .unwrap();
+        assert_eq!(a.method, "GET");
+        assert_eq!(a.path, "/v2/library/x/blobs/sha256:00");
+        assert_eq!(a.status, 404);
+    }
+}
