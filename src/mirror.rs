@@ -147,7 +147,14 @@ impl Mirror {
             upstreams,
             default_upstream: config.default_upstream.clone(),
             manifests: manifest_cache(config.memory_cache_size.0),
-            tags: moka::future::Cache::builder().max_capacity(100_000).build(),
+            // Tag resolutions are small; a quarter of the memory budget holds a great many.
+            tags: moka::future::Cache::builder()
+                .max_capacity(config.memory_cache_size.0 / 4)
+                .weigher(|k: &TagKey, e: &TagEntry| {
+                    let bytes = k.0.len() + k.1.as_str().len() + k.2.as_str().len() + k.3.len();
+                    (bytes + e.digest.len() + e.media_type.len() + 64) as u32
+                })
+                .build(),
             manifest_flights: SingleFlight::default(),
             stale_serves: AtomicU64::new(0),
         })
