@@ -23,4 +23,5 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod tls_cli;
 pub mod upstream;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use berth::config::{Config, ConfigError, LogFormat, UpstreamUrl};
+use berth::tls_cli::{CertsArgs, TlsArgs};
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the mirror.
     Serve(ServeArgs),
+    /// Generate a local CA and a server certificate signed by it, and print how to trust it.
+    Certs(CertsArgs),
 }
 
 #[derive(Args)]
@@ -53,6 +56,8 @@ struct ServeArgs {
     /// Log format
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 impl ServeArgs {
@@ -92,6 +97,7 @@ impl ServeArgs {
         if let Some(f) = self.log_format {
             config.log_format = f;
         }
+        self.tls.apply(&mut config)?;
         config.validate()?;
         Ok(config)
     }
@@ -112,8 +118,9 @@ fn init_logs(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Certs(args) => args.run(),
         Command::Serve(args) => {
-            let config = match args.config() {
+            let mut config = match args.config() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("berth: {e}");
@@ -121,6 +128,10 @@ fn main() -> ExitCode {
                 }
             };
             init_logs(config.log_format);
+            if let Err(e) = args.tls.apply_self_signed(&mut config) {
+                eprintln!("berth: {e}");
+                return ExitCode::FAILURE;
+            }
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
@@ -141,6 +152,7 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    tokio::spawn(berth::tls_cli::reload_on_hangup(running.tls.clone()));
     let stop = running.stopper();
     tokio::spawn(async move {
         wait_for_signal().await;
