@@ -8,9 +8,11 @@
 //! - the [`mirror`] answers from the [`cache`] (memory, then disk via the [`store`]) and asks the
 //!   [`upstream`] on a miss, through the [`fetch`] coordinator so that concurrent misses cause
 //!   one download;
-//! - [`config`] holds every setting.
+//! - [`config`] holds every setting;
+//! - [`tls`] terminates TLS for the server, with certificates [`certs`] can generate.
 
 pub mod cache;
+pub mod certs;
 pub mod config;
 pub mod error;
 pub mod fetch;
@@ -20,4 +22,6 @@ pub mod names;
 pub mod routes;
 pub mod server;
 pub mod store;
+pub mod tls;
+pub mod tls_cli;
 pub mod upstream;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use berth::config::{Config, ConfigError, LogFormat, UpstreamUrl};
+use berth::tls_cli::{CertsArgs, TlsArgs};
 
 #[derive(Parser)]
 #[command(
@@ -19,11 +20,14 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing buys nothing
 enum Command {
     /// Run the mirror.
     Serve(ServeArgs),
     /// Re-hash every stored blob and report (or, with --repair, remove) corrupt ones.
     Fsck(FsckArgs),
+    /// Generate a local CA and a server certificate signed by it, and print how to trust it.
+    Certs(CertsArgs),
 }
 
 #[derive(Args)]
@@ -118,6 +122,8 @@ struct ServeArgs {
     /// Log format
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 impl ServeArgs {
@@ -157,6 +163,7 @@ impl ServeArgs {
         if let Some(f) = self.log_format {
             config.log_format = f;
         }
+        self.tls.apply(&mut config)?;
         config.validate()?;
         Ok(config)
     }
@@ -178,8 +185,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Fsck(args) => fsck(args),
+        Command::Certs(args) => args.run(),
         Command::Serve(args) => {
-            let config = match args.config() {
+            let mut config = match args.config() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("berth: {e}");
@@ -187,6 +195,10 @@ fn main() -> ExitCode {
                 }
             };
             init_logs(config.log_format);
+            if let Err(e) = args.tls.apply_self_signed(&mut config) {
+                eprintln!("berth: {e}");
+                return ExitCode::FAILURE;
+            }
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
@@ -207,6 +219,7 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    tokio::spawn(berth::tls_cli::reload_on_hangup(running.tls.clone()));
     let stop = running.stopper();
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -1,8 +1,9 @@
 //! The server: listeners, connections, and graceful shutdown.
 //!
 //! Each accepted connection is served by hyper-util's auto builder (HTTP/1.1, or h2 when the
-//! client speaks it). On shutdown the listeners close first, then in-flight responses get the
-//! configured grace period to finish.
+//! client speaks it). With `tls` configured a second listener terminates TLS (see [`crate::tls`])
+//! and serves the same way. On shutdown the listeners close first, then in-flight responses on
+//! both get the configured grace period to finish.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use crate::config::Config;
 use crate::handlers::App;
 use crate::mirror::Mirror;
 use crate::store::Store;
+use crate::tls::{CertResolver, Tls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -28,11 +30,17 @@ pub enum StartError {
     Setup(String),
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
 }
 
 /// A started server. Dropping it does not stop it; call `shutdown`.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The TLS listener's address, when `tls` is configured.
+    pub tls_addr: Option<SocketAddr>,
+    /// The TLS certificate; `reload()` it on SIGHUP. `None` without TLS.
+    pub tls: Option<Arc<CertResolver>>,
     pub app: Arc<App>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -69,21 +77,51 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Bind(config.listen, e))?;
+    let tls = match &config.tls {
+        Some(tls_config) => {
+            let tls = Tls::new(tls_config)?;
+            let listener = TcpListener::bind(tls_config.listen)
+                .await
+                .map_err(|e| StartError::Bind(tls_config.listen, e))?;
+            let tls_addr = listener
+                .local_addr()
+                .map_err(|e| StartError::Bind(tls_config.listen, e))?;
+            tracing::info!(addr = %tls_addr, cert = %tls_config.cert.display(), "listening (TLS)");
+            Some((listener, tls_addr, tls))
+        }
+        None => None,
+    };
+    let tls_addr = tls.as_ref().map(|(_, a, _)| *a);
+    let resolver = tls.as_ref().map(|(_, _, t)| t.resolver.clone());
+    let tls = tls.map(|(l, _, t)| (l, t));
     let grace = config.shutdown_grace.0;
     let app = Arc::new(App::new(config, mirror));
     let (stop, stopped) = watch::channel(false);
     tracing::info!(%addr, "listening (plain HTTP)");
-    let task = tokio::spawn(serve(listener, app.clone(), stopped, grace));
+    let task = tokio::spawn(serve(listener, tls, app.clone(), stopped, grace));
     Ok(Running {
         addr,
+        tls_addr,
+        tls: resolver,
         app,
         stop,
         task,
     })
 }
 
+/// Accepts on the TLS listener, or never when there is none.
+async fn accept_tls(
+    tls: &Option<(TcpListener, Tls)>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match tls {
+        Some((listener, _)) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn serve(
     listener: TcpListener,
+    tls: Option<(TcpListener, Tls)>,
     app: Arc<App>,
     mut stopped: watch::Receiver<bool>,
     grace: std::time::Duration,
@@ -113,10 +151,31 @@ async fn serve(
                     }
                 });
             }
+            accepted = accept_tls(&tls) => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed (TLS)");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Some((_, tls)) = &tls else { continue };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(crate::tls::serve_connection(
+                    tls.acceptor.clone(),
+                    stream,
+                    peer,
+                    app.clone(),
+                    builder.clone(),
+                    graceful.watcher(),
+                ));
+            }
             _ = stopped.changed() => break,
         }
     }
     drop(listener);
+    drop(tls);
     tracing::info!("shutting down: waiting for in-flight responses");
     if tokio::time::timeout(grace, graceful.shutdown())
         .await

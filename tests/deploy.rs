@@ -1,0 +1,120 @@
+//! The files under `deploy/` parse and agree with berth: configs load, probes hit real routes,
+//! client configs are valid JSON/TOML and point at berth.
+
+use std::path::PathBuf;
+
+use berth::config::Config;
+use berth::routes::Route;
+
+fn path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(path(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+#[test]
+fn packaged_berth_toml_loads_with_and_without_tls() {
+    let config = Config::from_file(&path("deploy/berth.toml")).unwrap();
+    config.validate().unwrap();
+    assert!(config.upstreams.contains_key("ghcr.io"));
+    // The commented [tls] table is valid once uncommented.
+    let text = read("deploy/berth.toml");
+    let tls_at = text.find("# [tls]").expect("a commented [tls] table");
+    let uncommented: String = text[tls_at..]
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = Config::from_toml(&format!("{}{}\n", &text[..tls_at], uncommented)).unwrap();
+    config.validate().unwrap();
+    assert_eq!(config.tls.unwrap().listen.port(), 5443);
+}
+
+/// The block scalar under `berth.toml: |` in the ConfigMap.
+fn configmap_toml() -> String {
+    let yaml = read("deploy/k8s/configmap.yaml");
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != "berth.toml: |");
+    lines.next().expect("a berth.toml key");
+    lines
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| l.get(4..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn k8s_configmap_matches_the_deployment() {
+    let config = Config::from_toml(&configmap_toml()).unwrap();
+    config.validate().unwrap();
+    let deployment = read("deploy/k8s/deployment.yaml");
+    let tls = config.tls.expect("[tls] in the ConfigMap");
+    assert!(tls.cert.starts_with("/etc/berth/tls"));
+    assert!(deployment.contains("mountPath: /etc/berth/tls"));
+    assert!(deployment.contains("mountPath: /etc/berth/config"));
+    assert!(deployment.contains("\"/etc/berth/config/berth.toml\""));
+    assert!(deployment.contains(&format!("mountPath: {}", config.data_dir.display())));
+    assert!(deployment.contains(&format!("containerPort: {}", config.listen.port())));
+    assert!(deployment.contains(&format!("containerPort: {}", tls.listen.port())));
+    for probe in ["/healthz", "/readyz"] {
+        assert!(deployment.contains(&format!("path: {probe}")));
+        assert!(Route::parse(probe).is_ok(), "{probe} is not a berth route");
+    }
+}
+
+#[test]
+fn docker_daemon_configs_are_json() {
+    let tls: serde_json::Value =
+        serde_json::from_str(&read("deploy/clients/docker/daemon.json")).unwrap();
+    assert!(tls["registry-mirrors"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("https://"));
+    let insecure: serde_json::Value =
+        serde_json::from_str(&read("deploy/clients/docker/daemon-insecure.json")).unwrap();
+    let mirror = insecure["registry-mirrors"][0].as_str().unwrap();
+    let host = insecure["insecure-registries"][0].as_str().unwrap();
+    assert_eq!(mirror, format!("http://{host}"));
+}
+
+#[test]
+fn containerd_hosts_files_use_berth_with_a_ca() {
+    for (ns, server) in [
+        ("docker.io", "https://registry-1.docker.io"),
+        ("ghcr.io", "https://ghcr.io"),
+    ] {
+        let file = format!("deploy/clients/containerd/certs.d/{ns}/hosts.toml");
+        let v: toml::Value = toml::from_str(&read(&file)).unwrap();
+        assert_eq!(v["server"].as_str(), Some(server), "{file}");
+        let hosts = v["host"].as_table().unwrap();
+        assert_eq!(hosts.len(), 1, "{file}");
+        let (url, host) = hosts.iter().next().unwrap();
+        assert!(url.starts_with("https://"), "{file}");
+        assert!(host["ca"].as_str().unwrap().ends_with(".crt"), "{file}");
+        // berth must know the upstream containerd names with ?ns=.
+        let config = Config::from_file(&path("deploy/berth.toml")).unwrap();
+        assert!(
+            config.upstreams.contains_key(ns),
+            "{ns} missing in berth.toml"
+        );
+    }
+}
+
+#[test]
+fn podman_registries_conf_mirrors_docker_hub() {
+    let v: toml::Value = toml::from_str(&read("deploy/clients/podman/registries.conf")).unwrap();
+    let registry = &v["registry"][0];
+    assert_eq!(registry["location"].as_str(), Some("docker.io"));
+    assert!(registry["mirror"][0]["location"].as_str().is_some());
+}
+
+#[test]
+fn certs_dir_ignores_everything_but_its_docs() {
+    let ignore = read("certs/.gitignore");
+    let rules: Vec<&str> = ignore
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    assert_eq!(rules, ["*", "!.gitignore", "!README.md"]);
+}
