@@ -61,6 +61,9 @@ impl App {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        // containerd's `?ns=` names the registry a mirror request is meant for, so it is logged;
+        // the rest of the query is not (upload state and the like do not belong in a log).
+        let ns = Query::parse(req.uri().query()).ns;
         let route = Route::parse(&path);
         let label = route.as_ref().map(Route::label).unwrap_or("invalid");
         let resp = match route {
@@ -86,7 +89,7 @@ impl App {
         if matches!(label, "healthz" | "readyz" | "metrics") {
             tracing::debug!(client = %peer, %method, path, status, bytes, ms, route = label, "request");
         } else {
-            tracing::info!(client = %peer, %method, path, status, bytes, ms, route = label, cache = outcome, "request");
+            tracing::info!(client = %peer, %method, path, ns = ns.as_deref(), status, bytes, ms, route = label, cache = outcome, "request");
         }
         Ok(resp)
     }
