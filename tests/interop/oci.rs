@@ -4,6 +4,7 @@
 //! bytes, so a digest in a failure message means the same thing on every machine. Layers are
 //! ustar archives of pseudo-random files, either plain or wrapped in gzip (stored deflate blocks:
 //! valid gzip, no compressor whose output could change between versions).
+#![allow(dead_code)] // shared by several test crates, each using part of it
 
 use std::collections::BTreeMap;
 use std::path::Path;
