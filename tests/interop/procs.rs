@@ -3,6 +3,10 @@
 //! Every server binds 127.0.0.1 only, is killed when its guard drops, and is waited for by
 //! polling `GET /v2/` against a deadline. A guard dropped during a panic prints the tail of its
 //! process's log, so a failing test shows what the servers saw.
+//!
+//! Shared by several test crates (`tests/interop.rs`, `tests/interop_tls.rs`), each of which uses
+//! only part of it.
+#![allow(dead_code)]
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -235,6 +239,8 @@ fn parse_access(line: &str) -> Option<Access> {
 pub struct Served {
     pub method: String,
     pub path: String,
+    /// The `?ns=` the client sent (containerd names the registry it meant), or empty.
+    pub ns: String,
     pub status: u16,
     pub route: String,
     pub cache: String,
@@ -250,6 +256,11 @@ pub struct Berth {
 
 impl Berth {
     pub fn start(upstream: &str) -> Berth {
+        Berth::start_with(upstream, &[])
+    }
+
+    /// berth with extra `serve` arguments (private namespace, htpasswd, ...).
+    pub fn start_with(upstream: &str, extra: &[&str]) -> Berth {
         let dir = tempfile::tempdir().expect("create berth's temp dir");
         // berth cannot report the port it chose for :0, so pick one and hand it over.
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -263,6 +274,7 @@ impl Berth {
             .arg(upstream)
             .arg("--log-format")
             .arg("json")
+            .args(extra)
             .env("BERTH_LOG", "info")
             .env("NO_COLOR", "1");
         let log = dir.path().join("berth.log");
@@ -291,12 +303,18 @@ impl Berth {
                 Served {
                     method: s("method"),
                     path: s("path"),
+                    ns: s("ns"),
                     status: s("status").parse().unwrap_or(0),
                     route: s("route"),
                     cache: s("cache"),
                 }
             })
             .collect()
+    }
+
+    /// Everything berth logged so far (JSON lines).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).expect("read berth's log")
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -307,6 +325,8 @@ impl Berth {
 /// skopeo with a private policy, auth file and temp dir, so the host's settings do not matter.
 pub struct Skopeo {
     dir: TempDir,
+    registries_conf: Option<PathBuf>,
+    home: Option<PathBuf>,
 }
 
 impl Skopeo {
@@ -319,12 +339,36 @@ impl Skopeo {
         .expect("write policy.json");
         std::fs::write(dir.path().join("auth.json"), b"{}").expect("write auth.json");
         std::fs::create_dir(dir.path().join("tmp")).expect("create skopeo's tmp dir");
-        Skopeo { dir }
+        Skopeo {
+            dir,
+            registries_conf: None,
+            home: None,
+        }
     }
 
-    /// Runs `skopeo copy ARGS`, panicking with skopeo's output if it fails.
-    pub fn copy(&self, args: &[&str]) -> Output {
+    /// Uses `path` as registries.conf (skopeo's global `--registries-conf`) instead of the host's
+    /// `/etc/containers/registries.conf`.
+    pub fn with_registries_conf(mut self, path: &Path) -> Skopeo {
+        self.registries_conf = Some(path.to_owned());
+        self
+    }
+
+    /// Runs skopeo with `HOME=home`: it then looks for per-registry certificates in
+    /// `home/.config/containers/certs.d/HOST:PORT/` before `/etc/containers/certs.d/HOST:PORT/`.
+    pub fn with_home(mut self, home: &Path) -> Skopeo {
+        self.home = Some(home.to_owned());
+        self
+    }
+
+    /// Runs `skopeo copy ARGS` and returns its output, whether it succeeded or not.
+    pub fn try_copy(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new("skopeo");
+        if let Some(conf) = &self.registries_conf {
+            cmd.arg("--registries-conf").arg(conf);
+        }
+        if let Some(home) = &self.home {
+            cmd.env("HOME", home);
+        }
         cmd.arg("--policy")
             .arg(self.dir.path().join("policy.json"))
             .arg("--tmpdir")
@@ -334,9 +378,13 @@ impl Skopeo {
             .args(args)
             .env("REGISTRY_AUTH_FILE", self.dir.path().join("auth.json"))
             .stdin(Stdio::null());
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run skopeo: {e}"));
+        cmd.output()
+            .unwrap_or_else(|e| panic!("cannot run skopeo: {e}"))
+    }
+
+    /// Runs `skopeo copy ARGS`, panicking with skopeo's output if it fails.
+    pub fn copy(&self, args: &[&str]) -> Output {
+        let out = self.try_copy(args);
         assert!(
             out.status.success(),
             "skopeo copy {} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -346,6 +394,110 @@ impl Skopeo {
             String::from_utf8_lossy(&out.stderr),
         );
         out
+    }
+}
+
+/// How long one `ctr` command may take before it gives up (ctr's own `--timeout`).
+const CTR_TIMEOUT: &str = "120s";
+
+/// A private containerd (Debian's `containerd`, 1.6): its own root, state and sockets in a temp
+/// dir, the CRI plugin disabled, driven with `ctr --address`.
+pub struct Containerd {
+    pub socket: PathBuf,
+    log: PathBuf,
+    guard: Guard,
+    _dir: TempDir,
+}
+
+impl Containerd {
+    pub fn start() -> Containerd {
+        require_tool("containerd", "containerd");
+        require_tool("ctr", "containerd");
+        let dir = tempfile::tempdir().expect("create containerd's temp dir");
+        let path = |name: &str| dir.path().join(name);
+        let socket = path("containerd.sock");
+        let config = path("config.toml");
+        // Every path containerd would otherwise take from /var/lib, /run or /opt is in `dir`.
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\n\
+                 root = {root:?}\n\
+                 state = {state:?}\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = {socket:?}\n\
+                 [ttrpc]\n  address = {ttrpc:?}\n\
+                 [debug]\n  address = \"\"\n\
+                 [metrics]\n  address = \"\"\n\
+                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {opt:?}\n",
+                root = path("root"),
+                state = path("state"),
+                ttrpc = path("containerd-ttrpc.sock"),
+                opt = path("opt"),
+            ),
+        )
+        .expect("write containerd's config.toml");
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(&config);
+        let log = path("containerd.log");
+        let mut guard = Guard::spawn("containerd", cmd, &path("containerd.stdout"), &log);
+        wait_for(
+            &format!("containerd to answer `ctr version` on {}", socket.display()),
+            START_DEADLINE,
+            || {
+                if let Ok(Some(status)) = guard.child.try_wait() {
+                    panic!("containerd exited with {status} before it was ready");
+                }
+                let ok = Command::new("ctr")
+                    .arg("--address")
+                    .arg(&socket)
+                    .args(["--connect-timeout", "1s", "--timeout", "5s", "version"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                ok.then_some(())
+            },
+        );
+        Containerd {
+            socket,
+            log,
+            guard,
+            _dir: dir,
+        }
+    }
+
+    /// Runs `ctr --address SOCKET ARGS` and returns its output, whether it succeeded or not.
+    pub fn try_ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--timeout", CTR_TIMEOUT])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run ctr: {e}"))
+    }
+
+    /// Runs `ctr ARGS`, panicking with its output (and containerd's log) if it fails.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        let out = self.try_ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}\n\
+             --- containerd log (last 20 lines) ---\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log, 20),
+        );
+        out
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.guard.child.try_wait(), Ok(None))
     }
 }
 
