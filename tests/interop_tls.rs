@@ -5,12 +5,15 @@
 //! - skopeo (containers/image, as podman, buildah and CRI-O): `registries.conf` with berth as the
 //!   `[[registry.mirror]]` of docker.io, CA in `certs.d/HOST:PORT/ca.crt`; then the plain-HTTP
 //!   fallback with `insecure = true`; and a CA that did not sign berth's certificate is refused.
-//! - containerd (`ctr images pull --hosts-dir`): `certs.d/docker.io/hosts.toml` with berth as a
-//!   `pull`/`resolve` host and its `ca`; containerd adds `?ns=docker.io`, which berth logs and
-//!   routes by.
+//! - containerd (`ctr images pull --hosts-dir`): `certs.d/docker.io/hosts.toml` and
+//!   `certs.d/ghcr.io/hosts.toml` with berth as a `pull`/`resolve` host and its `ca`, then the
+//!   plain-HTTP fallback (an `http://` host). containerd adds `?ns=docker.io` / `?ns=ghcr.io`,
+//!   which berth logs and routes by: its default upstream is a closed port, so only a request
+//!   naming its registry can succeed.
 //!
-//! Docker Hub is unreachable here (no DNS), so a pull of `docker.io/library/...` that succeeds
-//! went through berth; the upstream is Debian's distribution registry on 127.0.0.1.
+//! Docker Hub and ghcr.io are unreachable here (no DNS), so a pull of `docker.io/...` or
+//! `ghcr.io/...` that succeeds went through berth; the upstream is Debian's distribution registry
+//! on 127.0.0.1, and what the clients stored is compared byte for byte with what was pushed.
 //!
 //! `cargo test --features interop --test interop_tls`; needs the Debian packages
 //! `docker-registry`, `skopeo` and `containerd`. A missing tool fails the test; nothing is
@@ -32,7 +35,7 @@ use oci::{Artifact, LayerSpec};
 use procs::{Berth, Containerd, Registry, Skopeo};
 use pulls::{
     assert_blob_hits, assert_fetched_once, assert_no_new_blob_gets, assert_pulled, expected_files,
-    push,
+    push, push_repo,
 };
 use tempfile::TempDir;
 
@@ -145,18 +148,30 @@ fn podman_registries_conf(location: &str, insecure: bool) -> String {
     text.replace(&line, &mirror)
 }
 
-/// `deploy/clients/containerd/certs.d/docker.io/hosts.toml` with berth at `host_port` and the
+/// `deploy/clients/containerd/certs.d/REGISTRY/hosts.toml` with berth at `host_port` and the
 /// CA at `ca`.
-fn containerd_hosts_toml(host_port: &str, ca: &Path) -> String {
-    let text = shipped("deploy/clients/containerd/certs.d/docker.io/hosts.toml");
+fn containerd_hosts_toml(registry: &str, host_port: &str, ca: &Path) -> String {
+    let rel = format!("deploy/clients/containerd/certs.d/{registry}/hosts.toml");
+    let text = shipped(&rel);
     for want in [SHIPPED_MIRROR, SHIPPED_CONTAINERD_CA] {
-        assert!(
-            text.contains(want),
-            "deploy/clients/containerd/certs.d/docker.io/hosts.toml no longer names {want}"
-        );
+        assert!(text.contains(want), "{rel} no longer names {want}");
     }
     text.replace(SHIPPED_MIRROR, host_port)
         .replace(SHIPPED_CONTAINERD_CA, utf8(ca))
+}
+
+/// The plain-HTTP fallback of `certs.d/docker.io/hosts.toml` (docs/clients.md): the host is
+/// `http://HOST:PORT` of berth's plain listener, and there is no `ca`.
+fn containerd_plain_hosts_toml(host_port: &str) -> String {
+    let rel = "deploy/clients/containerd/certs.d/docker.io/hosts.toml";
+    let text = shipped(rel);
+    let host = format!("[host.\"https://{SHIPPED_MIRROR}\"]");
+    assert!(text.contains(&host), "{rel} no longer has {host}");
+    text.replace(&host, &format!("[host.\"http://{host_port}\"]"))
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("ca = "))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// A skopeo set up as a podman user would be: `registries.conf` from `conf`, and, with `ca`, the
@@ -206,13 +221,13 @@ impl Client {
     }
 }
 
-/// Asserts that berth served, after its first `skip` request lines, the manifest of
-/// `library/NAME:TAG` (a 200 for the tag, and a 200 GET by tag or by digest) and a 200 GET of
+/// Asserts that berth served, after its first `skip` request lines, the manifest of `REPO:TAG`
+/// (a 200 for the tag, and a 200 GET by tag or by digest) and a 200 GET of
 /// every blob of `artifact`; returns those lines.
 fn assert_berth_served_pull(
     berth: &Berth,
     skip: usize,
-    name: &str,
+    repo: &str,
     tag: &str,
     artifact: &Artifact,
     what: &str,
@@ -223,15 +238,15 @@ fn assert_berth_served_pull(
             .iter()
             .any(|s| (method.is_empty() || s.method == method) && s.status == 200 && s.path == path)
     };
-    let by_tag = format!("/v2/library/{name}/manifests/{tag}");
-    let by_digest = format!("/v2/library/{name}/manifests/{}", artifact.top().digest);
+    let by_tag = format!("/v2/{repo}/manifests/{tag}");
+    let by_digest = format!("/v2/{repo}/manifests/{}", artifact.top().digest);
     assert!(
         ok("", &by_tag) && (ok("GET", &by_tag) || ok("GET", &by_digest)),
         "{what}: berth did not log the manifest pull ({by_tag} resolved, then fetched by tag \
          or digest); it logged {served:#?}"
     );
     for digest in artifact.distinct_blobs().keys() {
-        let blob = format!("/v2/library/{name}/blobs/{digest}");
+        let blob = format!("/v2/{repo}/blobs/{digest}");
         assert!(
             ok("GET", &blob),
             "{what}: berth logged no 200 GET {blob}; it logged {served:#?}"
@@ -268,8 +283,14 @@ fn skopeo_pulls_docker_io_through_berth_as_registries_conf_mirror_over_tls_and_p
         "library/tlsmirror",
         &image.distinct_blobs(),
     );
-    let served =
-        assert_berth_served_pull(&berth, logged, "tlsmirror", "v1", &image, "skopeo over TLS");
+    let served = assert_berth_served_pull(
+        &berth,
+        logged,
+        "library/tlsmirror",
+        "v1",
+        &image,
+        "skopeo over TLS",
+    );
     assert!(
         served.iter().all(|s| s.ns.is_empty()),
         "skopeo sends no ?ns=, yet berth logged {served:#?}"
@@ -288,7 +309,7 @@ fn skopeo_pulls_docker_io_through_berth_as_registries_conf_mirror_over_tls_and_p
     assert_berth_served_pull(
         &berth,
         logged,
-        "tlsmirror",
+        "library/tlsmirror",
         "v1",
         &image,
         "skopeo over plain HTTP",
@@ -353,6 +374,55 @@ fn skopeo_refuses_berth_when_its_certificate_is_not_signed_by_the_trusted_ca() {
     assert!(berth.is_running(), "berth exited during the test");
 }
 
+/// berth for containerd: TLS and plain listeners; the upstreams `docker.io` and `ghcr.io` are both
+/// `registry`, and the default upstream is a closed port, so only a request that names its
+/// registry with `?ns=` can succeed.
+fn berth_for_containerd(registry: &Registry, certs: &Certs, dir: &Path) -> (Berth, u16) {
+    let config = dir.join("berth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "default_upstream = \"elsewhere.test\"\n\
+             [upstreams.\"elsewhere.test\"]\nurl = \"http://127.0.0.1:1\"\n\
+             [upstreams.\"docker.io\"]\nurl = \"{url}\"\n\
+             [upstreams.\"ghcr.io\"]\nurl = \"{url}\"\n",
+            url = registry.url()
+        ),
+    )
+    .expect("write berth.toml");
+    // --upstream sets the default upstream's URL: a port nothing listens on.
+    let dead = format!("http://127.0.0.1:{}", procs::free_port());
+    let tls_port = procs::free_port();
+    let berth = start_tls_berth(&dead, certs, tls_port, &["--config", utf8(&config)]);
+    (berth, tls_port)
+}
+
+/// A containerd hosts dir (what `config_path` or `--hosts-dir` names) holding one
+/// `REGISTRY/hosts.toml`.
+fn hosts_dir(registry: &str, hosts_toml: &str) -> TempDir {
+    let dir = TempDir::new().expect("create a hosts dir");
+    let sub = dir.path().join(registry);
+    std::fs::create_dir(&sub).expect("create certs.d/REGISTRY");
+    std::fs::write(sub.join("hosts.toml"), hosts_toml).expect("write hosts.toml");
+    dir
+}
+
+/// `ctr images pull --hosts-dir DIR REFERENCE`: fetches and unpacks (native snapshotter: no
+/// overlay mounts needed).
+fn ctr_pull(containerd: &Containerd, hosts: &TempDir, reference: &str) {
+    containerd.ctr(&[
+        "images",
+        "pull",
+        "--hosts-dir",
+        utf8(hosts.path()),
+        "--platform",
+        "linux/amd64",
+        "--snapshotter",
+        "native",
+        reference,
+    ]);
+}
+
 /// `ctr images ls` → the digest of `reference`.
 fn image_digest(containerd: &Containerd, reference: &str) -> String {
     let out = containerd.ctr(&["images", "ls"]);
@@ -365,95 +435,145 @@ fn image_digest(containerd: &Containerd, reference: &str) -> String {
         .unwrap_or_else(|| panic!("`ctr images ls` does not list {reference}:\n{text}"))
 }
 
-#[test]
-fn containerd_pulls_docker_io_through_berth_as_hosts_toml_mirror_over_tls() {
-    procs::require_tools();
-    let containerd = Containerd::start();
-    let registry = Registry::start();
-    let image = small_image(0x7300);
-    push(&Skopeo::new(), &registry, &image, "ctrmirror", "v1");
-    let certs_dir = TempDir::new().expect("create a certs dir");
-    let certs = berth_certs(certs_dir.path());
-
-    // Only `?ns=docker.io` reaches the registry: berth's default upstream is a closed port.
-    let config = certs_dir.path().join("berth.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "default_upstream = \"elsewhere.test\"\n\
-             [upstreams.\"elsewhere.test\"]\nurl = \"http://127.0.0.1:1\"\n\
-             [upstreams.\"docker.io\"]\nurl = \"{}\"\n",
-            registry.url()
-        ),
-    )
-    .expect("write berth.toml");
-    let dead = format!("http://127.0.0.1:{}", procs::free_port());
-    let tls_port = procs::free_port();
-    let mut berth = start_tls_berth(&dead, &certs, tls_port, &["--config", utf8(&config)]);
-
-    // hosts.toml as shipped; the IP-address name of the certificate this time.
-    let hosts_dir = TempDir::new().expect("create a hosts dir");
-    let docker_io = hosts_dir.path().join("docker.io");
-    std::fs::create_dir(&docker_io).expect("create certs.d/docker.io");
-    std::fs::write(
-        docker_io.join("hosts.toml"),
-        containerd_hosts_toml(&format!("127.0.0.1:{tls_port}"), &certs.ca),
-    )
-    .expect("write hosts.toml");
-
-    let reference = "docker.io/library/ctrmirror:v1";
-    let before = registry.blob_gets().len();
-    containerd.ctr(&[
-        "images",
-        "pull",
-        "--hosts-dir",
-        utf8(hosts_dir.path()),
-        "--platform",
-        "linux/amd64",
-        "--snapshotter",
-        "native",
-        reference,
-    ]);
-
-    let served =
-        assert_berth_served_pull(&berth, 0, "ctrmirror", "v1", &image, "containerd over TLS");
-    let without_ns: Vec<_> = served
-        .iter()
-        .filter(|s| s.route != "base" && s.ns != "docker.io")
-        .collect();
-    assert!(
-        without_ns.is_empty(),
-        "containerd must send ?ns=docker.io with every request to the mirror, berth logged \
-         {without_ns:#?}"
-    );
-    assert_fetched_once(
-        &registry,
-        before,
-        "library/ctrmirror",
-        &image.distinct_blobs(),
-    );
-
-    // What containerd stored is what was pushed.
-    let manifest = &image.top().digest;
+/// Asserts that containerd's `reference` is the pushed manifest of `artifact` and that its
+/// content store holds the manifest, config and layers byte for byte.
+fn assert_containerd_holds(containerd: &Containerd, reference: &str, artifact: &Artifact) {
+    let Artifact::Image(image) = artifact else {
+        panic!("containerd tests pull single images")
+    };
     assert_eq!(
-        &image_digest(&containerd, reference),
-        manifest,
+        image_digest(containerd, reference),
+        image.manifest.digest,
         "containerd's image {reference} must point at the pushed manifest"
     );
-    let oci::Artifact::Image(img) = &image else {
-        unreachable!("small_image is one image")
-    };
-    for blob in std::iter::once(&img.manifest).chain(img.blobs()) {
+    for blob in std::iter::once(&image.manifest).chain(image.blobs()) {
         let got = containerd.ctr(&["content", "get", &blob.digest]).stdout;
         assert!(
             got == blob.bytes,
-            "containerd's {} differs from what was pushed: {} bytes (sha256 {}), want {} bytes",
+            "{reference}: containerd's {} differs from what was pushed: {} bytes (sha256 {}), \
+             want {} bytes",
             blob.digest,
             got.len(),
             oci::digest_of(&got),
             blob.bytes.len()
         );
     }
+}
+
+/// Asserts that every registry request in `served` carried `?ns=NS`.
+fn assert_all_ns(served: &[procs::Served], ns: &str, what: &str) {
+    let other: Vec<_> = served
+        .iter()
+        .filter(|s| s.route != "base" && s.ns != ns)
+        .collect();
+    assert!(
+        other.is_empty(),
+        "{what}: containerd must send ?ns={ns} with every request to the mirror, berth logged \
+         {other:#?}"
+    );
+}
+
+#[test]
+fn containerd_pulls_docker_io_through_berth_as_hosts_toml_mirror_over_tls_and_plain_http() {
+    procs::require_tools();
+    let mut containerd = Containerd::start();
+    let registry = Registry::start();
+    let skopeo = Skopeo::new();
+    let tls_image = small_image(0x7300);
+    push(&skopeo, &registry, &tls_image, "ctrmirror", "v1");
+    let plain_image = small_image(0x7400);
+    push(&skopeo, &registry, &plain_image, "ctrplain", "v1");
+    let dir = TempDir::new().expect("create a certs dir");
+    let certs = berth_certs(dir.path());
+    let (mut berth, tls_port) = berth_for_containerd(&registry, &certs, dir.path());
+
+    // The shipped hosts.toml, reaching berth by the certificate's IP-address name.
+    let hosts = hosts_dir(
+        "docker.io",
+        &containerd_hosts_toml("docker.io", &format!("127.0.0.1:{tls_port}"), &certs.ca),
+    );
+    let reference = "docker.io/library/ctrmirror:v1";
+    let before = registry.blob_gets().len();
+    let logged = berth.served().len();
+    ctr_pull(&containerd, &hosts, reference);
+    let served = assert_berth_served_pull(
+        &berth,
+        logged,
+        "library/ctrmirror",
+        "v1",
+        &tls_image,
+        "containerd over TLS",
+    );
+    assert_all_ns(&served, "docker.io", "containerd over TLS");
+    assert_fetched_once(
+        &registry,
+        before,
+        "library/ctrmirror",
+        &tls_image.distinct_blobs(),
+    );
+    assert_containerd_holds(&containerd, reference, &tls_image);
+
+    // The plain-HTTP fallback: an http:// host on berth's plain listener, no ca.
+    let hosts = hosts_dir(
+        "docker.io",
+        &containerd_plain_hosts_toml(&berth.addr.to_string()),
+    );
+    let reference = "docker.io/library/ctrplain:v1";
+    let before = registry.blob_gets().len();
+    let logged = berth.served().len();
+    ctr_pull(&containerd, &hosts, reference);
+    let served = assert_berth_served_pull(
+        &berth,
+        logged,
+        "library/ctrplain",
+        "v1",
+        &plain_image,
+        "containerd over plain HTTP",
+    );
+    assert_all_ns(&served, "docker.io", "containerd over plain HTTP");
+    assert_fetched_once(
+        &registry,
+        before,
+        "library/ctrplain",
+        &plain_image.distinct_blobs(),
+    );
+    assert_containerd_holds(&containerd, reference, &plain_image);
 
     assert!(berth.is_running(), "berth exited during the test");
+    assert!(containerd.is_running(), "containerd exited during the test");
+}
+
+#[test]
+fn containerd_pulls_ghcr_io_through_berth_with_the_shipped_ghcr_hosts_toml() {
+    procs::require_tools();
+    let mut containerd = Containerd::start();
+    let registry = Registry::start();
+    let image = small_image(0x7500);
+    push_repo(&Skopeo::new(), &registry, &image, "berth-test/app", "v1");
+    let dir = TempDir::new().expect("create a certs dir");
+    let certs = berth_certs(dir.path());
+    let (mut berth, tls_port) = berth_for_containerd(&registry, &certs, dir.path());
+
+    // The certificate's DNS name this time.
+    let hosts = hosts_dir(
+        "ghcr.io",
+        &containerd_hosts_toml("ghcr.io", &format!("localhost:{tls_port}"), &certs.ca),
+    );
+    let reference = "ghcr.io/berth-test/app:v1";
+    let before = registry.blob_gets().len();
+    let logged = berth.served().len();
+    ctr_pull(&containerd, &hosts, reference);
+    let served = assert_berth_served_pull(
+        &berth,
+        logged,
+        "berth-test/app",
+        "v1",
+        &image,
+        "containerd, ghcr.io over TLS",
+    );
+    assert_all_ns(&served, "ghcr.io", "containerd, ghcr.io over TLS");
+    assert_fetched_once(&registry, before, "berth-test/app", &image.distinct_blobs());
+    assert_containerd_holds(&containerd, reference, &image);
+    assert!(berth.is_running(), "berth exited during the test");
+    assert!(containerd.is_running(), "containerd exited during the test");
 }

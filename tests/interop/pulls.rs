@@ -15,10 +15,15 @@ use crate::procs::{self, Berth, Registry, Skopeo};
 /// that a direct pull from the registry gives back exactly those bytes, so that any later
 /// difference is berth's.
 pub fn push(skopeo: &Skopeo, registry: &Registry, artifact: &Artifact, name: &str, tag: &str) {
+    push_repo(skopeo, registry, artifact, &format!("library/{name}"), tag);
+}
+
+/// [`push`] to any repository path (`owner/app`), not only under `library/`.
+pub fn push_repo(skopeo: &Skopeo, registry: &Registry, artifact: &Artifact, repo: &str, tag: &str) {
     let layout = TempDir::new().expect("create a layout dir");
     artifact.write_layout(layout.path(), tag);
     let src = format!("oci:{}:{tag}", layout.path().display());
-    let dest = format!("docker://{}/library/{name}:{tag}", registry.addr);
+    let dest = format!("docker://{}/{repo}:{tag}", registry.addr);
     let mut args = vec!["--dest-tls-verify=false", "--preserve-digests"];
     if artifact.is_index() {
         args.push("--all");
@@ -26,7 +31,7 @@ pub fn push(skopeo: &Skopeo, registry: &Registry, artifact: &Artifact, name: &st
     args.extend([src.as_str(), dest.as_str()]);
     skopeo.copy(&args);
 
-    let src = format!("docker://{}/library/{name}:{tag}", registry.addr);
+    let src = format!("docker://{}/{repo}:{tag}", registry.addr);
     let direct = pull(skopeo, &src, artifact.is_index());
     assert_pulled(
         direct.path(),
