@@ -118,3 +118,35 @@ fn certs_dir_ignores_everything_but_its_docs() {
         .collect();
     assert_eq!(rules, ["*", "!.gitignore", "!README.md"]);
 }
+
+/// A shipped client file without its comment lines.
+fn config_body(text: &str) -> String {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn clients_doc_quotes_the_shipped_client_files() {
+    let doc = read("docs/clients.md");
+    let blocks: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .map(str::trim)
+        .collect();
+    for rel in [
+        "deploy/clients/podman/registries.conf",
+        "deploy/clients/containerd/certs.d/docker.io/hosts.toml",
+        "deploy/clients/containerd/certs.d/ghcr.io/hosts.toml",
+    ] {
+        let body = config_body(&read(rel));
+        assert!(
+            blocks.contains(&body.as_str()),
+            "docs/clients.md must quote {rel} in a ```toml block:\n{body}"
+        );
+    }
+}
