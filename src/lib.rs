@@ -9,14 +9,21 @@
 //!   [`upstream`] on a miss, through the [`fetch`] coordinator so that concurrent misses cause
 //!   one download;
 //! - [`config`] holds every setting.
+//!
+//! The private namespace is a small registry of its own: [`private`] answers pushes, deletes and
+//! private pulls, keeping repositories' content apart through [`private_store`] and checking
+//! pushed manifests with [`manifest`]; [`auth`] decides who may do what; [`webhook`] tells
+//! receivers about pushes and deletes; [`gc`] removes what no manifest refers to.
 
 pub mod cache;
 pub mod config;
 pub mod error;
 pub mod fetch;
 pub mod handlers;
+pub mod manifest;
 pub mod mirror;
 pub mod names;
+pub mod private_store;
 pub mod routes;
 pub mod server;
 pub mod store;
