@@ -15,6 +15,7 @@
 //! pushed manifests with [`manifest`]; [`auth`] decides who may do what; [`webhook`] tells
 //! receivers about pushes and deletes; [`gc`] removes what no manifest refers to.
 
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod error;
@@ -28,3 +29,4 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod upstream;
+pub mod webhook;
