@@ -22,6 +22,11 @@ struct Cli {
 enum Command {
     /// Run the mirror.
     Serve(ServeArgs),
+    /// Manage the users of the htpasswd file.
+    #[command(subcommand)]
+    User(berth::auth::UserCommand),
+    /// Remove private blobs no manifest refers to, and abandoned uploads.
+    Gc(berth::gc::GcArgs),
 }
 
 #[derive(Args)]
@@ -129,6 +134,11 @@ fn main() -> ExitCode {
                 }
             };
             runtime.block_on(serve(config))
+        }
+        Command::User(cmd) => cmd.run(),
+        Command::Gc(args) => {
+            init_logs(LogFormat::Text);
+            args.run()
         }
     }
 }
