@@ -186,8 +186,12 @@ impl Authenticator {
     pub fn with_failure_quota(config: &Config, failures_per_minute: u32) -> Authenticator {
         let per_minute = NonZeroU32::new(failures_per_minute).unwrap_or(NonZeroU32::MIN);
         let users = Arc::new(Mutex::new(Users::default()));
-        if let Some(path) = &config.htpasswd {
-            lock(&users).refresh(path);
+        match &config.htpasswd {
+            Some(path) => lock(&users).refresh(path),
+            None if !config.private_ns.is_empty() => tracing::warn!(
+                "no htpasswd file is configured: pushes and deletes in the private namespace are refused"
+            ),
+            None => {}
         }
         Authenticator {
             htpasswd: config.htpasswd.clone(),

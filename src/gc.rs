@@ -225,10 +225,10 @@ impl GcArgs {
                 return ExitCode::FAILURE;
             }
         };
-        let verb = if self.dry_run {
-            "would remove"
+        let (verb, freed) = if self.dry_run {
+            ("would remove", "would be freed")
         } else {
-            "removed"
+            ("removed", "freed")
         };
         for (d, size) in &report.blobs {
             println!("{verb} blob {d} ({size} bytes)");
@@ -237,7 +237,7 @@ impl GcArgs {
             println!("{verb} upload {id} ({size} bytes)");
         }
         println!(
-            "{verb} {} blob(s), {} abandoned upload(s), {} dangling link(s); {} freed ({} bytes); kept {} referenced and {} recent unreferenced blob(s)",
+            "{verb} {} blob(s), {} abandoned upload(s), {} dangling link(s); {} {freed} ({} bytes); kept {} referenced and {} recent unreferenced blob(s)",
             report.blobs.len(),
             report.uploads.len(),
             report.links,

@@ -100,7 +100,7 @@ impl Store {
         if !root.join("local").is_dir() && !root.join("cache").is_dir() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                format!("{} is not a berth data dir", root.display()),
+                "not a berth data dir (it has no cache/ or local/ directory)",
             ));
         }
         Ok(Store {
