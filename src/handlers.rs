@@ -35,6 +35,10 @@ pub struct App {
     pub config: Config,
     pub mirror: Arc<Mirror>,
     pub started: Instant,
+    /// Credentials and who needs them (see `auth`).
+    pub auth: crate::auth::Authenticator,
+    /// The private namespace's registry (see `private`).
+    pub private: crate::private::Registry,
 }
 
 /// Facts about a response that the request log wants, carried in response extensions.
@@ -46,6 +50,8 @@ pub struct Served {
 impl App {
     pub fn new(config: Config, mirror: Mirror) -> App {
         App {
+            auth: crate::auth::Authenticator::new(&config),
+            private: crate::private::Registry::new(&config, mirror.store().clone()),
             config,
             mirror: Arc::new(mirror),
             started: Instant::now(),
@@ -65,7 +71,7 @@ impl App {
         let label = route.as_ref().map(Route::label).unwrap_or("invalid");
         let resp = match route {
             Ok(route) => self
-                .dispatch(route, req)
+                .dispatch(route, req, peer)
                 .await
                 .unwrap_or_else(|e| error_response(&e, &method)),
             Err(e) => error_response(&e, &method),
@@ -95,10 +101,22 @@ impl App {
         &self,
         route: Route,
         req: Request<Incoming>,
+        peer: SocketAddr,
     ) -> Result<Response<Body>, RegistryError> {
         let query = Query::parse(req.uri().query());
         let method = req.method().clone();
         let head = method == Method::HEAD;
+        // Credentials first; then the private namespace (and the catalog) is the registry's.
+        let private = crate::private::route_repo(&route).is_some_and(|n| self.is_private(n));
+        let access =
+            crate::auth::Access::of(&route, &method, private, !self.config.private_ns.is_empty());
+        let user = self
+            .auth
+            .authorize(&self.config, access, req.headers(), peer)
+            .await?;
+        if private || route == Route::Catalog {
+            return crate::private::dispatch(self, route, req, query, user).await;
+        }
         match (route, method) {
             (Route::Base, Method::GET | Method::HEAD) => {
                 Ok(base_response(StatusCode::OK, json_body(head, "{}")))
@@ -138,7 +156,7 @@ impl App {
         }
     }
 
-    fn is_private(&self, name: &RepoName) -> bool {
+    pub(crate) fn is_private(&self, name: &RepoName) -> bool {
         self.config
             .private_ns
             .iter()
@@ -288,7 +306,7 @@ impl App {
         }
     }
 
-    async fn serve_stored_blob(
+    pub(crate) async fn serve_stored_blob(
         &self,
         area: Area,
         digest: Digest,

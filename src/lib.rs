@@ -10,18 +10,29 @@
 //!   one download;
 //! - [`config`] holds every setting;
 //! - [`tls`] terminates TLS for the server, with certificates [`certs`] can generate.
+//!
+//! The private namespace is a small registry of its own: [`private`] answers pushes, deletes and
+//! private pulls, keeping repositories' content apart through [`private_store`] and checking
+//! pushed manifests with [`manifest`]; [`auth`] decides who may do what; [`webhook`] tells
+//! receivers about pushes and deletes; [`gc`] removes what no manifest refers to.
 
+pub mod auth;
 pub mod cache;
 pub mod certs;
 pub mod config;
 pub mod error;
 pub mod fetch;
+pub mod gc;
 pub mod handlers;
+pub mod manifest;
 pub mod mirror;
 pub mod names;
+pub mod private;
+pub mod private_store;
 pub mod routes;
 pub mod server;
 pub mod store;
 pub mod tls;
 pub mod tls_cli;
 pub mod upstream;
+pub mod webhook;
