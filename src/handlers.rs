@@ -144,12 +144,12 @@ impl App {
             }
             (Route::Tags { name }, Method::GET) => self.get_tags(name, &query).await,
             (
-                route @ (Route::Manifest { .. }
+                Route::Manifest { .. }
                 | Route::Blob { .. }
                 | Route::UploadStart { .. }
-                | Route::Upload { .. }),
+                | Route::Upload { .. },
                 _,
-            ) => Err(self.refuse_write(&route)),
+            ) => Err(self.refuse_write()),
             (_, _) => Err(RegistryError::Unsupported(
                 "method not allowed on this route".into(),
             )),
@@ -163,20 +163,11 @@ impl App {
             .any(|ns| name.is_in_namespace(ns))
     }
 
-    fn refuse_write(&self, route: &Route) -> RegistryError {
-        match route {
-            Route::Manifest { name, .. }
-            | Route::Blob { name, .. }
-            | Route::UploadStart { name }
-            | Route::Upload { name, .. }
-                if self.is_private(name) =>
-            {
-                RegistryError::Unsupported("pushes to the private namespace are not enabled".into())
-            }
-            _ => RegistryError::Denied(
-                "this repository is a read-only mirror; push into the private namespace".into(),
-            ),
-        }
+    /// Every write outside the private namespace (private routes never get here).
+    fn refuse_write(&self) -> RegistryError {
+        RegistryError::Denied(
+            "this repository is a read-only mirror; push into the private namespace".into(),
+        )
     }
 
     async fn ready(&self) -> Result<Response<Body>, RegistryError> {
@@ -199,22 +190,8 @@ impl App {
         accept: &AcceptSet,
         head: bool,
     ) -> Result<Response<Body>, RegistryError> {
-        let (served, outcome) = if self.is_private(&name) {
-            let Reference::Digest(d) = &reference else {
-                return Err(RegistryError::ManifestUnknown(format!(
-                    "{name}:{reference}"
-                )));
-            };
-            let m = self
-                .mirror
-                .local_manifest(Area::Local, d)
-                .await?
-                .ok_or_else(|| RegistryError::ManifestUnknown(format!("{name}@{d}")))?;
-            (m, Outcome::Local)
-        } else {
-            let (up, name) = self.mirror.route(query.ns.as_deref(), name)?;
-            self.mirror.manifest(&up, &name, &reference, accept).await?
-        };
+        let (up, name) = self.mirror.route(query.ns.as_deref(), name)?;
+        let (served, outcome) = self.mirror.manifest(&up, &name, &reference, accept).await?;
         let m = &served.manifest;
         let mut resp = Response::builder()
             .status(StatusCode::OK)
@@ -237,12 +214,6 @@ impl App {
         range: Option<&str>,
         head: bool,
     ) -> Result<Response<Body>, RegistryError> {
-        if self.is_private(&name) {
-            return self
-                .serve_stored_blob(Area::Local, digest, range, head, Outcome::Local)
-                .await?
-                .ok_or_else(|| RegistryError::BlobUnknown(digest.to_string()));
-        }
         let (up, name) = self.mirror.route(query.ns.as_deref(), name)?;
         if let Some(resp) = self
             .serve_stored_blob(Area::Cache, digest, range, head, Outcome::Hit)
@@ -375,9 +346,6 @@ impl App {
         name: RepoName,
         query: &Query,
     ) -> Result<Response<Body>, RegistryError> {
-        if self.is_private(&name) {
-            return Err(RegistryError::NameUnknown(name.to_string()));
-        }
         let (up, name) = self.mirror.route(query.ns.as_deref(), name)?;
         let pass = {
             let mut pass = form_urlencoded::Serializer::new(String::new());
