@@ -116,7 +116,8 @@ impl Guard {
                 if let Ok(Some(status)) = self.child.try_wait() {
                     panic!("{name} exited with {status} before it was ready");
                 }
-                (http_status(addr, "/v2/") == Some(200)).then_some(())
+                // 401 is ready too: a registry with users answers /v2/ with a Basic challenge.
+                matches!(http_status(addr, "/v2/"), Some(200 | 401)).then_some(())
             },
         );
     }
@@ -250,6 +251,11 @@ pub struct Berth {
 
 impl Berth {
     pub fn start(upstream: &str) -> Berth {
+        Berth::start_with(upstream, &[])
+    }
+
+    /// berth with extra `serve` arguments (private namespace, htpasswd, ...).
+    pub fn start_with(upstream: &str, extra: &[&str]) -> Berth {
         let dir = tempfile::tempdir().expect("create berth's temp dir");
         // berth cannot report the port it chose for :0, so pick one and hand it over.
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -263,6 +269,7 @@ impl Berth {
             .arg(upstream)
             .arg("--log-format")
             .arg("json")
+            .args(extra)
             .env("BERTH_LOG", "info")
             .env("NO_COLOR", "1");
         let log = dir.path().join("berth.log");
