@@ -41,6 +41,29 @@ pub struct Config {
     /// How long in-flight responses may take to finish after a shutdown signal.
     pub shutdown_grace: Seconds,
     pub tls: Option<TlsConfig>,
+    /// Serve `/metrics` on its own listener (then not on the main one).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Peers whose `X-Forwarded-For` names the client (addresses or CIDR blocks).
+    pub trusted_proxies: Vec<crate::ratelimit::IpNet>,
+    /// Browser origins allowed to call the registry API, or `["*"]`; none by default.
+    pub cors_origins: Vec<String>,
+    pub rate_limit: RateLimitConfig,
+}
+
+/// Client and upstream rate limits; every limit is off unless configured.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Requests per second each client address may make.
+    pub per_client_rps: Option<f64>,
+    /// Requests a client may make at once [default: the larger of 50 and `per_client_rps`].
+    pub burst: Option<u32>,
+    /// Count a request only if it needs the upstream: cache hits are never refused.
+    pub exempt_cache_hits: bool,
+    /// Upstream fetches (blob downloads, manifest fetches) running at once, over all upstreams.
+    pub max_upstream_concurrency: Option<usize>,
+    /// Requests per second sent to the upstreams, all together.
+    pub upstream_rps: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -123,6 +146,10 @@ impl Default for Config {
             upstreams,
             shutdown_grace: Seconds(Duration::from_secs(30)),
             tls: None,
+            metrics_listen: None,
+            trusted_proxies: Vec::new(),
+            cors_origins: Vec::new(),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -194,6 +221,7 @@ impl Config {
                 ));
             }
         }
+        crate::ops::validate(self)?;
         Ok(())
     }
 

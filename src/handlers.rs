@@ -35,6 +35,7 @@ pub struct App {
     pub config: Config,
     pub mirror: Arc<Mirror>,
     pub started: Instant,
+    pub ops: crate::ops::Ops,
 }
 
 /// Facts about a response that the request log wants, carried in response extensions.
@@ -45,50 +46,41 @@ pub struct Served {
 
 impl App {
     pub fn new(config: Config, mirror: Mirror) -> App {
+        let ops = crate::ops::Ops::new(&config, &mirror);
         App {
             config,
             mirror: Arc::new(mirror),
             started: Instant::now(),
+            ops,
         }
     }
 
-    /// The service entry point: never fails, errors become registry JSON errors.
+    /// The service entry point: never fails, errors become registry JSON errors. The ops layer
+    /// (client address, CORS, rate limits, metrics, the log line) wraps the dispatch.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<Body>, Infallible> {
-        let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let route = Route::parse(&path);
-        let label = route.as_ref().map(Route::label).unwrap_or("invalid");
-        let resp = match route {
-            Ok(route) => self
-                .dispatch(route, req)
-                .await
-                .unwrap_or_else(|e| error_response(&e, &method)),
-            Err(e) => error_response(&e, &method),
+        let route = Route::parse(req.uri().path());
+        let info = crate::ops::begin(&self, &req, peer, route.as_ref().ok());
+        let resp = match crate::ops::intercept(&self, &info, &req) {
+            Some(resp) => resp,
+            None => {
+                let method = req.method().clone();
+                let served = async {
+                    match route {
+                        Ok(route) => self
+                            .dispatch(route, req)
+                            .await
+                            .unwrap_or_else(|e| error_response(&e, &method)),
+                        Err(e) => error_response(&e, &method),
+                    }
+                };
+                self.ops.limits.scope(info.client.ip, served).await
+            }
         };
-        let outcome = resp
-            .extensions()
-            .get::<Served>()
-            .map(|s| s.outcome.as_str())
-            .unwrap_or("-");
-        let bytes = resp
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_owned();
-        let status = resp.status().as_u16();
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        if matches!(label, "healthz" | "readyz" | "metrics") {
-            tracing::debug!(client = %peer, %method, path, status, bytes, ms, route = label, "request");
-        } else {
-            tracing::info!(client = %peer, %method, path, status, bytes, ms, route = label, cache = outcome, "request");
-        }
-        Ok(resp)
+        Ok(crate::ops::finish(&self, info, resp))
     }
 
     async fn dispatch(
@@ -105,6 +97,12 @@ impl App {
             }
             (Route::Healthz, Method::GET | Method::HEAD) => Ok(text(StatusCode::OK, "ok\n")),
             (Route::Readyz, Method::GET | Method::HEAD) => self.ready().await,
+            (Route::Metrics, Method::GET | Method::HEAD) => {
+                crate::metrics::main_listener(self, head)
+            }
+            (Route::Status { path }, Method::GET | Method::HEAD) => {
+                crate::status::page(self, &path, &req, head).await
+            }
             (Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
                 let accept = AcceptSet::from_headers(
                     req.headers()
@@ -232,6 +230,7 @@ impl App {
         {
             return Ok(resp);
         }
+        crate::ratelimit::before_upstream()?;
         if head {
             return self.head_upstream_blob(&up, &name, digest).await;
         }
@@ -371,6 +370,7 @@ impl App {
             }
             pass.finish()
         };
+        crate::ratelimit::before_upstream()?;
         let resp = up
             .tags_list(&name, &pass)
             .await

@@ -9,15 +9,24 @@
 //!   [`upstream`] on a miss, through the [`fetch`] coordinator so that concurrent misses cause
 //!   one download;
 //! - [`config`] holds every setting.
+//!
+//! Around that path, the [`ops`] layer (entered from `App::handle`) resolves the client address,
+//! answers CORS preflights ([`cors`]), applies client rate limits ([`ratelimit`]), writes the
+//! request log line and counts [`metrics`] and the statistics of the [`status`] page.
 
 pub mod cache;
 pub mod config;
+pub mod cors;
 pub mod error;
 pub mod fetch;
 pub mod handlers;
+pub mod metrics;
 pub mod mirror;
 pub mod names;
+pub mod ops;
+pub mod ratelimit;
 pub mod routes;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod upstream;

@@ -33,6 +33,8 @@ pub enum StartError {
 /// A started server. Dropping it does not stop it; call `shutdown`.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The `/metrics` listener's address, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub app: Arc<App>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -72,10 +74,20 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let grace = config.shutdown_grace.0;
     let app = Arc::new(App::new(config, mirror));
     let (stop, stopped) = watch::channel(false);
+    let metrics_addr = match app.config.metrics_listen {
+        Some(at) => Some(
+            crate::metrics::listen(app.clone(), at, stopped.clone())
+                .await
+                .map_err(|e| StartError::Bind(at, e))?
+                .0,
+        ),
+        None => None,
+    };
     tracing::info!(%addr, "listening (plain HTTP)");
     let task = tokio::spawn(serve(listener, app.clone(), stopped, grace));
     Ok(Running {
         addr,
+        metrics_addr,
         app,
         stop,
         task,
