@@ -87,6 +87,9 @@ impl Cors {
             .unwrap_or_default();
         let h = resp.headers_mut();
         set(h, allow, credentials);
+        if credentials {
+            h.append(VARY, HeaderValue::from_static("Origin"));
+        }
         h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static(MAX_AGE));
         Some(resp)
     }
@@ -95,6 +98,10 @@ impl Cors {
     pub fn decorate(&self, path: &str, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
         if !self.enabled() || !Cors::applies(path) {
             return;
+        }
+        if !self.origins.is_empty() {
+            // The answer depends on the Origin, whichever it is: caches must keep them apart.
+            headers.append(VARY, HeaderValue::from_static("Origin"));
         }
         let Some(origin) = origin else { return };
         if let Some((allow, credentials)) = self.allow_origin(origin) {
@@ -122,7 +129,6 @@ fn set(h: &mut HeaderMap, allow: HeaderValue, credentials: bool) {
             ACCESS_CONTROL_ALLOW_CREDENTIALS,
             HeaderValue::from_static("true"),
         );
-        h.append(VARY, HeaderValue::from_static("Origin"));
     }
 }
 
@@ -173,7 +179,8 @@ mod tests {
             Some(&HeaderValue::from_static("https://evil")),
             &mut h,
         );
-        assert!(h.is_empty());
+        assert!(!h.contains_key(ACCESS_CONTROL_ALLOW_ORIGIN));
+        assert_eq!(h[VARY], "Origin");
         let any = Cors::new(&["*".into()]);
         let mut h = HeaderMap::new();
         any.decorate(

@@ -80,7 +80,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         ("rate_limit.upstream_rps", rl.upstream_rps),
     ] {
         if let Some(rps) = rps {
-            if !(rps.is_finite() && rps >= 1e-6 && rps <= 1e9) {
+            if !(1e-6..=1e9).contains(&rps) {
                 return Err(err(key, format!("{rps} is not a positive rate")));
             }
         }
@@ -298,7 +298,9 @@ impl Done {
             .ops
             .metrics
             .request(info.route, status, elapsed, outcome, bytes);
-        self.app.ops.traffic.sent(self.outcome, bytes);
+        if !info.is_probe() {
+            self.app.ops.traffic.sent(self.outcome, bytes);
+        }
         let ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
         let client = info.client.ip;
         let method = &info.method;
@@ -307,9 +309,9 @@ impl Done {
         let route = info.route;
         // The path only: query strings may carry tokens, and no header is ever logged.
         if info.is_probe() {
-            tracing::debug!(%client, %method, path, status, bytes, ms, route, "request");
+            tracing::debug!(%client, %method, path, status, bytes, ms, route = %route, "request");
         } else {
-            tracing::info!(%client, %method, path, status, bytes, ms, route, cache = outcome, upstream, "request");
+            tracing::info!(%client, %method, path, status, bytes, ms, route = %route, cache = %outcome, upstream = %upstream, "request");
         }
     }
 }

@@ -2,7 +2,7 @@
 //! fetches. Every limit is off unless configured.
 //!
 //! - Clients are keyed by IP address: the TCP peer, or the address a trusted proxy put in
-//!   `X-Forwarded-For`. A client over its quota is answered 429 `TOOMANYREQUESTS` with
+//!   `X-Forwarded-For` (IPv6 clients by their /64). A client over its quota is answered 429 `TOOMANYREQUESTS` with
 //!   `Retry-After`. With `exempt_cache_hits`, a request is counted only when it is about to
 //!   contact an upstream ([`before_upstream`]), so cache hits are never refused.
 //! - Upstream requests per second are admitted by [`UpstreamRate`], shared by all upstreams,
@@ -144,7 +144,7 @@ impl ClientLimits {
             let burst = rl
                 .burst
                 .unwrap_or_else(|| DEFAULT_BURST.max(rps.ceil() as u32));
-            let quota = Quota::with_period(Duration::from_secs_f64(1.0 / rps))?
+            let quota = Quota::with_period(Duration::try_from_secs_f64(1.0 / rps).ok()?)?
                 .allow_burst(NonZeroU32::new(burst.max(1))?);
             Some(RateLimiter::keyed(quota))
         });
@@ -212,7 +212,7 @@ impl ClientLimits {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
-        limiter.check_key(&ip).map_err(|not_until| {
+        limiter.check_key(&limit_key(ip)).map_err(|not_until| {
             self.refused_client.fetch_add(1, Ordering::Relaxed);
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             tracing::debug!(client = %ip, wait_ms = wait.as_millis() as u64, "client over its rate limit");
@@ -238,6 +238,15 @@ impl ClientLimits {
         } else {
             f.await
         }
+    }
+}
+
+/// The address a client is limited by: IPv4 addresses as they are, IPv6 by their /64, which is
+/// what one host (or one customer of a provider) gets, so rotating addresses does not help.
+fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((v6.to_bits() & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
     }
 }
 
@@ -292,7 +301,8 @@ impl UpstreamRate {
     pub fn new(config: &RateLimitConfig) -> Option<UpstreamRate> {
         let rps = config.upstream_rps?;
         let burst = NonZeroU32::new((rps.ceil() as u32).max(1))?;
-        let quota = Quota::with_period(Duration::from_secs_f64(1.0 / rps))?.allow_burst(burst);
+        let quota =
+            Quota::with_period(Duration::try_from_secs_f64(1.0 / rps).ok()?)?.allow_burst(burst);
         Some(UpstreamRate {
             limiter: RateLimiter::direct(quota),
             rps,
@@ -385,6 +395,17 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_clients_are_limited_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(limit_key(a), limit_key(b));
+        assert_ne!(limit_key(a), limit_key(c));
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(limit_key(v4), v4);
+    }
+
+    #[test]
     fn networks_parse_and_match() {
         let n = IpNet::parse("10.1.0.0/16").unwrap();
         assert!(n.contains("10.1.2.3".parse().unwrap()));
@@ -405,8 +426,10 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_believed_only_from_trusted_peers() {
-        let mut config = Config::default();
-        config.trusted_proxies = vec![IpNet::parse("10.0.0.0/8").unwrap()];
+        let config = Config {
+            trusted_proxies: vec![IpNet::parse("10.0.0.0/8").unwrap()],
+            ..Config::default()
+        };
         let limits = ClientLimits::new(&config);
         let proxy: SocketAddr = "10.0.0.5:4000".parse().unwrap();
         let stranger: SocketAddr = "192.0.2.7:4000".parse().unwrap();

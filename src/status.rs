@@ -662,10 +662,10 @@ fn head(h: &mut String, title: &str) {
 fn not_found(path: &str) -> String {
     let mut h = String::new();
     head(&mut h, "not found — berth");
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<main><section><h2>Not found</h2><p>Nothing at <code>{}</code>.</p>\
-         <p><a href=\"/\">Back to the status page</a></p></section></main></body></html>\n",
+         <p><a href=\"/\">Back to the status page</a></p></section></main></body></html>",
         esc(path)
     );
     h
