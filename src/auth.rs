@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, IsTerminal, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -213,7 +213,7 @@ impl Authenticator {
         config: &Config,
         access: Access,
         headers: &HeaderMap,
-        peer: SocketAddr,
+        client: IpAddr,
     ) -> Result<Option<User>, RegistryError> {
         let needed = match access {
             Access::Probe => false,
@@ -231,7 +231,7 @@ impl Authenticator {
                 _ => "pulls from the private namespace need credentials, but no htpasswd file is configured (configure one, or set private_pull_public = true)".into(),
             }));
         }
-        match self.authenticate(headers, peer).await? {
+        match self.authenticate(headers, client).await? {
             Some(user) => Ok(Some(user)),
             None => Err(RegistryError::Unauthorized(
                 "authentication required".into(),
@@ -243,7 +243,7 @@ impl Authenticator {
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
-        peer: SocketAddr,
+        client: IpAddr,
     ) -> Result<Option<User>, RegistryError> {
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
             return Ok(None);
@@ -255,7 +255,7 @@ impl Authenticator {
             // Another scheme: berth only ever challenges for Basic.
             return Ok(None);
         };
-        let ip = peer.ip();
+        let ip = client;
         if let Some(wait) = self.blocked_for(ip) {
             return Err(RegistryError::TooManyRequests { retry_after: wait });
         }
@@ -284,7 +284,7 @@ impl Authenticator {
             Ok(Some(u))
         } else {
             // Not even the user name is logged: people type passwords into the wrong field.
-            tracing::info!(client = %peer, "failed login");
+            tracing::info!(%client, "failed login");
             Err(self.failed(ip))
         }
     }

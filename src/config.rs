@@ -45,6 +45,29 @@ pub struct Config {
     pub upload_max_age: Seconds,
     /// URLs that get a JSON event on every push and delete in the private namespace.
     pub webhooks: Vec<WebhookUrl>,
+    /// Serve `/metrics` on its own listener (then not on the main one).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Peers whose `X-Forwarded-For` names the client (addresses or CIDR blocks).
+    pub trusted_proxies: Vec<crate::ratelimit::IpNet>,
+    /// Browser origins allowed to call the registry API, or `["*"]`; none by default.
+    pub cors_origins: Vec<String>,
+    pub rate_limit: RateLimitConfig,
+}
+
+/// Client and upstream rate limits; every limit is off unless configured.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Requests per second each client address may make.
+    pub per_client_rps: Option<f64>,
+    /// Requests a client may make at once [default: the larger of 50 and `per_client_rps`].
+    pub burst: Option<u32>,
+    /// Count a request only if it needs the upstream: cache hits are never refused.
+    pub exempt_cache_hits: bool,
+    /// Upstream fetches (blob downloads, manifest fetches) running at once, over all upstreams.
+    pub max_upstream_concurrency: Option<usize>,
+    /// Requests per second sent to the upstreams, all together.
+    pub upstream_rps: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +152,10 @@ impl Default for Config {
             tls: None,
             upload_max_age: Seconds(Duration::from_secs(24 * 3600)),
             webhooks: Vec::new(),
+            metrics_listen: None,
+            trusted_proxies: Vec::new(),
+            cors_origins: Vec::new(),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -206,6 +233,7 @@ impl Config {
                 ));
             }
         }
+        crate::ops::validate(self)?;
         Ok(())
     }
 

@@ -39,6 +39,7 @@ pub struct App {
     pub auth: crate::auth::Authenticator,
     /// The private namespace's registry (see `private`).
     pub private: crate::private::Registry,
+    pub ops: crate::ops::Ops,
 }
 
 /// Facts about a response that the request log wants, carried in response extensions.
@@ -49,59 +50,51 @@ pub struct Served {
 
 impl App {
     pub fn new(config: Config, mirror: Mirror) -> App {
+        let ops = crate::ops::Ops::new(&config, &mirror);
         App {
             auth: crate::auth::Authenticator::new(&config),
             private: crate::private::Registry::new(&config, mirror.store().clone()),
             config,
             mirror: Arc::new(mirror),
             started: Instant::now(),
+            ops,
         }
     }
 
-    /// The service entry point: never fails, errors become registry JSON errors.
+    /// The service entry point: never fails, errors become registry JSON errors. The ops layer
+    /// (client address, CORS, rate limits, metrics, the log line) wraps the dispatch.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<Body>, Infallible> {
-        let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let route = Route::parse(&path);
-        let label = route.as_ref().map(Route::label).unwrap_or("invalid");
-        let resp = match route {
-            Ok(route) => self
-                .dispatch(route, req, peer)
-                .await
-                .unwrap_or_else(|e| error_response(&e, &method)),
-            Err(e) => error_response(&e, &method),
+        let route = Route::parse(req.uri().path());
+        let info = crate::ops::begin(&self, &req, peer, route.as_ref().ok());
+        let client_ip = info.client.ip;
+        let resp = match crate::ops::intercept(&self, &info, &req) {
+            Some(resp) => resp,
+            None => {
+                let method = req.method().clone();
+                let served = async {
+                    match route {
+                        Ok(route) => self
+                            .dispatch(route, req, client_ip)
+                            .await
+                            .unwrap_or_else(|e| error_response(&e, &method)),
+                        Err(e) => error_response(&e, &method),
+                    }
+                };
+                self.ops.limits.scope(info.client.ip, served).await
+            }
         };
-        let outcome = resp
-            .extensions()
-            .get::<Served>()
-            .map(|s| s.outcome.as_str())
-            .unwrap_or("-");
-        let bytes = resp
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_owned();
-        let status = resp.status().as_u16();
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        if matches!(label, "healthz" | "readyz" | "metrics") {
-            tracing::debug!(client = %peer, %method, path, status, bytes, ms, route = label, "request");
-        } else {
-            tracing::info!(client = %peer, %method, path, status, bytes, ms, route = label, cache = outcome, "request");
-        }
-        Ok(resp)
+        Ok(crate::ops::finish(&self, info, resp))
     }
 
     async fn dispatch(
         &self,
         route: Route,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        client: std::net::IpAddr,
     ) -> Result<Response<Body>, RegistryError> {
         let query = Query::parse(req.uri().query());
         let method = req.method().clone();
@@ -112,7 +105,7 @@ impl App {
             crate::auth::Access::of(&route, &method, private, !self.config.private_ns.is_empty());
         let user = self
             .auth
-            .authorize(&self.config, access, req.headers(), peer)
+            .authorize(&self.config, access, req.headers(), client)
             .await?;
         if private || route == Route::Catalog {
             return crate::private::dispatch(self, route, req, query, user).await;
@@ -123,6 +116,12 @@ impl App {
             }
             (Route::Healthz, Method::GET | Method::HEAD) => Ok(text(StatusCode::OK, "ok\n")),
             (Route::Readyz, Method::GET | Method::HEAD) => self.ready().await,
+            (Route::Metrics, Method::GET | Method::HEAD) => {
+                crate::metrics::main_listener(self, head)
+            }
+            (Route::Status { path }, Method::GET | Method::HEAD) => {
+                crate::status::page(self, &path, &req, head, client).await
+            }
             (Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
                 let accept = AcceptSet::from_headers(
                     req.headers()
@@ -221,6 +220,7 @@ impl App {
         {
             return Ok(resp);
         }
+        crate::ratelimit::before_upstream()?;
         if head {
             return self.head_upstream_blob(&up, &name, digest).await;
         }
@@ -357,6 +357,7 @@ impl App {
             }
             pass.finish()
         };
+        crate::ratelimit::before_upstream()?;
         let resp = up
             .tags_list(&name, &pass)
             .await

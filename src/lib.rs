@@ -11,6 +11,10 @@
 //! - [`config`] holds every setting;
 //! - [`tls`] terminates TLS for the server, with certificates [`certs`] can generate.
 //!
+//! Around that path, the [`ops`] layer (entered from `App::handle`) resolves the client address,
+//! answers CORS preflights ([`cors`]), applies client rate limits ([`ratelimit`]), writes the
+//! request log line and counts [`metrics`] and the statistics of the [`status`] page.
+//!
 //! The private namespace is a small registry of its own: [`private`] answers pushes, deletes and
 //! private pulls, keeping repositories' content apart through [`private_store`] and checking
 //! pushed manifests with [`manifest`]; [`auth`] decides who may do what; [`webhook`] tells
@@ -20,17 +24,22 @@ pub mod auth;
 pub mod cache;
 pub mod certs;
 pub mod config;
+pub mod cors;
 pub mod error;
 pub mod fetch;
 pub mod gc;
 pub mod handlers;
 pub mod manifest;
+pub mod metrics;
 pub mod mirror;
 pub mod names;
+pub mod ops;
 pub mod private;
 pub mod private_store;
+pub mod ratelimit;
 pub mod routes;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod tls;
 pub mod tls_cli;
