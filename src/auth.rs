@@ -14,6 +14,7 @@
 //! keyed by a salted hash of the credentials (never the credentials themselves). Failed logins
 //! are rate-limited per client address. Credentials never reach a log line.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::net::IpAddr;
@@ -335,10 +336,6 @@ fn decode_basic(encoded: &str) -> Option<(String, String)> {
     let text = String::from_utf8(bytes).ok()?;
     let (user, password) = text.split_once(':')?;
     Some((user.to_owned(), password.to_owned()))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 // --- the htpasswd file --------------------------------------------------------------------

@@ -11,6 +11,7 @@
 //! `SingleFlight` gives manifest fetches and tag resolutions the same one-request-many-waiters
 //! behaviour.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::fs::File;
 use std::future::Future;
@@ -479,8 +480,4 @@ where
         };
         (shared.await, joined)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

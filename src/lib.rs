@@ -45,3 +45,9 @@ pub mod tls;
 pub mod tls_cli;
 pub mod upstream;
 pub mod webhook;
+
+/// Locks a mutex, carrying on past poisoning: every lock in berth guards plain bookkeeping that
+/// stays consistent between statements, so a panic elsewhere must not take the server down.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -9,6 +9,7 @@
 //! Upstream clients report every request they send to the [`UpstreamHook`], which also admits
 //! them under `rate_limit.upstream_rps` and remembers each upstream's last success and error.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -147,12 +148,7 @@ pub fn begin<B>(
     let mut upstream = None;
     let mut repo = None;
     if let Some(name) = named {
-        let private = app
-            .config
-            .private_ns
-            .iter()
-            .any(|ns| name.is_in_namespace(ns));
-        if private {
+        if app.is_private(name) {
             repo = Some((PRIVATE.to_owned(), name.to_string()));
         } else {
             let ns = Query::parse(req.uri().query()).ns;
@@ -380,8 +376,4 @@ impl UpstreamHook {
             .cloned()
             .unwrap_or_default()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -9,6 +9,7 @@
 //!
 //! Pull counts and traffic are kept in memory: they start again at zero with the process.
 
+use crate::lock;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -574,11 +575,7 @@ async fn repo_page(app: &App, rest: &str, private: bool) -> Result<Option<String
     let Ok(name) = RepoName::parse(name.trim_end_matches('/')) else {
         return Ok(None);
     };
-    let is_private = app
-        .config
-        .private_ns
-        .iter()
-        .any(|ns| name.is_in_namespace(ns));
+    let is_private = app.is_private(&name);
     if is_private && !private {
         return Ok(None);
     }
@@ -805,10 +802,6 @@ fn ago(then: u64) -> String {
         esc(&when),
         human_duration(d)
     )
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! to CDN hosts (never carrying the Authorization header to another host), timeouts, and Docker
 //! Hub's rate-limit headers and 429 back-off.
 
+use crate::lock;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -571,10 +572,6 @@ impl Upstream {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn pull_scope(repo: &RepoName) -> String {
