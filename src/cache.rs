@@ -6,6 +6,7 @@
 //! it survives restarts without a database. Private content lives in the store's other area and
 //! is never counted or evicted here; blobs with a reader holding a lease are skipped.
 
+use crate::lock;
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io;
@@ -260,10 +261,6 @@ fn secs(t: SystemTime) -> u64 {
 
 fn now() -> u64 {
     secs(SystemTime::now())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -41,6 +41,33 @@ pub struct Config {
     /// How long in-flight responses may take to finish after a shutdown signal.
     pub shutdown_grace: Seconds,
     pub tls: Option<TlsConfig>,
+    /// Upload sessions idle for longer than this are removed by `berth gc`.
+    pub upload_max_age: Seconds,
+    /// URLs that get a JSON event on every push and delete in the private namespace.
+    pub webhooks: Vec<WebhookUrl>,
+    /// Serve `/metrics` on its own listener (then not on the main one).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Peers whose `X-Forwarded-For` names the client (addresses or CIDR blocks).
+    pub trusted_proxies: Vec<crate::ratelimit::IpNet>,
+    /// Browser origins allowed to call the registry API, or `["*"]`; none by default.
+    pub cors_origins: Vec<String>,
+    pub rate_limit: RateLimitConfig,
+}
+
+/// Client and upstream rate limits; every limit is off unless configured.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Requests per second each client address may make.
+    pub per_client_rps: Option<f64>,
+    /// Requests a client may make at once [default: the larger of 50 and `per_client_rps`].
+    pub burst: Option<u32>,
+    /// Count a request only if it needs the upstream: cache hits are never refused.
+    pub exempt_cache_hits: bool,
+    /// Upstream fetches (blob downloads, manifest fetches) running at once, over all upstreams.
+    pub max_upstream_concurrency: Option<usize>,
+    /// Requests per second sent to the upstreams, all together.
+    pub upstream_rps: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -123,6 +150,12 @@ impl Default for Config {
             upstreams,
             shutdown_grace: Seconds(Duration::from_secs(30)),
             tls: None,
+            upload_max_age: Seconds(Duration::from_secs(24 * 3600)),
+            webhooks: Vec::new(),
+            metrics_listen: None,
+            trusted_proxies: Vec::new(),
+            cors_origins: Vec::new(),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -186,6 +219,12 @@ impl Config {
                 ));
             }
         }
+        if self.auth_everything && self.htpasswd.is_none() {
+            return Err(err(
+                "auth_everything",
+                "needs an htpasswd file to check credentials against",
+            ));
+        }
         for (key, up) in &self.upstreams {
             if up.user.is_some() != up.password_file.is_some() {
                 return Err(err(
@@ -194,6 +233,7 @@ impl Config {
                 ));
             }
         }
+        crate::ops::validate(self)?;
         Ok(())
     }
 
@@ -385,6 +425,36 @@ impl<'de> Deserialize<'de> for UpstreamUrl {
     }
 }
 
+/// A webhook receiver's URL: http or https, with a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookUrl(pub http::Uri);
+
+impl WebhookUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(format!("{s:?}: the scheme must be http or https"));
+        }
+        if uri.host().is_none() {
+            return Err(format!("{s:?}: no host"));
+        }
+        Ok(WebhookUrl(uri))
+    }
+}
+
+impl fmt::Display for WebhookUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for WebhookUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        WebhookUrl::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,5 +495,23 @@ mod tests {
         assert!(c.upstreams.contains_key(DOCKER_HUB));
         assert_eq!(c.upstreams["ghcr.io"].tag_ttl.0, Duration::from_secs(60));
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn private_registry_keys() {
+        let c = Config::from_toml(
+            "upload_max_age = \"2h\"\nwebhooks = [\"http://127.0.0.1:9/hook\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.upload_max_age.0, Duration::from_secs(7200));
+        assert_eq!(c.webhooks[0].to_string(), "http://127.0.0.1:9/hook");
+        assert_eq!(
+            Config::default().upload_max_age.0,
+            Duration::from_secs(86400)
+        );
+        let e = Config::from_toml("webhooks = [\"ftp://x/\"]\n").unwrap_err();
+        assert!(e.to_string().contains("webhooks"), "{e}");
+        let c = Config::from_toml("auth_everything = true\n").unwrap();
+        assert!(c.validate().is_err());
     }
 }

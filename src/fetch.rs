@@ -11,6 +11,7 @@
 //! `SingleFlight` gives manifest fetches and tag resolutions the same one-request-many-waiters
 //! behaviour.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::fs::File;
 use std::future::Future;
@@ -29,6 +30,7 @@ use tokio::sync::watch;
 
 use crate::cache::DiskCache;
 use crate::names::{Digest, RepoName};
+use crate::ratelimit::UpstreamSlots;
 use crate::store::{Area, BlobWriter, StoreError};
 use crate::upstream::{content_length, Upstream, UpstreamError};
 
@@ -108,6 +110,8 @@ pub struct Fetches {
     pub joined: AtomicU64,
     /// Bytes received from upstreams.
     pub upstream_bytes: AtomicU64,
+    /// The cap on upstream fetches running at once.
+    slots: Arc<UpstreamSlots>,
 }
 
 impl Fetches {
@@ -119,7 +123,14 @@ impl Fetches {
             started: AtomicU64::new(0),
             joined: AtomicU64::new(0),
             upstream_bytes: AtomicU64::new(0),
+            slots: Arc::new(UpstreamSlots::unlimited()),
         }
+    }
+
+    /// Makes downloads wait for one of these slots before they contact the upstream.
+    pub fn with_slots(mut self, slots: Arc<UpstreamSlots>) -> Fetches {
+        self.slots = slots;
+        self
     }
 
     pub fn in_flight(&self) -> usize {
@@ -164,9 +175,16 @@ impl Fetches {
         let this = self.clone();
         let task_download = download.clone();
         tokio::spawn(async move {
-            let outcome = this
-                .run(&task_download, writer, &upstream, &repo, digest)
-                .await;
+            let outcome = async {
+                let _slot = this
+                    .slots
+                    .acquire(upstream.config.response_timeout.0)
+                    .await
+                    .map_err(FetchFailure::Upstream)?;
+                this.run(&task_download, writer, &upstream, &repo, digest)
+                    .await
+            }
+            .await;
             // Remove from the map only after the rename, then tell the readers.
             lock(&this.inflight).remove(&key);
             task_download.progress.send_modify(|p| {
@@ -462,8 +480,4 @@ where
         };
         (shared.await, joined)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

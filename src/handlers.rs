@@ -35,6 +35,11 @@ pub struct App {
     pub config: Config,
     pub mirror: Arc<Mirror>,
     pub started: Instant,
+    /// Credentials and who needs them (see `auth`).
+    pub auth: crate::auth::Authenticator,
+    /// The private namespace's registry (see `private`).
+    pub private: crate::private::Registry,
+    pub ops: crate::ops::Ops,
 }
 
 /// Facts about a response that the request log wants, carried in response extensions.
@@ -45,69 +50,78 @@ pub struct Served {
 
 impl App {
     pub fn new(config: Config, mirror: Mirror) -> App {
+        let ops = crate::ops::Ops::new(&config, &mirror);
         App {
+            auth: crate::auth::Authenticator::new(&config),
+            private: crate::private::Registry::new(&config, mirror.store().clone()),
             config,
             mirror: Arc::new(mirror),
             started: Instant::now(),
+            ops,
         }
     }
 
-    /// The service entry point: never fails, errors become registry JSON errors.
+    /// The service entry point: never fails, errors become registry JSON errors. The ops layer
+    /// (client address, CORS, rate limits, metrics, the log line) wraps the dispatch.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<Body>, Infallible> {
-        let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        // containerd's `?ns=` names the registry a mirror request is meant for, so it is logged;
-        // the rest of the query is not (upload state and the like do not belong in a log).
-        let ns = Query::parse(req.uri().query()).ns;
-        let route = Route::parse(&path);
-        let label = route.as_ref().map(Route::label).unwrap_or("invalid");
-        let resp = match route {
-            Ok(route) => self
-                .dispatch(route, req)
-                .await
-                .unwrap_or_else(|e| error_response(&e, &method)),
-            Err(e) => error_response(&e, &method),
+        let route = Route::parse(req.uri().path());
+        let info = crate::ops::begin(&self, &req, peer, route.as_ref().ok());
+        let client_ip = info.client.ip;
+        let resp = match crate::ops::intercept(&self, &info, &req) {
+            Some(resp) => resp,
+            None => {
+                let method = req.method().clone();
+                let served = async {
+                    match route {
+                        Ok(route) => self
+                            .dispatch(route, req, client_ip)
+                            .await
+                            .unwrap_or_else(|e| error_response(&e, &method)),
+                        Err(e) => error_response(&e, &method),
+                    }
+                };
+                self.ops.limits.scope(info.client.ip, served).await
+            }
         };
-        let outcome = resp
-            .extensions()
-            .get::<Served>()
-            .map(|s| s.outcome.as_str())
-            .unwrap_or("-");
-        let bytes = resp
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_owned();
-        let status = resp.status().as_u16();
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        if matches!(label, "healthz" | "readyz" | "metrics") {
-            tracing::debug!(client = %peer, %method, path, status, bytes, ms, route = label, "request");
-        } else {
-            tracing::info!(client = %peer, %method, path, ns = ns.as_deref(), status, bytes, ms, route = label, cache = outcome, "request");
-        }
-        Ok(resp)
+        Ok(crate::ops::finish(&self, info, resp))
     }
 
     async fn dispatch(
         &self,
         route: Route,
         req: Request<Incoming>,
+        client: std::net::IpAddr,
     ) -> Result<Response<Body>, RegistryError> {
         let query = Query::parse(req.uri().query());
         let method = req.method().clone();
         let head = method == Method::HEAD;
+        // Credentials first; then the private namespace (and the catalog) is the registry's.
+        let private = crate::private::route_repo(&route).is_some_and(|n| self.is_private(n));
+        let access =
+            crate::auth::Access::of(&route, &method, private, !self.config.private_ns.is_empty());
+        let user = self
+            .auth
+            .authorize(&self.config, access, req.headers(), client)
+            .await?;
+        if private || route == Route::Catalog {
+            return crate::private::dispatch(self, route, req, query, user).await;
+        }
         match (route, method) {
             (Route::Base, Method::GET | Method::HEAD) => {
                 Ok(base_response(StatusCode::OK, json_body(head, "{}")))
             }
             (Route::Healthz, Method::GET | Method::HEAD) => Ok(text(StatusCode::OK, "ok\n")),
             (Route::Readyz, Method::GET | Method::HEAD) => self.ready().await,
+            (Route::Metrics, Method::GET | Method::HEAD) => {
+                crate::metrics::main_listener(self, head)
+            }
+            (Route::Status { path }, Method::GET | Method::HEAD) => {
+                crate::status::page(self, &path, &req, head, client).await
+            }
             (Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
                 let accept = AcceptSet::from_headers(
                     req.headers()
@@ -129,39 +143,30 @@ impl App {
             }
             (Route::Tags { name }, Method::GET) => self.get_tags(name, &query).await,
             (
-                route @ (Route::Manifest { .. }
+                Route::Manifest { .. }
                 | Route::Blob { .. }
                 | Route::UploadStart { .. }
-                | Route::Upload { .. }),
+                | Route::Upload { .. },
                 _,
-            ) => Err(self.refuse_write(&route)),
+            ) => Err(self.refuse_write()),
             (_, _) => Err(RegistryError::Unsupported(
                 "method not allowed on this route".into(),
             )),
         }
     }
 
-    fn is_private(&self, name: &RepoName) -> bool {
+    pub(crate) fn is_private(&self, name: &RepoName) -> bool {
         self.config
             .private_ns
             .iter()
             .any(|ns| name.is_in_namespace(ns))
     }
 
-    fn refuse_write(&self, route: &Route) -> RegistryError {
-        match route {
-            Route::Manifest { name, .. }
-            | Route::Blob { name, .. }
-            | Route::UploadStart { name }
-            | Route::Upload { name, .. }
-                if self.is_private(name) =>
-            {
-                RegistryError::Unsupported("pushes to the private namespace are not enabled".into())
-            }
-            _ => RegistryError::Denied(
-                "this repository is a read-only mirror; push into the private namespace".into(),
-            ),
-        }
+    /// Every write outside the private namespace (private routes never get here).
+    fn refuse_write(&self) -> RegistryError {
+        RegistryError::Denied(
+            "this repository is a read-only mirror; push into the private namespace".into(),
+        )
     }
 
     async fn ready(&self) -> Result<Response<Body>, RegistryError> {
@@ -184,22 +189,8 @@ impl App {
         accept: &AcceptSet,
         head: bool,
     ) -> Result<Response<Body>, RegistryError> {
-        let (served, outcome) = if self.is_private(&name) {
-            let Reference::Digest(d) = &reference else {
-                return Err(RegistryError::ManifestUnknown(format!(
-                    "{name}:{reference}"
-                )));
-            };
-            let m = self
-                .mirror
-                .local_manifest(Area::Local, d)
-                .await?
-                .ok_or_else(|| RegistryError::ManifestUnknown(format!("{name}@{d}")))?;
-            (m, Outcome::Local)
-        } else {
-            let (up, name) = self.mirror.route(query.ns.as_deref(), name)?;
-            self.mirror.manifest(&up, &name, &reference, accept).await?
-        };
+        let (up, name) = self.mirror.route(query.ns.as_deref(), name)?;
+        let (served, outcome) = self.mirror.manifest(&up, &name, &reference, accept).await?;
         let m = &served.manifest;
         let mut resp = Response::builder()
             .status(StatusCode::OK)
@@ -222,12 +213,6 @@ impl App {
         range: Option<&str>,
         head: bool,
     ) -> Result<Response<Body>, RegistryError> {
-        if self.is_private(&name) {
-            return self
-                .serve_stored_blob(Area::Local, digest, range, head, Outcome::Local)
-                .await?
-                .ok_or_else(|| RegistryError::BlobUnknown(digest.to_string()));
-        }
         let (up, name) = self.mirror.route(query.ns.as_deref(), name)?;
         if let Some(resp) = self
             .serve_stored_blob(Area::Cache, digest, range, head, Outcome::Hit)
@@ -235,6 +220,7 @@ impl App {
         {
             return Ok(resp);
         }
+        crate::ratelimit::before_upstream()?;
         if head {
             return self.head_upstream_blob(&up, &name, digest).await;
         }
@@ -291,7 +277,7 @@ impl App {
         }
     }
 
-    async fn serve_stored_blob(
+    pub(crate) async fn serve_stored_blob(
         &self,
         area: Area,
         digest: Digest,
@@ -360,9 +346,6 @@ impl App {
         name: RepoName,
         query: &Query,
     ) -> Result<Response<Body>, RegistryError> {
-        if self.is_private(&name) {
-            return Err(RegistryError::NameUnknown(name.to_string()));
-        }
         let (up, name) = self.mirror.route(query.ns.as_deref(), name)?;
         let pass = {
             let mut pass = form_urlencoded::Serializer::new(String::new());
@@ -374,6 +357,7 @@ impl App {
             }
             pass.finish()
         };
+        crate::ratelimit::before_upstream()?;
         let resp = up
             .tags_list(&name, &pass)
             .await

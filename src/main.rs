@@ -28,6 +28,11 @@ enum Command {
     Fsck(FsckArgs),
     /// Generate a local CA and a server certificate signed by it, and print how to trust it.
     Certs(CertsArgs),
+    /// Manage the users of the htpasswd file.
+    #[command(subcommand)]
+    User(berth::auth::UserCommand),
+    /// Remove private blobs no manifest refers to, and abandoned uploads.
+    Gc(berth::gc::GcArgs),
 }
 
 #[derive(Args)]
@@ -56,7 +61,7 @@ fn fsck(args: FsckArgs) -> ExitCode {
         },
         (None, None) => Config::default().data_dir,
     };
-    let store = match berth::store::Store::open(&data_dir) {
+    let store = match berth::store::Store::open_existing(&data_dir) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("berth: data dir {}: {e}", data_dir.display());
@@ -207,6 +212,11 @@ fn main() -> ExitCode {
                 }
             };
             runtime.block_on(serve(config))
+        }
+        Command::User(cmd) => cmd.run(),
+        Command::Gc(args) => {
+            init_logs(LogFormat::Text);
+            args.run()
         }
     }
 }

@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::error::RegistryError;
 use crate::fetch::{Attach, Fetches, SingleFlight};
 use crate::names::{Digest, Reference, RepoName, Tag};
+use crate::ratelimit::UpstreamSlots;
 use crate::store::{now_secs, Area, Store, TagEntry};
 use crate::upstream::{Upstream, UpstreamError, UpstreamSetupError};
 
@@ -126,6 +127,8 @@ pub struct Mirror {
     tags: moka::future::Cache<TagKey, TagEntry>,
     manifest_flights: SingleFlight<ManifestKey, ManifestResult>,
     pub stale_serves: AtomicU64,
+    /// The cap on upstream fetches running at once (`rate_limit.max_upstream_concurrency`).
+    pub slots: Arc<UpstreamSlots>,
 }
 
 impl Mirror {
@@ -140,8 +143,12 @@ impl Mirror {
                 Upstream::new(key, up).map_err(|e| MirrorSetupError::Upstream(key.clone(), e))?;
             upstreams.insert(key.clone(), Arc::new(client));
         }
+        let slots = Arc::new(UpstreamSlots::new(&config.rate_limit));
         Ok(Mirror {
-            fetches: Arc::new(Fetches::new(disk.clone(), config.max_orphan_download.0)),
+            fetches: Arc::new(
+                Fetches::new(disk.clone(), config.max_orphan_download.0).with_slots(slots.clone()),
+            ),
+            slots,
             disk,
             store,
             upstreams,
@@ -222,6 +229,7 @@ impl Mirror {
                 }
             }
         }
+        crate::ratelimit::before_upstream()?;
         let key = (
             up.key.clone(),
             repo.clone(),
@@ -252,7 +260,11 @@ impl Mirror {
         reference: &Reference,
         accept: &AcceptSet,
     ) -> Result<(ServedManifest, Outcome), RegistryError> {
+        // One of the upstream fetch slots, held until the upstream has answered.
+        let slot = self.slots.acquire(up.config.response_timeout.0).await;
         let Reference::Tag(tag) = reference else {
+            let _slot =
+                slot.map_err(|e| upstream_error(e, repo, manifest_unknown(repo, reference)))?;
             let fetched = up
                 .get_manifest(repo, reference, &accept.header)
                 .await
@@ -265,6 +277,15 @@ impl Mirror {
         let cached = match self.tag_entry(up, repo, tag, &accept.variant).await? {
             Some(entry) => self.manifest_for_entry(&entry).await?.map(|m| (entry, m)),
             None => None,
+        };
+        let _slot = match slot {
+            Ok(slot) => slot,
+            Err(e) => {
+                return match cached {
+                    Some((_, served)) => Ok(self.stale(up, repo, tag, &e, served)),
+                    None => Err(upstream_error(e, repo, manifest_unknown(repo, reference))),
+                }
+            }
         };
         if let Some((entry, served)) = &cached {
             match up.head_manifest(repo, reference, &accept.header).await {

@@ -41,6 +41,8 @@ pub struct Running {
     pub tls_addr: Option<SocketAddr>,
     /// The TLS certificate; `reload()` it on SIGHUP. `None` without TLS.
     pub tls: Option<Arc<CertResolver>>,
+    /// The `/metrics` listener's address, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub app: Arc<App>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -97,12 +99,22 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let grace = config.shutdown_grace.0;
     let app = Arc::new(App::new(config, mirror));
     let (stop, stopped) = watch::channel(false);
+    let metrics_addr = match app.config.metrics_listen {
+        Some(at) => Some(
+            crate::metrics::listen(app.clone(), at, stopped.clone())
+                .await
+                .map_err(|e| StartError::Bind(at, e))?
+                .0,
+        ),
+        None => None,
+    };
     tracing::info!(%addr, "listening (plain HTTP)");
     let task = tokio::spawn(serve(listener, tls, app.clone(), stopped, grace));
     Ok(Running {
         addr,
         tls_addr,
         tls: resolver,
+        metrics_addr,
         app,
         stop,
         task,

@@ -6,6 +6,8 @@
 //! cache/types/sha256/ab/abcd…        media type of a mirrored manifest
 //! cache/repos/<upstream>/<repo>/_tags/<tag>@<accept>   tag -> digest, with fetch time
 //! local/…                            the same for the private namespace (never evicted)
+//! local/repos/_local/<repo>/…        a private repository: tags, links, referrers (see `private_store`)
+//! local/uploads/<id>/                a blob upload in progress (see `private_store`)
 //! tmp/                               writes in progress; emptied at start
 //! ```
 //! Every write goes to a temp file under `tmp/` (same filesystem), is hashed as it is written,
@@ -59,6 +61,9 @@ pub struct TagEntry {
     pub fetched_at: u64,
 }
 
+/// The upstream key private repositories' tags are filed under (not a valid upstream name).
+pub const LOCAL_UPSTREAM: &str = "_local";
+
 #[derive(Clone)]
 pub struct Store {
     root: Arc<PathBuf>,
@@ -94,8 +99,36 @@ impl Store {
         Ok(removed)
     }
 
+    /// Opens an existing store without removing anything, for tools (such as `berth gc`) that
+    /// may run beside a live server whose writes in `tmp/` must be left alone.
+    pub fn open_existing(root: &Path) -> io::Result<Store> {
+        if !root.join("local").is_dir() && !root.join("cache").is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "not a berth data dir (it has no cache/ or local/ directory)",
+            ));
+        }
+        Ok(Store {
+            root: Arc::new(root.to_path_buf()),
+        })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Where upload sessions of the private namespace live, one directory per upload id.
+    pub fn uploads_dir(&self) -> PathBuf {
+        self.root.join(Area::Local.dir()).join("uploads")
+    }
+
+    /// The directories of private repositories: `<this>/<repo>/` holds `_tags` (the upstream key
+    /// of private tags is `LOCAL_UPSTREAM`) and the repository's links.
+    pub fn local_repos_dir(&self) -> PathBuf {
+        self.root
+            .join(Area::Local.dir())
+            .join("repos")
+            .join(LOCAL_UPSTREAM)
     }
 
     pub fn blob_path(&self, area: Area, digest: &Digest) -> PathBuf {

@@ -5,8 +5,9 @@
 //! to CDN hosts (never carrying the Authorization header to another host), timeouts, and Docker
 //! Hub's rate-limit headers and 429 back-off.
 
+use crate::lock;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -22,6 +23,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
 use crate::names::{Digest, Reference, RepoName};
+use crate::ops::UpstreamHook;
 
 /// The largest manifest berth will take from an upstream (Docker Hub's limit is 4 MiB).
 const MAX_MANIFEST: usize = 8 << 20;
@@ -113,6 +115,8 @@ pub struct Upstream {
     /// Docker Hub's last `ratelimit-remaining`, -1 before any was seen.
     pub ratelimit_remaining: AtomicI64,
     pub ratelimit_limit: AtomicI64,
+    /// Told about every request sent (metrics, health) and admits it (`upstream_rps`).
+    hook: OnceLock<Arc<UpstreamHook>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +194,13 @@ impl Upstream {
             backoff_until: Mutex::new(None),
             ratelimit_remaining: AtomicI64::new(-1),
             ratelimit_limit: AtomicI64::new(-1),
+            hook: OnceLock::new(),
         })
+    }
+
+    /// Sets the hook told about every upstream request; only the first call takes effect.
+    pub fn set_hook(&self, hook: Arc<UpstreamHook>) {
+        let _ = self.hook.set(hook);
     }
 
     /// Docker Hub files official images under `library/`.
@@ -483,8 +493,22 @@ impl Upstream {
         Ok(Token { value, ttl })
     }
 
-    /// Sends one request with the first-byte timeout, and records rate-limit headers and 429s.
+    /// Sends one request through the hook: admitted under `upstream_rps`, then recorded.
     async fn dispatch(
+        &self,
+        req: Request<Empty<Bytes>>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let Some(hook) = self.hook.get() else {
+            return self.dispatch_unobserved(req).await;
+        };
+        hook.admit(&self.key).await?;
+        let result = self.dispatch_unobserved(req).await;
+        hook.record(&self.key, result.as_ref().map(|r| r.status()));
+        result
+    }
+
+    /// Sends one request with the first-byte timeout, and records rate-limit headers and 429s.
+    async fn dispatch_unobserved(
         &self,
         req: Request<Empty<Bytes>>,
     ) -> Result<Response<Incoming>, UpstreamError> {
@@ -548,10 +572,6 @@ impl Upstream {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn pull_scope(repo: &RepoName) -> String {

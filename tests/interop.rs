@@ -245,3 +245,119 @@ fn concurrent_cold_pulls_fetch_each_blob_once() {
         "berth must log one miss per blob across concurrent pulls, logged {outcomes:?}"
     );
 }
+
+/// Runs curl against berth and returns (status, headers, body).
+fn curl(args: &[&str]) -> (u16, String, String) {
+    procs::require_tool("curl", "curl");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-D", "-", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (rest, code) = text.rsplit_once('\n').expect("curl wrote the status");
+    let (headers, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+    (
+        code.trim().parse().expect("status code"),
+        headers.to_owned(),
+        body.to_owned(),
+    )
+}
+
+fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
+    headers.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[test]
+fn private_push_pull_back_and_delete_by_hand() {
+    procs::require_tools();
+    let skopeo = Skopeo::new();
+    let registry = Registry::start();
+    let dir = TempDir::new().expect("temp dir");
+    let htpasswd = dir.path().join("htpasswd");
+    let mut add = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["user", "add", "alice", "--password-stdin", "--htpasswd"])
+        .arg(&htpasswd)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("run berth user add");
+    use std::io::Write as _;
+    add.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"wonderland\n")
+        .expect("write password");
+    assert!(add.wait().expect("berth user add").success());
+    let ht = htpasswd.to_str().expect("utf-8 path");
+    let mut berth = Berth::start_with(
+        &registry.url(),
+        &["--private-ns", "private", "--htpasswd", ht],
+    );
+
+    // Push an image into the private namespace with credentials, then copy it back out.
+    let image = Artifact::Image(three_layer_image(0x5000));
+    let layout = TempDir::new().expect("layout dir");
+    image.write_layout(layout.path(), "1");
+    let src = format!("oci:{}:1", layout.path().display());
+    let dest = format!("docker://{}/private/app:1", berth.addr);
+    skopeo.copy(&[
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        "--dest-creds",
+        "alice:wonderland",
+        &src,
+        &dest,
+    ]);
+    let back = pull_with(&skopeo, &dest, &["--src-creds", "alice:wonderland"]);
+    assert_pulled(
+        back.path(),
+        &expected_files(&image, None),
+        "the private image copied back out",
+    );
+    assert!(
+        registry
+            .accesses()
+            .iter()
+            .all(|a| !a.path.contains("private/")),
+        "the upstream must never see the private namespace"
+    );
+    // Anonymous: refused.
+    let base = format!("http://{}", berth.addr);
+    let (status, _, _) = curl(&[&format!("{base}/v2/private/app/tags/list")]);
+    assert_eq!(status, 401);
+
+    // The delete workflow as a user does it by hand.
+    let creds = ["-u", "alice:wonderland"];
+    let (status, _, body) = curl(&[
+        creds[0],
+        creds[1],
+        &format!("{base}/v2/private/app/tags/list"),
+    ]);
+    assert_eq!(status, 200);
+    assert!(body.contains("\"1\""), "{body}");
+    let accept = "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+    let manifest_url = format!("{base}/v2/private/app/manifests/1");
+    let (status, headers, _) = curl(&[creds[0], creds[1], "-I", "-H", accept, &manifest_url]);
+    assert_eq!(status, 200);
+    let digest = header(&headers, "docker-content-digest")
+        .expect("Docker-Content-Digest")
+        .to_owned();
+    assert_eq!(digest, image.top().digest);
+    let by_digest = format!("{base}/v2/private/app/manifests/{digest}");
+    let (status, _, _) = curl(&[creds[0], creds[1], "-X", "DELETE", &by_digest]);
+    assert_eq!(status, 202);
+    let (status, _, body) = curl(&[creds[0], creds[1], "-H", accept, &by_digest]);
+    assert_eq!(status, 404);
+    assert!(body.contains("MANIFEST_UNKNOWN"), "{body}");
+    let (status, _, _) = curl(&[creds[0], creds[1], "-H", accept, &manifest_url]);
+    assert_eq!(status, 404, "the tag went with the manifest");
+    assert!(berth.is_running(), "berth exited during the test");
+}

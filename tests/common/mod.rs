@@ -728,6 +728,70 @@ pub async fn send_head(method: Method, url: &str, headers: &[(&str, &str)]) -> R
         .unwrap()
 }
 
+/// Sends a request with a body (with its Content-Length) and reads the response.
+pub async fn send_body(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    send_any(method, url, headers, Full::new(body.into())).await
+}
+
+/// Sends a request whose body is streamed in these chunks, without a Content-Length (chunked
+/// transfer encoding), and reads the response.
+pub async fn send_stream(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    chunks: Vec<Bytes>,
+) -> Reply {
+    let stream = futures_util::stream::iter(
+        chunks
+            .into_iter()
+            .map(|c| Ok::<_, std::io::Error>(Frame::data(c))),
+    );
+    send_any(method, url, headers, StreamBody::new(stream)).await
+}
+
+async fn send_any<B>(method: Method, url: &str, headers: &[(&str, &str)], body: B) -> Reply
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let uri: http::Uri = url.parse().unwrap();
+    let authority = uri.authority().unwrap().clone();
+    let stream = tokio::net::TcpStream::connect(authority.as_str())
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().unwrap().as_str())
+        .header("host", authority.as_str());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender.send_request(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string());
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
 /// Waits for a condition with a deadline, re-checking when woken by time slices.
 pub async fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
     let end = tokio::time::Instant::now() + deadline;

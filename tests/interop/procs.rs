@@ -120,7 +120,8 @@ impl Guard {
                 if let Ok(Some(status)) = self.child.try_wait() {
                     panic!("{name} exited with {status} before it was ready");
                 }
-                (http_status(addr, "/v2/") == Some(200)).then_some(())
+                // 401 is ready too: a registry with users answers /v2/ with a Basic challenge.
+                matches!(http_status(addr, "/v2/"), Some(200 | 401)).then_some(())
             },
         );
     }

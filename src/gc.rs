@@ -1,0 +1,263 @@
+//! `berth gc`: garbage collection of the private namespace.
+//!
+//! Mark: every manifest linked into a private repository (and every tag's target) is kept, with
+//! the config, layers and child manifests it refers to. Sweep: any other blob in the local area
+//! is removed, unless it was written or linked less than `blob_min_age` ago (an hour by default),
+//! so blobs of a push in progress, whose manifest has not arrived yet, survive a collection
+//! running beside a live server. Links to removed blobs and upload sessions idle for longer than
+//! `upload_max_age` go as well. Mirrored content is not touched: the cache bounds itself.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use crate::config::Config;
+use crate::manifest;
+use crate::names::Digest;
+use crate::private_store::PrivateStore;
+use crate::routes::UploadId;
+use crate::store::{Area, Store};
+
+/// Blobs younger than this are never collected.
+pub const BLOB_MIN_AGE: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    /// The time ages are measured against (injectable for tests).
+    pub now: SystemTime,
+    pub upload_max_age: Duration,
+    pub blob_min_age: Duration,
+    /// Report what would be removed, remove nothing.
+    pub dry_run: bool,
+}
+
+impl GcOptions {
+    pub fn new(upload_max_age: Duration) -> GcOptions {
+        GcOptions {
+            now: SystemTime::now(),
+            upload_max_age,
+            blob_min_age: BLOB_MIN_AGE,
+            dry_run: false,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct GcReport {
+    /// Blobs (and manifests) removed, with their sizes.
+    pub blobs: Vec<(Digest, u64)>,
+    /// Upload sessions removed, with the bytes they held.
+    pub uploads: Vec<(UploadId, u64)>,
+    /// Repository links to blobs that are gone.
+    pub links: usize,
+    /// Unreferenced blobs left alone because they are recent.
+    pub kept_recent: usize,
+    /// Blobs kept because a manifest refers to them.
+    pub kept_referenced: usize,
+    pub bytes_freed: u64,
+}
+
+/// Collects garbage in the store's private area.
+pub fn collect(store: &Store, opts: &GcOptions) -> io::Result<GcReport> {
+    let ps = PrivateStore::new(store.clone());
+    let mut report = GcReport::default();
+
+    // Mark.
+    let mut live: HashSet<Digest> = HashSet::new();
+    let mut manifests: Vec<Digest> = Vec::new();
+    for repo in ps.all_repos() {
+        manifests.extend(ps.manifests_of(&repo)?);
+        manifests.extend(ps.tags(&repo)?.into_iter().map(|(_, d)| d));
+    }
+    let mut seen: HashSet<Digest> = HashSet::new();
+    while let Some(d) = manifests.pop() {
+        if !seen.insert(d) {
+            continue;
+        }
+        live.insert(d);
+        let Some((bytes, media_type)) = store.get_manifest(Area::Local, &d)? else {
+            continue;
+        };
+        match manifest::parse_stored(&media_type, &bytes) {
+            Ok(parsed) => {
+                live.extend(parsed.blobs.iter().map(|b| b.digest));
+                manifests.extend(parsed.children.iter().map(|c| c.digest));
+            }
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "a stored manifest does not parse; what it refers to may be collected");
+            }
+        }
+    }
+
+    // Sweep blobs.
+    let blobs_dir = store.blobs_dir(Area::Local);
+    let mut removed: HashSet<Digest> = HashSet::new();
+    for shard in read_dir_or_empty(&blobs_dir)? {
+        for entry in read_dir_or_empty(&shard)? {
+            let Some(digest) = entry
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| Digest::parse(&format!("sha256:{n}")).ok())
+            else {
+                continue;
+            };
+            if live.contains(&digest) {
+                report.kept_referenced += 1;
+                continue;
+            }
+            let Ok(meta) = fs::metadata(&entry) else {
+                continue;
+            };
+            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            if age(opts.now, modified) < opts.blob_min_age {
+                report.kept_recent += 1;
+                continue;
+            }
+            if !opts.dry_run {
+                store.remove_blob(Area::Local, &digest)?;
+                store.remove_manifest_type(Area::Local, &digest)?;
+            }
+            report.bytes_freed += meta.len();
+            report.blobs.push((digest, meta.len()));
+            removed.insert(digest);
+        }
+    }
+
+    // Links to what is gone.
+    for repo in ps.all_repos() {
+        for d in ps.blobs_of(&repo)? {
+            let gone = removed.contains(&d) || store.blob_len(Area::Local, &d)?.is_none();
+            if gone {
+                report.links += 1;
+                if !opts.dry_run {
+                    ps.unlink_blob(&repo, &d)?;
+                }
+            }
+        }
+    }
+
+    // Abandoned uploads.
+    for (id, size, last) in ps.uploads()? {
+        if age(opts.now, last) < opts.upload_max_age {
+            continue;
+        }
+        if !opts.dry_run {
+            ps.remove_upload(&id)?;
+        }
+        report.bytes_freed += size;
+        report.uploads.push((id, size));
+    }
+    report.blobs.sort();
+    Ok(report)
+}
+
+fn age(now: SystemTime, then: SystemTime) -> Duration {
+    now.duration_since(then).unwrap_or(Duration::ZERO)
+}
+
+fn read_dir_or_empty(dir: &std::path::Path) -> io::Result<Vec<PathBuf>> {
+    match fs::read_dir(dir) {
+        Ok(entries) => Ok(entries.filter_map(Result::ok).map(|e| e.path()).collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Bytes for people: `1.5 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// `berth gc`: the command-line front of `collect`.
+#[derive(clap::Args)]
+pub struct GcArgs {
+    /// TOML config file (for data_dir and upload_max_age).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The data dir [default: data_dir of --config, else ./berth-data]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Show what would be removed without removing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl GcArgs {
+    pub fn run(self) -> ExitCode {
+        let config = match &self.config {
+            Some(path) => match Config::from_file(path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("berth: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            None => Config::default(),
+        };
+        let data_dir = self.data_dir.clone().unwrap_or(config.data_dir.clone());
+        let store = match Store::open_existing(&data_dir) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("berth: {}: {e}", data_dir.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut opts = GcOptions::new(config.upload_max_age.0);
+        opts.dry_run = self.dry_run;
+        let report = match collect(&store, &opts) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("berth: gc: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let (verb, freed) = if self.dry_run {
+            ("would remove", "would be freed")
+        } else {
+            ("removed", "freed")
+        };
+        for (d, size) in &report.blobs {
+            println!("{verb} blob {d} ({size} bytes)");
+        }
+        for (id, size) in &report.uploads {
+            println!("{verb} upload {id} ({size} bytes)");
+        }
+        println!(
+            "{verb} {} blob(s), {} abandoned upload(s), {} dangling link(s); {} {freed} ({} bytes); kept {} referenced and {} recent unreferenced blob(s)",
+            report.blobs.len(),
+            report.uploads.len(),
+            report.links,
+            human_bytes(report.bytes_freed),
+            report.bytes_freed,
+            report.kept_referenced,
+            report.kept_recent,
+        );
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
+    }
+}

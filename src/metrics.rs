@@ -1,0 +1,509 @@
+//! Prometheus metrics, in the OpenMetrics text exposition at `GET /metrics`.
+//!
+//! Per-request metrics (requests, latency, cache outcomes, bytes sent) are counted by the ops
+//! layer as responses are served; upstream requests by the hook every upstream client calls.
+//! Everything else (disk cache, downloads, upstream rate-limit headers, limiter refusals) is read
+//! from the components at scrape time, so there is one source of truth for each number.
+//!
+//! With `metrics_listen` set, `/metrics` is served on that listener only.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::error::RegistryError;
+use crate::handlers::{empty, full, App, Body};
+use crate::ratelimit::Refusal;
+
+pub const CONTENT_TYPE_OPENMETRICS: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Latency buckets, in seconds: from a memory hit to a multi-gigabyte layer.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+    status: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// The metrics counted as things happen.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily<RouteLabels>,
+    cache: Family<CacheLabels, Counter>,
+    served_bytes: Family<OutcomeLabels, Counter>,
+    cache_served_bytes: Counter,
+    upstream_requests: Family<UpstreamLabels, Counter>,
+    upstream_errors: Family<UpstreamLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "berth_http_requests",
+            "Requests answered, by route and status",
+            requests.clone(),
+        );
+        let latency: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+        registry.register(
+            "berth_http_request_duration_seconds",
+            "Time from request to the last byte of the response, by route",
+            latency.clone(),
+        );
+        let cache = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "berth_cache_requests",
+            "Manifest and blob requests by kind and cache outcome (hit, miss, joined, stale, local)",
+            cache.clone(),
+        );
+        let served_bytes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "berth_served_bytes",
+            "Response body bytes actually sent to clients, by cache outcome",
+            served_bytes.clone(),
+        );
+        let cache_served_bytes = Counter::default();
+        registry.register(
+            "berth_cache_served_bytes",
+            "Response body bytes sent to clients from the cache (hits and stale serves)",
+            cache_served_bytes.clone(),
+        );
+        let upstream_requests = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "berth_upstream_requests",
+            "Requests sent to upstreams, by upstream and response status (or timeout/unreachable)",
+            upstream_requests.clone(),
+        );
+        let upstream_errors = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "berth_upstream_errors",
+            "Upstream requests that failed: timeouts, unreachable, 429 and 5xx",
+            upstream_errors.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            cache,
+            served_bytes,
+            cache_served_bytes,
+            upstream_requests,
+            upstream_errors,
+        }
+    }
+
+    /// A finished request: its route, status, duration and the body bytes sent.
+    pub fn request(
+        &self,
+        route: &'static str,
+        status: u16,
+        elapsed: Duration,
+        outcome: &'static str,
+        bytes: u64,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels { route })
+            .observe(elapsed.as_secs_f64());
+        if bytes > 0 {
+            self.served_bytes
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc_by(bytes);
+            if matches!(outcome, "hit" | "stale") {
+                self.cache_served_bytes.inc_by(bytes);
+            }
+        }
+    }
+
+    /// A manifest or blob response started, with how the cache answered it.
+    pub fn cache_outcome(&self, kind: &'static str, outcome: &'static str) {
+        self.cache
+            .get_or_create(&CacheLabels { kind, outcome })
+            .inc();
+    }
+
+    /// One request sent to an upstream; `status` is the HTTP status or the failure kind.
+    pub fn upstream(&self, upstream: &str, status: &str, error: bool) {
+        let labels = UpstreamLabels {
+            upstream: upstream.to_owned(),
+            status: status.to_owned(),
+        };
+        self.upstream_requests.get_or_create(&labels).inc();
+        if error {
+            self.upstream_errors.get_or_create(&labels).inc();
+        }
+    }
+
+    /// The text exposition: the counted metrics, then the ones read from the components now.
+    pub fn render(&self, app: &App) -> String {
+        let mut out = String::with_capacity(8 << 10);
+        let mut scraped = Registry::default();
+        scraped.register_collector(Box::new(Scraped::of(app)));
+        // Writing into a String cannot fail.
+        let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &scraped);
+        let _ = encode_eof(&mut out);
+        out
+    }
+}
+
+/// The `/metrics` response.
+pub fn response(app: &App, head: bool) -> Response<Body> {
+    let text = app.ops.metrics.render(app);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, CONTENT_TYPE_OPENMETRICS)
+        .header(CONTENT_LENGTH, text.len())
+        .body(if head { empty() } else { full(text) })
+        .unwrap_or_default()
+}
+
+/// `/metrics` on the main listener: 404 when it has a listener of its own (`metrics_listen`).
+pub fn main_listener(app: &App, head: bool) -> Result<Response<Body>, RegistryError> {
+    if app.config.metrics_listen.is_some() {
+        return Err(RegistryError::NotFound(
+            "/metrics is served on the metrics_listen address".into(),
+        ));
+    }
+    Ok(response(app, head))
+}
+
+/// Serves `/metrics` alone on its own address (`metrics_listen`), until `stopped` changes.
+pub async fn listen(
+    app: Arc<App>,
+    addr: SocketAddr,
+    mut stopped: watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "listening (metrics)");
+    let task = tokio::spawn(async move {
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let app = app.clone();
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let app = app.clone();
+                        async move { Ok::<_, Infallible>(metrics_only(&app, &req)) }
+                    });
+                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                }
+                _ = stopped.changed() => break,
+            }
+        }
+    });
+    Ok((local, task))
+}
+
+fn metrics_only<B>(app: &App, req: &Request<B>) -> Response<Body> {
+    let head = req.method() == Method::HEAD;
+    match (req.uri().path(), req.method()) {
+        ("/metrics", &Method::GET | &Method::HEAD) => response(app, head),
+        _ => Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(full("this listener serves /metrics only\n"))
+            .unwrap_or_default(),
+    }
+}
+
+/// Values read from the components at scrape time.
+#[derive(Debug, Default)]
+struct Scraped {
+    families: Vec<Sampled>,
+}
+
+#[derive(Debug)]
+struct Sampled {
+    name: &'static str,
+    help: &'static str,
+    counter: bool,
+    samples: Vec<(Vec<(&'static str, String)>, f64)>,
+}
+
+impl Scraped {
+    fn of(app: &App) -> Scraped {
+        let mirror = &app.mirror;
+        let ops = &app.ops;
+        let mut s = Scraped::default();
+        let n = |v: u64| v as f64;
+        s.gauge(
+            "berth_uptime_seconds",
+            "Seconds since berth started",
+            app.started.elapsed().as_secs_f64(),
+        );
+        s.gauge(
+            "berth_downloads_in_flight",
+            "Blob downloads from upstreams under way",
+            mirror.fetches.in_flight() as f64,
+        );
+        s.counter(
+            "berth_downloads_started",
+            "Blob downloads started",
+            n(mirror.fetches.started.load(Ordering::Relaxed)),
+        );
+        s.counter(
+            "berth_downloads_joined",
+            "Blob requests that joined a download already under way",
+            n(mirror.fetches.joined.load(Ordering::Relaxed)),
+        );
+        s.counter(
+            "berth_manifest_fetches_joined",
+            "Manifest requests that joined an upstream request already under way",
+            n(mirror.manifest_joins()),
+        );
+        s.counter(
+            "berth_stale_serves",
+            "Tags served from the cache because the upstream was unavailable",
+            n(mirror.stale_serves.load(Ordering::Relaxed)),
+        );
+        s.counter(
+            "berth_upstream_fetched_bytes",
+            "Blob bytes received from upstreams",
+            n(mirror.fetches.upstream_bytes.load(Ordering::Relaxed)),
+        );
+        s.gauge(
+            "berth_disk_cache_bytes",
+            "Bytes of mirrored content on disk",
+            n(mirror.disk.size()),
+        );
+        s.gauge(
+            "berth_disk_cache_limit_bytes",
+            "The disk cache's size limit (max_cache_size)",
+            n(mirror.disk.limit()),
+        );
+        s.counter(
+            "berth_disk_cache_evictions",
+            "Blobs evicted from the disk cache",
+            n(mirror.disk.evictions.load(Ordering::Relaxed)),
+        );
+        s.counter(
+            "berth_disk_cache_evicted_bytes",
+            "Bytes evicted from the disk cache",
+            n(mirror.disk.evicted_bytes.load(Ordering::Relaxed)),
+        );
+        let mut remaining = Vec::new();
+        let mut limit = Vec::new();
+        for up in mirror.upstreams() {
+            let labels = vec![("upstream", up.key.clone())];
+            let r = up.ratelimit_remaining.load(Ordering::Relaxed);
+            if r >= 0 {
+                remaining.push((labels.clone(), r as f64));
+            }
+            let l = up.ratelimit_limit.load(Ordering::Relaxed);
+            if l >= 0 {
+                limit.push((labels, l as f64));
+            }
+        }
+        s.push(
+            "berth_upstream_ratelimit_remaining",
+            "The last ratelimit-remaining an upstream (Docker Hub) reported",
+            false,
+            remaining,
+        );
+        s.push(
+            "berth_upstream_ratelimit_limit",
+            "The last ratelimit-limit an upstream (Docker Hub) reported",
+            false,
+            limit,
+        );
+        let slots = &mirror.slots;
+        if slots.max() > 0 {
+            s.gauge(
+                "berth_upstream_fetch_slots_in_use",
+                "Upstream fetches holding one of the max_upstream_concurrency slots",
+                slots.in_use() as f64,
+            );
+            s.gauge(
+                "berth_upstream_fetch_slots_max",
+                "rate_limit.max_upstream_concurrency",
+                slots.max() as f64,
+            );
+        }
+        let refused = [
+            (
+                Refusal::Client,
+                ops.limits.refused_client.load(Ordering::Relaxed),
+            ),
+            (
+                Refusal::UpstreamRps,
+                ops.hook.refused.load(Ordering::Relaxed),
+            ),
+            (
+                Refusal::UpstreamConcurrency,
+                slots.refused.load(Ordering::Relaxed),
+            ),
+        ];
+        s.push(
+            "berth_ratelimited_requests",
+            "Requests refused by berth's own rate limits, by limit",
+            true,
+            refused
+                .iter()
+                .map(|(r, v)| (vec![("limit", r.as_str().to_owned())], n(*v)))
+                .collect(),
+        );
+        s
+    }
+
+    fn gauge(&mut self, name: &'static str, help: &'static str, v: f64) {
+        self.push(name, help, false, vec![(Vec::new(), v)]);
+    }
+
+    fn counter(&mut self, name: &'static str, help: &'static str, v: f64) {
+        self.push(name, help, true, vec![(Vec::new(), v)]);
+    }
+
+    fn push(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        counter: bool,
+        samples: Vec<(Vec<(&'static str, String)>, f64)>,
+    ) {
+        self.families.push(Sampled {
+            name,
+            help,
+            counter,
+            samples,
+        });
+    }
+}
+
+impl Collector for Scraped {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for f in &self.families {
+            if f.samples.is_empty() {
+                continue;
+            }
+            let kind = if f.counter {
+                MetricType::Counter
+            } else {
+                MetricType::Gauge
+            };
+            let mut m = encoder.encode_descriptor(f.name, f.help, None, kind)?;
+            match f.samples.as_slice() {
+                [(labels, v)] if labels.is_empty() => encode_sample(f.counter, *v, m)?,
+                samples => {
+                    for (labels, v) in samples {
+                        encode_sample(f.counter, *v, m.encode_family(labels)?)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode_sample(
+    counter: bool,
+    v: f64,
+    e: prometheus_client::encoding::MetricEncoder,
+) -> Result<(), std::fmt::Error> {
+    if counter {
+        ConstCounter::new(v).encode(e)
+    } else {
+        ConstGauge::new(v).encode(e)
+    }
+}
+
+/// Reads one sample from an exposition text: the sum over the lines of `name` whose labels
+/// include every pair in `labels`. For tests and tools.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (label_text, value) = if let Some(r) = rest.strip_prefix('{') {
+            match r.split_once("} ") {
+                Some((l, v)) => (l, v),
+                None => continue,
+            }
+        } else if let Some(v) = rest.strip_prefix(' ') {
+            ("", v)
+        } else {
+            continue;
+        };
+        let all = labels.iter().all(|(k, v)| {
+            let mut want = String::new();
+            let _ = write!(want, "{k}=\"{v}\"");
+            label_text.split(',').any(|kv| kv == want)
+        });
+        if all {
+            sum += value
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+    }
+    sum
+}

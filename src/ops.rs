@@ -1,0 +1,383 @@
+//! The operations layer around every request: client address, CORS, client rate limits, the
+//! request log line, metrics and the statistics the status page shows.
+//!
+//! `App::handle` calls [`begin`] when a request arrives, [`intercept`] to answer it early (CORS
+//! preflight, rate limit), and [`finish`] with the response. `finish` wraps the response body so
+//! that the bytes really sent are counted and the log line is written when the body is done (or
+//! dropped because the client went away), not when the headers leave.
+//!
+//! Upstream clients report every request they send to the [`UpstreamHook`], which also admits
+//! them under `rate_limit.upstream_rps` and remembers each upstream's last success and error.
+
+use crate::lock;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ORIGIN};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+
+use crate::config::{Config, ConfigError};
+use crate::cors::Cors;
+use crate::handlers::{error_response, App, Body, Served};
+use crate::metrics::Metrics;
+use crate::mirror::{Mirror, Outcome};
+use crate::names::Reference;
+use crate::ratelimit::{Client, ClientLimits, UpstreamRate};
+use crate::routes::{Query, Route};
+use crate::status::{PullStats, Traffic, PRIVATE};
+use crate::store::now_secs;
+use crate::upstream::UpstreamError;
+
+/// Everything the ops layer keeps, one per server.
+pub struct Ops {
+    pub metrics: Arc<Metrics>,
+    pub limits: Arc<ClientLimits>,
+    pub hook: Arc<UpstreamHook>,
+    pub traffic: Traffic,
+    pub pulls: PullStats,
+    pub cors: Cors,
+}
+
+impl Ops {
+    /// Builds the layer and attaches the upstream hook to every upstream client.
+    pub fn new(config: &Config, mirror: &Mirror) -> Ops {
+        let metrics = Arc::new(Metrics::new());
+        let hook = Arc::new(UpstreamHook {
+            metrics: metrics.clone(),
+            rate: UpstreamRate::new(&config.rate_limit),
+            refused: AtomicU64::new(0),
+            health: Mutex::new(HashMap::new()),
+        });
+        for up in mirror.upstreams() {
+            up.set_hook(hook.clone());
+        }
+        Ops {
+            metrics,
+            limits: Arc::new(ClientLimits::new(config)),
+            hook,
+            traffic: Traffic::new(mirror.fetches.clone()),
+            pulls: PullStats::default(),
+            cors: Cors::new(&config.cors_origins),
+        }
+    }
+}
+
+/// Checks the ops settings; called by `Config::validate`.
+pub fn validate(config: &Config) -> Result<(), ConfigError> {
+    let err = |key: &str, message: String| ConfigError {
+        key: key.to_owned(),
+        message,
+    };
+    let rl = &config.rate_limit;
+    for (key, rps) in [
+        ("rate_limit.per_client_rps", rl.per_client_rps),
+        ("rate_limit.upstream_rps", rl.upstream_rps),
+    ] {
+        if let Some(rps) = rps {
+            if !(1e-6..=1e9).contains(&rps) {
+                return Err(err(key, format!("{rps} is not a positive rate")));
+            }
+        }
+    }
+    if rl.burst == Some(0) {
+        return Err(err("rate_limit.burst", "must be at least 1".into()));
+    }
+    if rl.max_upstream_concurrency == Some(0) {
+        return Err(err(
+            "rate_limit.max_upstream_concurrency",
+            "must be at least 1 (leave it out for no limit)".into(),
+        ));
+    }
+    for o in &config.cors_origins {
+        if !crate::cors::valid_origin(o) {
+            return Err(err(
+                "cors_origins",
+                format!("{o:?} is not \"*\" or an origin like \"https://ui.example\""),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What the ops layer knows about a request while it is served.
+pub struct RequestInfo {
+    pub client: Client,
+    method: Method,
+    path: String,
+    route: &'static str,
+    /// The upstream the request is routed to, if it names a mirrored repository.
+    upstream: Option<String>,
+    /// containerd's `?ns=`: the registry the client meant (logged; it is no secret).
+    ns: Option<String>,
+    /// `manifest` or `blob`, for cache outcome metrics.
+    kind: Option<&'static str>,
+    /// For manifest requests: (upstream or [`PRIVATE`], repository, tag if by tag).
+    pull: Option<(String, String, Option<String>)>,
+    origin: Option<HeaderValue>,
+    started: Instant,
+}
+
+impl RequestInfo {
+    /// Health and metrics endpoints: never rate limited, logged at debug level only.
+    fn is_probe(&self) -> bool {
+        matches!(self.route, "healthz" | "readyz" | "metrics")
+    }
+}
+
+/// Notes what the ops layer needs before the request is handed to the handlers.
+pub fn begin<B>(
+    app: &App,
+    req: &Request<B>,
+    peer: std::net::SocketAddr,
+    route: Option<&Route>,
+) -> RequestInfo {
+    let started = Instant::now();
+    let client = app.ops.limits.client(peer, req.headers());
+    let named = match route {
+        Some(Route::Manifest { name, .. })
+        | Some(Route::Blob { name, .. })
+        | Some(Route::Tags { name })
+        | Some(Route::Referrers { name, .. }) => Some(name),
+        _ => None,
+    };
+    let ns = Query::parse(req.uri().query()).ns;
+    let mut upstream = None;
+    let mut repo = None;
+    if let Some(name) = named {
+        if app.is_private(name) {
+            repo = Some((PRIVATE.to_owned(), name.to_string()));
+        } else {
+            if let Ok((up, name)) = app.mirror.route(ns.as_deref(), name.clone()) {
+                upstream = Some(up.key.clone());
+                repo = Some((up.key.clone(), name.to_string()));
+            }
+        }
+    }
+    let pull = match (route, repo) {
+        (Some(Route::Manifest { reference, .. }), Some((up, name))) => {
+            let tag = match reference {
+                Reference::Tag(t) => Some(t.to_string()),
+                Reference::Digest(_) => None,
+            };
+            Some((up, name, tag))
+        }
+        _ => None,
+    };
+    RequestInfo {
+        client,
+        method: req.method().clone(),
+        path: req.uri().path().to_owned(),
+        route: route.map(Route::label).unwrap_or("invalid"),
+        upstream,
+        ns,
+        kind: match route {
+            Some(Route::Manifest { .. }) => Some("manifest"),
+            Some(Route::Blob { .. }) => Some("blob"),
+            _ => None,
+        },
+        pull,
+        origin: req.headers().get(ORIGIN).cloned(),
+        started,
+    }
+}
+
+/// A response that answers the request before the handlers see it: a CORS preflight, or a 429
+/// for a client over its limit (unless only upstream work is counted).
+pub fn intercept<B>(app: &App, info: &RequestInfo, req: &Request<B>) -> Option<Response<Body>> {
+    if let Some(resp) = app
+        .ops
+        .cors
+        .preflight(req.method(), &info.path, req.headers())
+    {
+        return Some(resp);
+    }
+    let limits = &app.ops.limits;
+    if info.is_probe() || !limits.enabled() || limits.exempt_cache_hits {
+        return None;
+    }
+    limits
+        .check(info.client.ip)
+        .err()
+        .map(|e| error_response(&e, req.method()))
+}
+
+/// Counts the response, adds CORS headers and wraps the body so the log line and the byte
+/// counts are written when it has been sent.
+pub fn finish(app: &Arc<App>, info: RequestInfo, mut resp: Response<Body>) -> Response<Body> {
+    let outcome = resp.extensions().get::<Served>().map(|s| s.outcome);
+    let status = resp.status();
+    if let (Some(kind), Some(outcome)) = (info.kind, outcome) {
+        app.ops.metrics.cache_outcome(kind, outcome.as_str());
+        app.ops.traffic.lookup(outcome);
+    }
+    if status == StatusCode::OK {
+        if let Some((up, repo, tag)) = &info.pull {
+            app.ops.pulls.record(up, repo, tag.as_deref());
+        }
+    }
+    app.ops
+        .cors
+        .decorate(&info.path, info.origin.as_ref(), resp.headers_mut());
+    let (parts, body) = resp.into_parts();
+    let tracked = Tracked {
+        inner: body,
+        sent: 0,
+        done: Some(Done {
+            app: app.clone(),
+            info,
+            status,
+            outcome,
+        }),
+    };
+    Response::from_parts(parts, BodyExt::boxed(tracked))
+}
+
+/// A response body that counts the bytes it hands to the connection.
+struct Tracked {
+    inner: Body,
+    sent: u64,
+    done: Option<Done>,
+}
+
+struct Done {
+    app: Arc<App>,
+    info: RequestInfo,
+    status: StatusCode,
+    outcome: Option<Outcome>,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.sent += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done.log(self.sent);
+        }
+    }
+}
+
+impl Done {
+    fn log(self, bytes: u64) {
+        let info = &self.info;
+        let elapsed = info.started.elapsed();
+        let outcome = self.outcome.map(Outcome::as_str).unwrap_or("-");
+        let status = self.status.as_u16();
+        self.app
+            .ops
+            .metrics
+            .request(info.route, status, elapsed, outcome, bytes);
+        if !info.is_probe() {
+            self.app.ops.traffic.sent(self.outcome, bytes);
+        }
+        let ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
+        let client = info.client.ip;
+        let method = &info.method;
+        let path = info.path.as_str();
+        let upstream = info.upstream.as_deref().unwrap_or("-");
+        let route = info.route;
+        let ns = info.ns.as_deref();
+        // The path and `ns` only: query strings may carry tokens, and no header is ever logged.
+        if info.is_probe() {
+            tracing::debug!(%client, %method, path, status, bytes, ms, route = %route, "request");
+        } else {
+            tracing::info!(%client, %method, path, status, bytes, ms, route = %route, cache = %outcome, upstream = %upstream, ns, "request");
+        }
+    }
+}
+
+/// The last thing an upstream did well and badly, for the status page.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamHealth {
+    /// Seconds since the epoch.
+    pub last_success: Option<u64>,
+    pub last_error: Option<(u64, String)>,
+}
+
+/// Called by every upstream client around each request it sends.
+pub struct UpstreamHook {
+    metrics: Arc<Metrics>,
+    rate: Option<UpstreamRate>,
+    /// Upstream requests refused by `rate_limit.upstream_rps`.
+    pub refused: AtomicU64,
+    health: Mutex<HashMap<String, UpstreamHealth>>,
+}
+
+impl UpstreamHook {
+    /// Admits a request under `rate_limit.upstream_rps`, waiting a little if needed.
+    pub async fn admit(&self, upstream: &str) -> Result<(), UpstreamError> {
+        let Some(rate) = &self.rate else {
+            return Ok(());
+        };
+        rate.admit().await.inspect_err(|e| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(upstream, error = %e, "upstream request refused by rate_limit.upstream_rps");
+        })
+    }
+
+    /// The configured `upstream_rps`, if any.
+    pub fn rps(&self) -> Option<f64> {
+        self.rate.as_ref().map(|r| r.rps)
+    }
+
+    /// Records what a request sent to `upstream` came to.
+    pub fn record(&self, upstream: &str, result: Result<StatusCode, &UpstreamError>) {
+        let (status, error) = match result {
+            Ok(s) => (
+                s.as_u16().to_string(),
+                (s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS)
+                    .then(|| format!("answered {s}")),
+            ),
+            Err(UpstreamError::Timeout) => ("timeout".to_owned(), Some("timed out".to_owned())),
+            Err(UpstreamError::TooManyRequests { .. }) => {
+                ("429".to_owned(), Some("rate limited (429)".to_owned()))
+            }
+            Err(e) => ("unreachable".to_owned(), Some(e.to_string())),
+        };
+        self.metrics.upstream(upstream, &status, error.is_some());
+        let now = now_secs();
+        let mut health = lock(&self.health);
+        let h = health.entry(upstream.to_owned()).or_default();
+        match error {
+            Some(message) => h.last_error = Some((now, message)),
+            None => h.last_success = Some(now),
+        }
+    }
+
+    pub fn health(&self, upstream: &str) -> UpstreamHealth {
+        lock(&self.health)
+            .get(upstream)
+            .cloned()
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,512 @@
+//! The on-disk side of the private namespace: which content belongs to which repository, the
+//! referrers index, and blob upload sessions. Every function here does blocking I/O; callers on
+//! the async side run them through `spawn_blocking`.
+//!
+//! Layout (content itself lives in the store's local area, shared by all private repositories):
+//! ```text
+//! local/repos/_local/<repo>/_tags/<tag>                     tag -> digest (Store::put_tag)
+//! local/repos/_local/<repo>/_layers/<hex>                   the blob belongs to the repository
+//! local/repos/_local/<repo>/_manifests/<hex>                the manifest belongs to the repository
+//! local/repos/_local/<repo>/_referrers/<subject hex>/<hex>  descriptor of a manifest whose subject
+//!                                                           is <subject>
+//! local/uploads/<id>/info                                   {"repo": …, "started": secs}
+//! local/uploads/<id>/data                                   the bytes received so far
+//! ```
+//! A link is what makes content visible in a repository: a blob pushed to `private/a` is not
+//! served from `private/b` until it is pushed or mounted there. Content no manifest refers to is
+//! removed by `berth gc`.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::names::{Digest, RepoName, Tag};
+use crate::routes::UploadId;
+use crate::store::{now_secs, Area, Store, StoreError, TagEntry, LOCAL_UPSTREAM};
+
+const LAYERS: &str = "_layers";
+const MANIFESTS: &str = "_manifests";
+const REFERRERS: &str = "_referrers";
+const TAGS: &str = "_tags";
+
+/// What an upload session records besides its bytes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UploadInfo {
+    pub repo: String,
+    /// Seconds since the epoch when the upload was started.
+    pub started: u64,
+}
+
+#[derive(Clone)]
+pub struct PrivateStore {
+    store: Store,
+}
+
+impl PrivateStore {
+    pub fn new(store: Store) -> PrivateStore {
+        PrivateStore { store }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn repo_dir(&self, repo: &RepoName) -> PathBuf {
+        self.store.local_repos_dir().join(repo.as_str())
+    }
+
+    fn link_path(&self, repo: &RepoName, kind: &str, digest: &Digest) -> PathBuf {
+        self.repo_dir(repo).join(kind).join(digest.hex())
+    }
+
+    /// Whether anything was ever pushed to the repository.
+    pub fn repo_exists(&self, repo: &RepoName) -> bool {
+        self.repo_dir(repo).is_dir()
+    }
+
+    // --- blobs -------------------------------------------------------------------------------
+
+    /// Makes a stored blob part of a repository, and marks it as recently used so a concurrent
+    /// garbage collection leaves it alone.
+    pub fn link_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<()> {
+        self.write_link(repo, LAYERS, digest)?;
+        touch(&self.store.blob_path(Area::Local, digest));
+        Ok(())
+    }
+
+    /// The blob's length, when it is stored and belongs to the repository.
+    pub fn blob_in_repo(&self, repo: &RepoName, digest: &Digest) -> io::Result<Option<u64>> {
+        if !self.link_path(repo, LAYERS, digest).exists() {
+            return Ok(None);
+        }
+        self.store.blob_len(Area::Local, digest)
+    }
+
+    pub fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool> {
+        remove_existing(&self.link_path(repo, LAYERS, digest))
+    }
+
+    /// Marks blobs a manifest refers to as recently used (see `link_blob`).
+    pub fn touch_blob(&self, digest: &Digest) {
+        touch(&self.store.blob_path(Area::Local, digest));
+    }
+
+    // --- manifests and tags ----------------------------------------------------------------
+
+    pub fn link_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<()> {
+        self.write_link(repo, MANIFESTS, digest)
+    }
+
+    pub fn manifest_in_repo(&self, repo: &RepoName, digest: &Digest) -> bool {
+        self.link_path(repo, MANIFESTS, digest).exists()
+    }
+
+    pub fn unlink_manifest(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool> {
+        remove_existing(&self.link_path(repo, MANIFESTS, digest))
+    }
+
+    /// Every manifest linked into the repository.
+    pub fn manifests_of(&self, repo: &RepoName) -> io::Result<Vec<Digest>> {
+        read_links(&self.repo_dir(repo).join(MANIFESTS))
+    }
+
+    /// Every blob linked into the repository.
+    pub fn blobs_of(&self, repo: &RepoName) -> io::Result<Vec<Digest>> {
+        read_links(&self.repo_dir(repo).join(LAYERS))
+    }
+
+    pub fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<Option<Digest>> {
+        Ok(self
+            .store
+            .get_tag(Area::Local, LOCAL_UPSTREAM, repo, tag, "")?
+            .and_then(|e| Digest::parse(&e.digest).ok()))
+    }
+
+    pub fn set_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+        media_type: &str,
+    ) -> io::Result<()> {
+        let entry = TagEntry {
+            digest: digest.to_string(),
+            media_type: media_type.to_owned(),
+            fetched_at: now_secs(),
+        };
+        self.store
+            .put_tag(Area::Local, LOCAL_UPSTREAM, repo, tag, "", &entry)
+    }
+
+    pub fn remove_tag(&self, repo: &RepoName, tag: &Tag) -> io::Result<bool> {
+        self.store
+            .remove_tag(Area::Local, LOCAL_UPSTREAM, repo, tag, "")
+    }
+
+    /// The repository's tags with their digests, sorted by tag.
+    pub fn tags(&self, repo: &RepoName) -> io::Result<Vec<(Tag, Digest)>> {
+        Ok(self
+            .store
+            .list_tags(Area::Local, LOCAL_UPSTREAM, repo)?
+            .into_iter()
+            .filter(|(_, variant, _)| variant.is_empty())
+            .filter_map(|(tag, _, e)| Digest::parse(&e.digest).ok().map(|d| (tag, d)))
+            .collect())
+    }
+
+    // --- referrers -------------------------------------------------------------------------
+
+    /// Records that `referrer` (described by `descriptor`, an OCI descriptor as JSON) has
+    /// `subject` as its subject.
+    pub fn add_referrer(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        referrer: &Digest,
+        descriptor: &serde_json::Value,
+    ) -> io::Result<()> {
+        let path = self
+            .repo_dir(repo)
+            .join(REFERRERS)
+            .join(subject.hex())
+            .join(referrer.hex());
+        let json = serde_json::to_vec(descriptor).map_err(io::Error::other)?;
+        self.store.write_atomic(&path, &json)
+    }
+
+    pub fn remove_referrer(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        referrer: &Digest,
+    ) -> io::Result<()> {
+        let dir = self.repo_dir(repo).join(REFERRERS).join(subject.hex());
+        remove_existing(&dir.join(referrer.hex()))?;
+        // Leave no empty directory behind; failing because another push just added one is fine.
+        let _ = fs::remove_dir(&dir);
+        Ok(())
+    }
+
+    /// Descriptors of the manifests in the repository whose subject is `subject`, sorted by
+    /// digest so pages are stable.
+    pub fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> io::Result<Vec<serde_json::Value>> {
+        let dir = self.repo_dir(repo).join(REFERRERS).join(subject.hex());
+        let mut out = Vec::new();
+        for digest in read_links(&dir)? {
+            // A referrer deleted from the repository no longer counts, whatever is left on disk.
+            if !self.manifest_in_repo(repo, &digest) {
+                continue;
+            }
+            match fs::read(dir.join(digest.hex())) {
+                Ok(bytes) => {
+                    if let Ok(v) = serde_json::from_slice(&bytes) {
+                        out.push(v);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    // --- repositories ----------------------------------------------------------------------
+
+    /// Private repositories holding at least one manifest or tag, sorted.
+    pub fn list_repos(&self) -> io::Result<Vec<RepoName>> {
+        let mut out = Vec::new();
+        walk_repos(&self.store.local_repos_dir(), "", &mut out);
+        out.retain(|r| {
+            let dir = self.repo_dir(r);
+            non_empty(&dir.join(MANIFESTS)) || non_empty(&dir.join(TAGS))
+        });
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every private repository directory, whether or not it holds anything.
+    pub fn all_repos(&self) -> Vec<RepoName> {
+        let mut out = Vec::new();
+        walk_repos(&self.store.local_repos_dir(), "", &mut out);
+        out.sort();
+        out
+    }
+
+    fn write_link(&self, repo: &RepoName, kind: &str, digest: &Digest) -> io::Result<()> {
+        let path = self.link_path(repo, kind, digest);
+        if path.exists() {
+            return Ok(());
+        }
+        self.store
+            .write_atomic(&path, digest.to_string().as_bytes())
+    }
+
+    // --- uploads ---------------------------------------------------------------------------
+
+    fn upload_dir(&self, id: &UploadId) -> PathBuf {
+        self.store.uploads_dir().join(id.as_str())
+    }
+
+    pub fn upload_data_path(&self, id: &UploadId) -> PathBuf {
+        self.upload_dir(id).join("data")
+    }
+
+    /// Starts an upload session for a repository.
+    pub fn create_upload(&self, repo: &RepoName) -> io::Result<UploadId> {
+        let id = UploadId::new();
+        let dir = self.upload_dir(&id);
+        fs::create_dir_all(&dir)?;
+        let info = UploadInfo {
+            repo: repo.to_string(),
+            started: now_secs(),
+        };
+        let json = serde_json::to_vec(&info).map_err(io::Error::other)?;
+        fs::write(dir.join("info"), json)?;
+        File::create(dir.join("data"))?;
+        Ok(id)
+    }
+
+    /// The bytes received so far, when the upload exists and belongs to `repo`.
+    pub fn upload_size(&self, repo: &RepoName, id: &UploadId) -> io::Result<Option<u64>> {
+        let dir = self.upload_dir(id);
+        let info = match fs::read(dir.join("info")) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Ok(info) = serde_json::from_slice::<UploadInfo>(&info) else {
+            return Ok(None);
+        };
+        if info.repo != repo.as_str() {
+            return Ok(None);
+        }
+        match fs::metadata(dir.join("data")) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens the upload's data file for writing at its end.
+    pub fn open_upload(&self, id: &UploadId) -> io::Result<File> {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(self.upload_data_path(id))
+    }
+
+    /// Cuts the data back to `len` bytes (after a chunk that was refused half-way).
+    pub fn truncate_upload(&self, id: &UploadId, len: u64) -> io::Result<()> {
+        self.open_upload(id)?.set_len(len)
+    }
+
+    pub fn remove_upload(&self, id: &UploadId) -> io::Result<()> {
+        match fs::remove_dir_all(self.upload_dir(id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Finishes an upload: hashes the data (streaming from disk), and when it matches
+    /// `expected` makes it durable, moves it into the blob store and links it into `repo`.
+    /// On a mismatch the upload is discarded and nothing is stored. Returns the blob's length.
+    pub fn finish_upload(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        expected: &Digest,
+    ) -> Result<u64, StoreError> {
+        let data = self.upload_data_path(id);
+        let (actual, len) = hash_file(&data)?;
+        if actual != *expected {
+            self.remove_upload(id)?;
+            return Err(StoreError::DigestMismatch {
+                expected: *expected,
+                actual,
+            });
+        }
+        File::open(&data)?.sync_all()?;
+        let dest = self.store.blob_path(Area::Local, expected);
+        let parent = dest.parent().map(Path::to_path_buf);
+        if let Some(parent) = &parent {
+            fs::create_dir_all(parent)?;
+        }
+        fs::rename(&data, &dest)?;
+        if let Some(parent) = parent {
+            // The rename is durable only once the directory entry is.
+            if let Ok(dir) = File::open(parent) {
+                let _ = dir.sync_all();
+            }
+        }
+        self.link_blob(repo, expected)?;
+        self.remove_upload(id)?;
+        Ok(len)
+    }
+
+    /// Every upload session with its size and last activity (for garbage collection).
+    pub fn uploads(&self) -> io::Result<Vec<(UploadId, u64, SystemTime)>> {
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(self.store.uploads_dir()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for e in entries.filter_map(Result::ok) {
+            let Some(id) = e.file_name().to_str().and_then(|n| UploadId::parse(n).ok()) else {
+                continue;
+            };
+            let mut size = 0;
+            let mut last = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            if let Ok(files) = fs::read_dir(e.path()) {
+                for f in files.filter_map(Result::ok) {
+                    if let Ok(m) = f.metadata() {
+                        size += m.len();
+                        if let Ok(t) = m.modified() {
+                            last = last.max(t);
+                        }
+                    }
+                }
+            }
+            out.push((id, size, last));
+        }
+        Ok(out)
+    }
+}
+
+/// The sha256 and length of a file, read in pieces.
+pub fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok((Digest::from_sha256(hasher.finalize().into()), len))
+}
+
+fn touch(path: &Path) {
+    if let Ok(f) = fs::OpenOptions::new().write(true).open(path) {
+        let _ = f.set_modified(SystemTime::now());
+    }
+}
+
+fn remove_existing(path: &Path) -> io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn non_empty(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// The digests named by the files of a link directory.
+fn read_links(dir: &Path) -> io::Result<Vec<Digest>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out: Vec<Digest> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name();
+            Digest::parse(&format!("sha256:{}", name.to_str()?)).ok()
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Collects repository names: a directory holding one of the `_` directories is a repository
+/// (repository names never start with `_`, so these never collide with a name's segments).
+fn walk_repos(dir: &Path, prefix: &str, out: &mut Vec<RepoName>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut is_repo = false;
+    for e in entries.filter_map(Result::ok) {
+        let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if name.starts_with('_') {
+            is_repo = true;
+        } else if e.path().is_dir() {
+            let next = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            walk_repos(&e.path(), &next, out);
+        }
+    }
+    if is_repo {
+        if let Ok(r) = RepoName::parse(prefix) {
+            out.push(r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, PrivateStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, PrivateStore::new(store))
+    }
+
+    #[test]
+    fn uploads_finish_into_the_store_and_link() {
+        let (_dir, ps) = setup();
+        let repo = RepoName::parse("private/app").unwrap();
+        let other = RepoName::parse("private/other").unwrap();
+        let id = ps.create_upload(&repo).unwrap();
+        assert_eq!(ps.upload_size(&repo, &id).unwrap(), Some(0));
+        assert_eq!(ps.upload_size(&other, &id).unwrap(), None);
+        fs::write(ps.upload_data_path(&id), b"hello").unwrap();
+        let wrong = Digest::of(b"jello");
+        assert!(matches!(
+            ps.finish_upload(&repo, &id, &wrong),
+            Err(StoreError::DigestMismatch { .. })
+        ));
+        assert_eq!(ps.upload_size(&repo, &id).unwrap(), None);
+        assert!(ps.store().blob_len(Area::Local, &wrong).unwrap().is_none());
+
+        let id = ps.create_upload(&repo).unwrap();
+        fs::write(ps.upload_data_path(&id), b"hello").unwrap();
+        let good = Digest::of(b"hello");
+        assert_eq!(ps.finish_upload(&repo, &id, &good).unwrap(), 5);
+        assert_eq!(ps.blob_in_repo(&repo, &good).unwrap(), Some(5));
+        assert_eq!(ps.blob_in_repo(&other, &good).unwrap(), None);
+        assert!(ps.uploads().unwrap().is_empty());
+        assert_eq!(ps.all_repos(), vec![repo.clone()]);
+        // Blobs alone do not make a repository show in the catalog.
+        assert!(ps.list_repos().unwrap().is_empty());
+        let tag = Tag::parse("v1").unwrap();
+        ps.link_manifest(&repo, &good).unwrap();
+        ps.set_tag(&repo, &tag, &good, "x").unwrap();
+        assert_eq!(ps.list_repos().unwrap(), vec![repo.clone()]);
+        assert_eq!(ps.resolve_tag(&repo, &tag).unwrap(), Some(good));
+        assert_eq!(ps.tags(&repo).unwrap(), vec![(tag, good)]);
+    }
+}

@@ -1,0 +1,842 @@
+//! The status page: `/` and `/ui/repo/<upstream>/<name>`, server-rendered HTML with a little
+//! inline CSS and no JavaScript.
+//!
+//! It shows uptime, the disk cache against its limit, hit ratio and bytes served from the cache
+//! (today and since start), each upstream's health and rate-limit headroom, the most pulled images
+//! and the cached repositories with their tags, sizes and last pull. Everything interpolated into
+//! the page is HTML-escaped. Private repositories are listed only to visitors who
+//! [`App::may_see_private`].
+//!
+//! Pull counts and traffic are kept in memory: they start again at zero with the process.
+
+use crate::lock;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Request, Response, StatusCode};
+
+use crate::error::RegistryError;
+use crate::fetch::Fetches;
+use crate::handlers::{empty, full, App, Body};
+use crate::mirror::{blocking, Outcome};
+use crate::names::{Digest, RepoName};
+use crate::store::{now_secs, Area, Store};
+
+/// The upstream key under which pulls of private repositories are counted.
+pub const PRIVATE: &str = "";
+/// Distinct repositories whose pulls are counted; later ones are not, to bound memory.
+const MAX_TRACKED_REPOS: usize = 10_000;
+/// Repositories listed on the overview.
+const MAX_LISTED_REPOS: usize = 500;
+/// Tags named per repository on the overview.
+const TAGS_PER_ROW: usize = 8;
+const TOP_PULLS: usize = 10;
+
+const CSS: &str =
+    "body{font:14px/1.45 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}\
+header{background:#1d3557;color:#fff;padding:14px 28px}header h1{margin:0;font-size:22px}\
+header a{color:#fff;text-decoration:none}header small{opacity:.8}\
+main{padding:18px 28px;max-width:1200px}section{background:#fff;border:1px solid #dde1e6;\
+border-radius:6px;padding:12px 18px;margin:0 0 16px}h2{font-size:16px;margin:4px 0 10px}\
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:5px 8px;\
+border-bottom:1px solid #eceef1;vertical-align:top}th{font-weight:600;color:#56606b}\
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}\
+.bar{background:#e8ebef;border-radius:4px;height:12px;width:320px;display:inline-block;\
+vertical-align:middle;overflow:hidden}.bar span{display:block;height:100%;background:#2a9d8f}\
+.ok{color:#2a7d34}.bad{color:#b3261e}.muted{color:#7a838d}code{font-size:12px}\
+.grid{display:flex;gap:16px;flex-wrap:wrap}.grid section{flex:1;min-width:320px}";
+
+/// Request and byte counts, since start and for the current (UTC) day.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    pub requests: u64,
+    /// Mirrored manifest and blob requests (hit, miss, joined, stale).
+    pub lookups: u64,
+    /// Of those, answered from the cache (hit, stale).
+    pub hits: u64,
+    /// Response bytes sent from the cache.
+    pub cache_bytes: u64,
+    pub sent_bytes: u64,
+    /// Blob bytes fetched from upstreams.
+    pub upstream_bytes: u64,
+}
+
+impl Counts {
+    pub fn hit_ratio(&self) -> Option<f64> {
+        (self.lookups > 0).then(|| self.hits as f64 / self.lookups as f64)
+    }
+}
+
+pub struct Traffic {
+    fetches: Arc<Fetches>,
+    inner: Mutex<TrafficInner>,
+}
+
+#[derive(Default)]
+struct TrafficInner {
+    total: Counts,
+    today: Counts,
+    day: u64,
+    upstream_at_day_start: u64,
+}
+
+impl Traffic {
+    pub fn new(fetches: Arc<Fetches>) -> Traffic {
+        Traffic {
+            inner: Mutex::new(TrafficInner {
+                day: now_secs() / 86_400,
+                upstream_at_day_start: fetches.upstream_bytes.load(Ordering::Relaxed),
+                ..TrafficInner::default()
+            }),
+            fetches,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut TrafficInner) -> T) -> T {
+        let mut inner = lock(&self.inner);
+        let day = now_secs() / 86_400;
+        if day != inner.day {
+            inner.day = day;
+            inner.today = Counts::default();
+            inner.upstream_at_day_start = self.fetches.upstream_bytes.load(Ordering::Relaxed);
+        }
+        f(&mut inner)
+    }
+
+    /// A manifest or blob response started with this cache outcome.
+    pub fn lookup(&self, outcome: Outcome) {
+        if outcome == Outcome::Local {
+            return;
+        }
+        let hit = matches!(outcome, Outcome::Hit | Outcome::Stale);
+        self.with(|t| {
+            for c in [&mut t.total, &mut t.today] {
+                c.lookups += 1;
+                c.hits += u64::from(hit);
+            }
+        });
+    }
+
+    /// A response finished, having sent `bytes` of body.
+    pub fn sent(&self, outcome: Option<Outcome>, bytes: u64) {
+        let from_cache = matches!(outcome, Some(Outcome::Hit | Outcome::Stale));
+        self.with(|t| {
+            for c in [&mut t.total, &mut t.today] {
+                c.requests += 1;
+                c.sent_bytes += bytes;
+                if from_cache {
+                    c.cache_bytes += bytes;
+                }
+            }
+        });
+    }
+
+    /// (since start, today).
+    pub fn snapshot(&self) -> (Counts, Counts) {
+        let upstream = self.fetches.upstream_bytes.load(Ordering::Relaxed);
+        self.with(|t| {
+            let mut total = t.total;
+            let mut today = t.today;
+            total.upstream_bytes = upstream;
+            today.upstream_bytes = upstream.saturating_sub(t.upstream_at_day_start);
+            (total, today)
+        })
+    }
+}
+
+/// Manifest pulls per repository and tag, in memory.
+#[derive(Default)]
+pub struct PullStats {
+    repos: Mutex<HashMap<(String, String), RepoPulls>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RepoPulls {
+    /// Seconds since the epoch of the last manifest request answered.
+    pub last: u64,
+    pub tags: BTreeMap<String, u64>,
+}
+
+impl PullStats {
+    /// A manifest of `repo` was served; `tag` when it was asked for by tag.
+    pub fn record(&self, upstream: &str, repo: &str, tag: Option<&str>) {
+        let mut repos = lock(&self.repos);
+        let key = (upstream.to_owned(), repo.to_owned());
+        if !repos.contains_key(&key) && repos.len() >= MAX_TRACKED_REPOS {
+            return;
+        }
+        let e = repos.entry(key).or_default();
+        e.last = now_secs();
+        if let Some(tag) = tag {
+            *e.tags.entry(tag.to_owned()).or_insert(0) += 1;
+        }
+    }
+
+    pub fn get(&self, upstream: &str, repo: &str) -> Option<RepoPulls> {
+        lock(&self.repos)
+            .get(&(upstream.to_owned(), repo.to_owned()))
+            .cloned()
+    }
+
+    /// The most pulled repo:tag pairs: (upstream, repo, tag, pulls).
+    pub fn top(&self, n: usize, private: bool) -> Vec<(String, String, String, u64)> {
+        let repos = lock(&self.repos);
+        let mut all: Vec<_> = repos
+            .iter()
+            .filter(|((up, _), _)| private || up != PRIVATE)
+            .flat_map(|((up, repo), p)| {
+                p.tags
+                    .iter()
+                    .map(move |(t, n)| (up.clone(), repo.clone(), t.clone(), *n))
+            })
+            .collect();
+        all.sort_by(|a, b| b.3.cmp(&a.3).then_with(|| (&a.1, &a.2).cmp(&(&b.1, &b.2))));
+        all.truncate(n);
+        all
+    }
+}
+
+impl App {
+    /// Whether this visitor may see the private namespace on the status page: when anonymous
+    /// pulls of it are allowed, or the request carries credentials of a user.
+    pub async fn may_see_private<B>(&self, req: &Request<B>, client: std::net::IpAddr) -> bool {
+        self.config.private_pull_public
+            || matches!(
+                self.auth.authenticate(req.headers(), client).await,
+                Ok(Some(_))
+            )
+    }
+}
+
+/// Answers `/` and `/ui/...`.
+pub async fn page<B>(
+    app: &App,
+    path: &str,
+    req: &Request<B>,
+    head: bool,
+    client: std::net::IpAddr,
+) -> Result<Response<Body>, RegistryError> {
+    let private = app.may_see_private(req, client).await;
+    let (status, html) = if path == "/" {
+        (StatusCode::OK, overview(app, private).await?)
+    } else if let Some(rest) = path.strip_prefix("/ui/repo/") {
+        match repo_page(app, rest, private).await? {
+            Some(html) => (StatusCode::OK, html),
+            None => (StatusCode::NOT_FOUND, not_found(path)),
+        }
+    } else {
+        (StatusCode::NOT_FOUND, not_found(path))
+    };
+    Ok(Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "text/html; charset=utf-8")
+        .header(CONTENT_LENGTH, html.len())
+        .header(CACHE_CONTROL, "no-store")
+        .header(
+            "content-security-policy",
+            "default-src 'none'; style-src 'unsafe-inline'",
+        )
+        .header("x-content-type-options", "nosniff")
+        .body(if head { empty() } else { full(html) })
+        .unwrap_or_default())
+}
+
+/// A repository as the page lists it.
+struct Repo {
+    area: Area,
+    upstream: String,
+    name: RepoName,
+    tags: Vec<TagRow>,
+    /// Compressed size of the unique blobs the tags reference (known ones).
+    size: u64,
+}
+
+struct TagRow {
+    tag: String,
+    digest: String,
+    media_type: String,
+    /// When the upstream last confirmed the tag (seconds since the epoch).
+    fetched_at: u64,
+    size: Option<u64>,
+    platforms: Option<usize>,
+}
+
+/// What a stored manifest says about sizes.
+#[derive(Clone)]
+enum Parsed {
+    Image { blobs: Vec<(String, u64)> },
+    Index { children: Vec<String> },
+    Unknown,
+}
+
+fn parse_manifest(store: &Store, area: Area, digest: &str) -> Option<(Parsed, u64)> {
+    let d = Digest::parse(digest).ok()?;
+    let (bytes, _) = store.get_manifest(area, &d).ok()??;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let desc = |e: &serde_json::Value| -> Option<(String, u64)> {
+        Some((
+            e.get("digest")?.as_str()?.to_owned(),
+            e.get("size")?.as_u64()?,
+        ))
+    };
+    let parsed = if let Some(list) = v.get("manifests").and_then(|m| m.as_array()) {
+        Parsed::Index {
+            children: list.iter().filter_map(desc).map(|(d, _)| d).collect(),
+        }
+    } else if let Some(layers) = v.get("layers").and_then(|l| l.as_array()) {
+        let mut blobs: Vec<_> = layers.iter().filter_map(desc).collect();
+        blobs.extend(v.get("config").and_then(desc));
+        Parsed::Image { blobs }
+    } else {
+        Parsed::Unknown
+    };
+    Some((parsed, bytes.len() as u64))
+}
+
+/// Reads the repositories of an area with their tags and sizes (blocking).
+fn collect_repos(store: &Store, area: Area, limit: usize) -> std::io::Result<(Vec<Repo>, usize)> {
+    let all = store.list_repos(area)?;
+    let total = all.len();
+    let mut parsed: HashMap<String, Option<(Parsed, u64)>> = HashMap::new();
+    let mut out = Vec::new();
+    for (upstream, name) in all.into_iter().take(limit) {
+        out.push(read_repo(store, area, upstream, name, &mut parsed)?);
+    }
+    Ok((out, total))
+}
+
+fn read_repo(
+    store: &Store,
+    area: Area,
+    upstream: String,
+    name: RepoName,
+    parsed: &mut HashMap<String, Option<(Parsed, u64)>>,
+) -> std::io::Result<Repo> {
+    let mut manifest = |d: &str| -> Option<(Parsed, u64)> {
+        parsed
+            .entry(d.to_owned())
+            .or_insert_with(|| parse_manifest(store, area, d))
+            .clone()
+    };
+    let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut repo_blobs: HashMap<String, u64> = HashMap::new();
+    let mut tags = Vec::new();
+    for (tag, _variant, entry) in store.list_tags(area, &upstream, &name)? {
+        if !seen.insert((tag.to_string(), entry.digest.clone())) {
+            continue;
+        }
+        let mut blobs: HashMap<String, u64> = HashMap::new();
+        let mut platforms = None;
+        let mut known = true;
+        match manifest(&entry.digest) {
+            Some((Parsed::Image { blobs: b }, len)) => {
+                blobs.insert(entry.digest.clone(), len);
+                blobs.extend(b);
+            }
+            Some((Parsed::Index { children }, len)) => {
+                blobs.insert(entry.digest.clone(), len);
+                platforms = Some(children.len());
+                for child in children {
+                    if let Some((Parsed::Image { blobs: b }, clen)) = manifest(&child) {
+                        blobs.insert(child, clen);
+                        blobs.extend(b);
+                    }
+                }
+            }
+            Some((Parsed::Unknown, _)) | None => known = false,
+        }
+        let size = known.then(|| blobs.values().sum());
+        repo_blobs.extend(blobs);
+        tags.push(TagRow {
+            tag: tag.to_string(),
+            digest: entry.digest,
+            media_type: entry.media_type,
+            fetched_at: entry.fetched_at,
+            size,
+            platforms,
+        });
+    }
+    Ok(Repo {
+        area,
+        upstream,
+        name,
+        tags,
+        size: repo_blobs.values().sum(),
+    })
+}
+
+async fn overview(app: &App, private: bool) -> Result<String, RegistryError> {
+    let store = app.mirror.store().clone();
+    let (mut repos, mut total) = {
+        let store = store.clone();
+        blocking(move || collect_repos(&store, Area::Cache, MAX_LISTED_REPOS)).await?
+    };
+    if private {
+        let (local, n) =
+            blocking(move || collect_repos(&store, Area::Local, MAX_LISTED_REPOS)).await?;
+        repos.extend(local);
+        total += n;
+    }
+    let (since_start, today) = app.ops.traffic.snapshot();
+    let disk = &app.mirror.disk;
+    let mut h = String::with_capacity(16 << 10);
+    head(&mut h, "berth status");
+    let _ = write!(
+        h,
+        "<main><div class=\"grid\"><section><h2>Server</h2><table>\
+         <tr><th>Uptime</th><td id=\"uptime\">{}</td></tr>\
+         <tr><th>Version</th><td>{}</td></tr>\
+         <tr><th>Cache</th><td><span class=\"bar\"><span style=\"width:{:.1}%\"></span></span> \
+         <span id=\"cache-size\">{}</span> of {} ({:.1}%)</td></tr>\
+         <tr><th>Evictions</th><td>{} ({})</td></tr>\
+         <tr><th>Downloads in flight</th><td>{}</td></tr></table></section>",
+        human_duration(app.started.elapsed()),
+        esc(env!("CARGO_PKG_VERSION")),
+        percent(disk.size(), disk.limit()).min(100.0),
+        human_bytes(disk.size()),
+        human_bytes(disk.limit()),
+        percent(disk.size(), disk.limit()),
+        disk.evictions.load(Ordering::Relaxed),
+        human_bytes(disk.evicted_bytes.load(Ordering::Relaxed)),
+        app.mirror.fetches.in_flight(),
+    );
+    h.push_str(
+        "<section><h2>Traffic</h2><table><tr><th></th><th class=\"num\">Today (UTC)</th>\
+         <th class=\"num\">Since start</th></tr>",
+    );
+    let row = |h: &mut String, label: &str, id: &str, f: &dyn Fn(&Counts) -> String| {
+        let _ = write!(
+            h,
+            "<tr><th>{label}</th><td class=\"num\" id=\"{id}-today\">{}</td>\
+             <td class=\"num\" id=\"{id}\">{}</td></tr>",
+            f(&today),
+            f(&since_start)
+        );
+    };
+    row(&mut h, "Hit ratio", "hit-ratio", &|c| match c.hit_ratio() {
+        Some(r) => format!("{:.1}%", r * 100.0),
+        None => "—".into(),
+    });
+    row(
+        &mut h,
+        "Bytes saved (served from cache)",
+        "bytes-saved",
+        &|c| human_bytes(c.cache_bytes),
+    );
+    row(&mut h, "Bytes fetched upstream", "bytes-upstream", &|c| {
+        human_bytes(c.upstream_bytes)
+    });
+    row(&mut h, "Bytes sent", "bytes-sent", &|c| {
+        human_bytes(c.sent_bytes)
+    });
+    row(&mut h, "Requests", "requests", &|c| c.requests.to_string());
+    row(&mut h, "Cache lookups", "lookups", &|c| {
+        c.lookups.to_string()
+    });
+    h.push_str("</table></section></div>");
+    upstreams(app, &mut h);
+    // Most pulled images.
+    h.push_str("<section><h2>Most pulled images</h2>");
+    let top = app.ops.pulls.top(TOP_PULLS, private);
+    if top.is_empty() {
+        h.push_str("<p class=\"muted\">No pulls since start.</p>");
+    } else {
+        h.push_str("<table><tr><th>Image</th><th>Upstream</th><th class=\"num\">Pulls</th></tr>");
+        for (up, repo, tag, n) in top {
+            let _ = write!(
+                h,
+                "<tr><td><code>{}:{}</code></td><td>{}</td><td class=\"num\">{n}</td></tr>",
+                esc(&repo),
+                esc(&tag),
+                esc(upstream_label(&up)),
+            );
+        }
+        h.push_str("</table>");
+    }
+    h.push_str("</section>");
+    // Repositories.
+    let _ = write!(h, "<section><h2>Repositories ({total})</h2>");
+    if repos.is_empty() {
+        h.push_str("<p class=\"muted\">Nothing cached yet.</p>");
+    } else {
+        h.push_str(
+            "<table><tr><th>Repository</th><th>Upstream</th><th>Tags</th>\
+             <th class=\"num\">Size</th><th>Last pull</th></tr>",
+        );
+        for r in &repos {
+            let pulls = app.ops.pulls.get(pull_key(r), r.name.as_str());
+            let mut tags: Vec<&str> = r.tags.iter().map(|t| t.tag.as_str()).collect();
+            tags.dedup();
+            let more = tags.len().saturating_sub(TAGS_PER_ROW);
+            let shown: Vec<String> = tags.iter().take(TAGS_PER_ROW).map(|t| esc(t)).collect();
+            let _ = write!(
+                h,
+                "<tr><td><a href=\"{}\">{}</a></td><td>{}</td><td>{}{}</td>\
+                 <td class=\"num\">{}</td><td>{}</td></tr>",
+                esc(&repo_href(&r.upstream, &r.name)),
+                esc(r.name.as_str()),
+                esc(area_label(r)),
+                shown.join(", "),
+                if more > 0 {
+                    format!(" <span class=\"muted\">and {more} more</span>")
+                } else {
+                    String::new()
+                },
+                human_bytes(r.size),
+                pulls.map_or_else(|| "—".to_owned(), |p| ago(p.last)),
+            );
+        }
+        h.push_str("</table>");
+        if total > repos.len() {
+            let _ = write!(
+                h,
+                "<p class=\"muted\">Showing {} of {total}.</p>",
+                repos.len()
+            );
+        }
+    }
+    h.push_str("</section></main></body></html>\n");
+    Ok(h)
+}
+
+fn upstreams(app: &App, h: &mut String) {
+    h.push_str(
+        "<section><h2>Upstreams</h2><table><tr><th>Upstream</th><th>URL</th>\
+         <th>Last success</th><th>Last error</th><th>Rate limit remaining</th></tr>",
+    );
+    let mut ups: Vec<_> = app.mirror.upstreams().collect();
+    ups.sort_by(|a, b| a.key.cmp(&b.key));
+    for up in ups {
+        let health = app.ops.hook.health(&up.key);
+        let remaining = up.ratelimit_remaining.load(Ordering::Relaxed);
+        let limit = up.ratelimit_limit.load(Ordering::Relaxed);
+        let rl = match (remaining, limit) {
+            (r, l) if r >= 0 && l > 0 => format!("{r} of {l}"),
+            (r, _) if r >= 0 => r.to_string(),
+            _ => "<span class=\"muted\">not reported</span>".to_owned(),
+        };
+        let ok = health.last_success.map_or_else(
+            || "<span class=\"muted\">never</span>".into(),
+            |t| format!("<span class=\"ok\">{}</span>", ago(t)),
+        );
+        let bad = health.last_error.map_or_else(
+            || "<span class=\"muted\">none</span>".into(),
+            |(t, msg)| format!("<span class=\"bad\">{}</span>: {}", ago(t), esc(&msg)),
+        );
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td><code>{}</code></td><td>{ok}</td><td>{bad}</td><td>{rl}</td></tr>",
+            esc(&up.key),
+            esc(&up.url.to_string()),
+        );
+    }
+    h.push_str("</table>");
+    let mut limits = Vec::new();
+    if let Some(rps) = app.ops.hook.rps() {
+        limits.push(format!("upstream requests: {rps}/s"));
+    }
+    let slots = &app.mirror.slots;
+    if slots.max() > 0 {
+        limits.push(format!(
+            "upstream fetches: {} of {} slots in use",
+            slots.in_use(),
+            slots.max()
+        ));
+    }
+    if let Some(rps) = app.config.rate_limit.per_client_rps {
+        limits.push(format!(
+            "clients: {rps}/s each{}",
+            if app.config.rate_limit.exempt_cache_hits {
+                ", cache hits exempt"
+            } else {
+                ""
+            }
+        ));
+    }
+    if !limits.is_empty() {
+        let _ = write!(
+            h,
+            "<p class=\"muted\">berth's own limits: {}</p>",
+            esc(&limits.join("; "))
+        );
+    }
+    h.push_str("</section>");
+}
+
+async fn repo_page(app: &App, rest: &str, private: bool) -> Result<Option<String>, RegistryError> {
+    let Some((upstream, name)) = rest.split_once('/') else {
+        return Ok(None);
+    };
+    let upstream = percent_decode(upstream);
+    let Ok(name) = RepoName::parse(name.trim_end_matches('/')) else {
+        return Ok(None);
+    };
+    let is_private = app.is_private(&name);
+    if is_private && !private {
+        return Ok(None);
+    }
+    let area = if is_private { Area::Local } else { Area::Cache };
+    let store = app.mirror.store().clone();
+    let (up2, name2) = (upstream.clone(), name.clone());
+    // Only a listed repository is read: the upstream part names a directory.
+    let repo = blocking(move || {
+        let listed = store
+            .list_repos(area)?
+            .into_iter()
+            .any(|(u, n)| u == up2 && n == name2);
+        if !listed {
+            return Ok(None);
+        }
+        read_repo(&store, area, up2, name2, &mut HashMap::new()).map(Some)
+    })
+    .await?;
+    let Some(repo) = repo else {
+        return Ok(None);
+    };
+    let pulls = app.ops.pulls.get(pull_key(&repo), repo.name.as_str());
+    let mut h = String::with_capacity(8 << 10);
+    head(&mut h, &format!("{} — berth", repo.name));
+    let _ = write!(
+        h,
+        "<main><p><a href=\"/\">← all repositories</a></p><section><h2>{}</h2><table>\
+         <tr><th>Upstream</th><td>{}</td></tr><tr><th>Size</th><td>{}</td></tr>\
+         <tr><th>Last pull</th><td>{}</td></tr></table></section>",
+        esc(repo.name.as_str()),
+        esc(area_label(&repo)),
+        human_bytes(repo.size),
+        pulls
+            .as_ref()
+            .map_or_else(|| "— (none since start)".to_owned(), |p| ago(p.last)),
+    );
+    h.push_str(
+        "<section><h2>Tags</h2><table><tr><th>Tag</th><th>Digest</th><th>Type</th>\
+         <th class=\"num\">Size</th><th>Checked upstream</th><th class=\"num\">Pulls</th></tr>",
+    );
+    for t in &repo.tags {
+        let kind = match t.platforms {
+            Some(n) => format!("index, {n} platforms"),
+            None => short_media_type(&t.media_type).to_owned(),
+        };
+        let n = pulls
+            .as_ref()
+            .and_then(|p| p.tags.get(&t.tag))
+            .copied()
+            .unwrap_or(0);
+        let _ = write!(
+            h,
+            "<tr><td><code>{}</code></td><td><code title=\"{}\">{}</code></td><td>{}</td>\
+             <td class=\"num\">{}</td><td>{}</td><td class=\"num\">{n}</td></tr>",
+            esc(&t.tag),
+            esc(&t.digest),
+            esc(short_digest(&t.digest)),
+            esc(&kind),
+            t.size.map_or_else(|| "?".to_owned(), human_bytes),
+            if repo.area == Area::Local {
+                "—".to_owned()
+            } else {
+                ago(t.fetched_at)
+            },
+        );
+    }
+    h.push_str("</table></section></main></body></html>\n");
+    Ok(Some(h))
+}
+
+fn head(h: &mut String, title: &str) {
+    let _ = write!(
+        h,
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+         <title>{}</title><style>{CSS}</style></head><body><header><h1><a href=\"/\">berth</a> \
+         <small>pull-through registry mirror</small></h1></header>",
+        esc(title)
+    );
+}
+
+fn not_found(path: &str) -> String {
+    let mut h = String::new();
+    head(&mut h, "not found — berth");
+    let _ = writeln!(
+        h,
+        "<main><section><h2>Not found</h2><p>Nothing at <code>{}</code>.</p>\
+         <p><a href=\"/\">Back to the status page</a></p></section></main></body></html>",
+        esc(path)
+    );
+    h
+}
+
+fn pull_key(r: &Repo) -> &str {
+    if r.area == Area::Local {
+        PRIVATE
+    } else {
+        &r.upstream
+    }
+}
+
+fn area_label(r: &Repo) -> &str {
+    if r.area == Area::Local {
+        "private"
+    } else {
+        &r.upstream
+    }
+}
+
+fn upstream_label(up: &str) -> &str {
+    if up == PRIVATE {
+        "private"
+    } else {
+        up
+    }
+}
+
+fn repo_href(upstream: &str, name: &RepoName) -> String {
+    format!("/ui/repo/{}/{}", percent_encode(upstream), name.as_str())
+}
+
+/// Escapes text for HTML content and quoted attribute values.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(a), Some(b)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((a * 16 + b) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn short_digest(d: &str) -> &str {
+    let hex = d.strip_prefix("sha256:").unwrap_or(d);
+    hex.get(..12).unwrap_or(hex)
+}
+
+fn short_media_type(m: &str) -> &str {
+    match m {
+        "application/vnd.docker.distribution.manifest.v2+json" => "docker image",
+        "application/vnd.oci.image.manifest.v1+json" => "OCI image",
+        "application/vnd.docker.distribution.manifest.list.v2+json" => "docker index",
+        "application/vnd.oci.image.index.v1+json" => "OCI index",
+        other => other,
+    }
+}
+
+fn percent(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 * 100.0 / b as f64
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    let (days, hours, mins, secs) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (days, hours, mins) {
+        (0, 0, 0) => format!("{secs}s"),
+        (0, 0, m) => format!("{m}m {secs}s"),
+        (0, h, m) => format!("{h}h {m}m"),
+        (d, h, _) => format!("{d}d {h}h"),
+    }
+}
+
+/// "5m ago", with the exact time in a tooltip.
+fn ago(then: u64) -> String {
+    let when = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(then));
+    let d = Duration::from_secs(now_secs().saturating_sub(then));
+    format!(
+        "<span title=\"{}\">{} ago</span>",
+        esc(&when),
+        human_duration(d)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_and_formatting() {
+        assert_eq!(
+            esc("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+        assert_eq!(percent_encode("docker.io"), "docker.io");
+        assert_eq!(percent_encode("a b/c"), "a%20b%2Fc");
+        assert_eq!(percent_decode("a%20b%2Fc"), "a b/c");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_duration(Duration::from_secs(3725)), "1h 2m");
+        assert_eq!(short_digest("sha256:0123456789abcdef"), "0123456789ab");
+    }
+
+    #[test]
+    fn top_pulls_hide_private_repositories() {
+        let p = PullStats::default();
+        for _ in 0..3 {
+            p.record("docker.io", "library/alpine", Some("3"));
+        }
+        p.record(PRIVATE, "private/app", Some("1"));
+        p.record(PRIVATE, "private/app", Some("1"));
+        p.record("docker.io", "library/alpine", None);
+        let top = p.top(10, false);
+        assert_eq!(top.len(), 1);
+        assert_eq!(top[0].3, 3);
+        assert_eq!(p.top(10, true).len(), 2);
+    }
+}

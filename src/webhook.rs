@@ -1,0 +1,229 @@
+//! Webhook notifications: a JSON event POSTed to every configured URL on each push and delete
+//! in the private namespace.
+//!
+//! Delivery runs in spawned tasks and never delays the request that caused it. Each delivery is
+//! tried a few times with exponential backoff; an event that still cannot be delivered is logged
+//! and dropped (receivers that must not miss anything should reconcile from the catalog).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, USER_AGENT};
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+
+use crate::config::WebhookUrl;
+
+/// Attempts per event and receiver.
+const ATTEMPTS: u32 = 4;
+/// The first retry waits this long; each later one twice as long as the one before.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest wait for a receiver's answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Deliveries in flight at once; beyond that new events are dropped (and logged).
+const MAX_IN_FLIGHT: usize = 1000;
+
+/// What happened, as sent to receivers.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Event {
+    /// `push` or `delete`.
+    pub action: &'static str,
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+    #[serde(rename = "mediaType")]
+    pub media_type: Option<String>,
+    pub size: Option<u64>,
+    /// The user who did it.
+    pub actor: Option<String>,
+    /// RFC 3339, UTC.
+    pub timestamp: String,
+}
+
+type HookClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+#[derive(Clone)]
+pub struct Notifier {
+    urls: Arc<Vec<WebhookUrl>>,
+    client: Option<HookClient>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Notifier {
+    pub fn new(urls: &[WebhookUrl]) -> Notifier {
+        let client = (!urls.is_empty()).then(|| {
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            http.set_connect_timeout(Some(TIMEOUT));
+            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_root_certificates(rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            })
+            .with_no_client_auth();
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http);
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(https)
+        });
+        Notifier {
+            urls: Arc::new(urls.to_vec()),
+            client,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Sends the event to every receiver in the background.
+    pub fn notify(&self, event: Event) {
+        let Some(client) = &self.client else { return };
+        let body = match serde_json::to_vec(&event) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a webhook event");
+                return;
+            }
+        };
+        for url in self.urls.iter() {
+            if self.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
+                self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(%url, action = event.action, repository = %event.repository, "too many webhook deliveries pending; event dropped");
+                continue;
+            }
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            let in_flight = self.in_flight.clone();
+            let (action, repo) = (event.action, event.repository.clone());
+            tokio::spawn(async move {
+                deliver(&client, &url, body, action, &repo).await;
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+    }
+}
+
+async fn deliver(client: &HookClient, url: &WebhookUrl, body: Bytes, action: &str, repo: &str) {
+    let mut backoff = FIRST_BACKOFF;
+    for attempt in 1..=ATTEMPTS {
+        let outcome = match send(client, url, body.clone()).await {
+            Ok(status) if status.is_success() => {
+                tracing::debug!(%url, action, repository = repo, attempt, "webhook delivered");
+                return;
+            }
+            Ok(status) => format!("answered {status}"),
+            Err(e) => e,
+        };
+        if attempt == ATTEMPTS {
+            tracing::warn!(%url, action, repository = repo, attempts = ATTEMPTS, error = %outcome, "webhook not delivered; event dropped");
+            return;
+        }
+        tracing::debug!(%url, action, repository = repo, attempt, error = %outcome, "webhook delivery failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
+    }
+}
+
+async fn send(
+    client: &HookClient,
+    url: &WebhookUrl,
+    body: Bytes,
+) -> Result<http::StatusCode, String> {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(url.0.clone())
+        .header(CONTENT_TYPE, "application/json")
+        .header(USER_AGENT, concat!("berth/", env!("CARGO_PKG_VERSION")))
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(TIMEOUT, client.request(req))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    // Read (a bounded amount of) the answer so the connection can be reused.
+    let _ = tokio::time::timeout(
+        TIMEOUT,
+        http_body_util::Limited::new(resp.into_body(), 64 << 10).collect(),
+    )
+    .await;
+    Ok(status)
+}
+
+/// Seconds since the epoch as RFC 3339 in UTC (`2024-05-01T12:00:00Z`).
+pub fn rfc3339(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm), for days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Now, as RFC 3339.
+pub fn now_rfc3339() -> String {
+    rfc3339(crate::store::now_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_714_564_800), "2024-05-01T12:00:00Z");
+        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn events_are_the_documented_json() {
+        let e = Event {
+            action: "push",
+            repository: "private/app".into(),
+            tag: Some("v1".into()),
+            digest: Some("sha256:00".into()),
+            media_type: Some("m".into()),
+            size: Some(3),
+            actor: Some("alice".into()),
+            timestamp: rfc3339(0),
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        for k in [
+            "action",
+            "repository",
+            "tag",
+            "digest",
+            "mediaType",
+            "size",
+            "actor",
+            "timestamp",
+        ] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+    }
+}

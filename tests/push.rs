@@ -1,0 +1,1066 @@
+//! The private namespace: pushes (monolithic, chunked, mounted), manifests, referrers, listings,
+//! deletes, authentication, garbage collection and webhooks, against berth in-process.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::Method;
+use serde_json::{json, Value};
+
+use common::*;
+
+const USER: &str = "alice";
+const PASSWORD: &str = "correct horse";
+
+fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// A berth with a `private` namespace and one user, plus the fake upstream behind it.
+struct Env {
+    b: Berth,
+    up: Fake,
+    auth: String,
+    _users: tempfile::TempDir,
+}
+
+impl Env {
+    async fn start() -> Env {
+        Env::start_with(|_| {}).await
+    }
+
+    async fn start_with(tweak: impl FnOnce(&mut berth::config::Config)) -> Env {
+        let users = tempfile::tempdir().unwrap();
+        let htpasswd = users.path().join("htpasswd");
+        berth::auth::add_user(&htpasswd, USER, PASSWORD, 4).unwrap();
+        let up = Fake::start().await;
+        let b = Berth::start(&up, |c| {
+            c.private_ns = vec!["private".into()];
+            c.htpasswd = Some(htpasswd);
+            tweak(c);
+        })
+        .await;
+        Env {
+            b,
+            up,
+            auth: basic(USER, PASSWORD),
+            _users: users,
+        }
+    }
+
+    fn h(&self) -> Vec<(&str, &str)> {
+        vec![("authorization", self.auth.as_str())]
+    }
+
+    fn h_with<'a>(&'a self, more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let mut h = self.h();
+        h.extend_from_slice(more);
+        h
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        send(Method::GET, &self.b.url(path), &self.h()).await
+    }
+
+    async fn head(&self, path: &str) -> Reply {
+        send(Method::HEAD, &self.b.url(path), &self.h()).await
+    }
+
+    async fn delete(&self, path: &str) -> Reply {
+        send(Method::DELETE, &self.b.url(path), &self.h()).await
+    }
+
+    /// Monolithic upload; returns the digest.
+    async fn push_blob(&self, repo: &str, blob: &Bytes) -> String {
+        let d = sha256(blob);
+        let r = send_body(
+            Method::POST,
+            &self.b.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")),
+            &self.h(),
+            blob.clone(),
+        )
+        .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        d
+    }
+
+    async fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        bytes: &Bytes,
+        media_type: &str,
+    ) -> Reply {
+        send_body(
+            Method::PUT,
+            &self.b.url(&format!("/v2/{repo}/manifests/{reference}")),
+            &self.h_with(&[("content-type", media_type)]),
+            bytes.clone(),
+        )
+        .await
+    }
+
+    async fn push_image(&self, repo: &str, reference: &str, image: &Image) {
+        for blob in image.blobs() {
+            self.push_blob(repo, &blob).await;
+        }
+        let r = self
+            .push_manifest(repo, reference, &image.manifest, image.media_type)
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+
+    /// Starts an upload session; returns its Location.
+    async fn start_upload(&self, repo: &str) -> String {
+        let r = send(
+            Method::POST,
+            &self.b.url(&format!("/v2/{repo}/blobs/uploads/")),
+            &self.h(),
+        )
+        .await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
+        r.header("location").to_owned()
+    }
+
+    /// Files under the private area's blob directory.
+    fn local_blob_count(&self) -> usize {
+        count_files(&self.b.dir.path().join("local/blobs"))
+    }
+}
+
+fn count_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| {
+            if e.path().is_dir() {
+                count_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// Appends a query parameter to an upload Location.
+fn with_query(location: &str, q: &str) -> String {
+    let sep = if location.contains('?') { '&' } else { '?' };
+    format!("{location}{sep}{q}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monolithic_upload_and_pull_back() {
+    let e = Env::start().await;
+    let blob = pseudo_random(1, 300_000);
+    let d = sha256(&blob);
+    let r = send_body(
+        Method::POST,
+        &e.b.url(&format!("/v2/private/app/blobs/uploads/?digest={d}")),
+        &e.h(),
+        blob.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.header("location"), format!("/v2/private/app/blobs/{d}"));
+    assert_eq!(r.header("docker-content-digest"), d);
+
+    let path = format!("/v2/private/app/blobs/{d}");
+    let g = e.get(&path).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.bytes(), blob);
+    assert_eq!(g.header("docker-content-digest"), d);
+    let h = e.head(&path).await;
+    assert_eq!(h.header("content-length"), "300000");
+    let r = send(
+        Method::GET,
+        &e.b.url(&path),
+        &e.h_with(&[("range", "bytes=10-19")]),
+    )
+    .await;
+    assert_eq!(r.status, 206);
+    assert_eq!(r.bytes(), blob.slice(10..20));
+    // Another repository does not see it.
+    let r = e.get(&format!("/v2/private/other/blobs/{d}")).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_code(), "BLOB_UNKNOWN");
+    assert_eq!(
+        e.up.requests(),
+        0,
+        "the private namespace never goes upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_then_put_upload() {
+    let e = Env::start().await;
+    let r = send(
+        Method::POST,
+        &e.b.url("/v2/private/app/blobs/uploads/"),
+        &e.h(),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    assert_eq!(r.header("range"), "0-0");
+    let location = r.header("location").to_owned();
+    let uuid = r.header("docker-upload-uuid").to_owned();
+    assert_eq!(uuid.len(), 32);
+    assert_eq!(location, format!("/v2/private/app/blobs/uploads/{uuid}"));
+
+    let blob = pseudo_random(2, 70_000);
+    let d = sha256(&blob);
+    let r = send_body(
+        Method::PUT,
+        &e.b.url(&with_query(&location, &format!("digest={d}"))),
+        &e.h(),
+        blob.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.header("docker-content-digest"), d);
+    assert_eq!(
+        e.get(&format!("/v2/private/app/blobs/{d}")).await.bytes(),
+        blob
+    );
+    // The session is gone once finished.
+    let r = send(Method::GET, &e.b.url(&location), &e.h()).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_code(), "BLOB_UPLOAD_UNKNOWN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_patch_upload_with_status_and_out_of_order_chunks() {
+    let e = Env::start().await;
+    let blob = pseudo_random(3, 250_000);
+    let d = sha256(&blob);
+    let location = e.start_upload("private/app").await;
+    let url = e.b.url(&location);
+
+    // First chunk with a Content-Range.
+    let r = send_body(
+        Method::PATCH,
+        &url,
+        &e.h_with(&[("content-range", "0-99999")]),
+        blob.slice(..100_000),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(r.header("range"), "0-99999");
+    assert_eq!(r.header("location"), location);
+
+    let s = send(Method::GET, &url, &e.h()).await;
+    assert_eq!(s.status, 204);
+    assert_eq!(s.header("range"), "0-99999");
+    assert!(!s.header("docker-upload-uuid").is_empty());
+
+    // A chunk that does not start where the upload ends is refused, and nothing changes.
+    let r = send_body(
+        Method::PATCH,
+        &url,
+        &e.h_with(&[("content-range", "150000-199999")]),
+        blob.slice(150_000..200_000),
+    )
+    .await;
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("range"), "0-99999");
+    assert_eq!(r.error_code(), "RANGE_INVALID");
+
+    // Second chunk streamed (chunked transfer encoding), without a Content-Range.
+    let pieces: Vec<Bytes> = blob
+        .slice(100_000..200_000)
+        .chunks(7_000)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    let r = send_stream(Method::PATCH, &url, &e.h(), pieces).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(r.header("range"), "0-199999");
+
+    // The last chunk rides on the PUT.
+    let r = send_body(
+        Method::PUT,
+        &e.b.url(&with_query(&location, &format!("digest={d}"))),
+        &e.h(),
+        blob.slice(200_000..),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(
+        e.get(&format!("/v2/private/app/blobs/{d}")).await.bytes(),
+        blob
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_can_be_cancelled_and_unknown_ones_are_404() {
+    let e = Env::start().await;
+    let location = e.start_upload("private/app").await;
+    let url = e.b.url(&location);
+    let r = send_body(Method::PATCH, &url, &e.h(), Bytes::from_static(b"abc")).await;
+    assert_eq!(r.status, 202);
+    let r = send(Method::DELETE, &url, &e.h()).await;
+    assert_eq!(r.status, 204);
+    let r = send(Method::GET, &url, &e.h()).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_code(), "BLOB_UPLOAD_UNKNOWN");
+    let r = send_body(Method::PATCH, &url, &e.h(), Bytes::from_static(b"x")).await;
+    assert_eq!(r.status, 404);
+    // An upload belongs to the repository it was started in.
+    let location = e.start_upload("private/app").await;
+    let elsewhere = location.replace("private/app", "private/other");
+    let r = send(Method::GET, &e.b.url(&elsewhere), &e.h()).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_code(), "BLOB_UPLOAD_UNKNOWN");
+    assert_eq!(
+        count_files(&e.b.dir.path().join("local/uploads")),
+        2,
+        "only the open session remains (info + data)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_digest_stores_nothing() {
+    let e = Env::start().await;
+    let blob = pseudo_random(4, 10_000);
+    let wrong = sha256(b"something else");
+    let r = send_body(
+        Method::POST,
+        &e.b.url(&format!("/v2/private/app/blobs/uploads/?digest={wrong}")),
+        &e.h(),
+        blob.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error_code(), "DIGEST_INVALID");
+
+    let location = e.start_upload("private/app").await;
+    let r = send_body(Method::PATCH, &e.b.url(&location), &e.h(), blob.clone()).await;
+    assert_eq!(r.status, 202);
+    let r = send(
+        Method::PUT,
+        &e.b.url(&with_query(&location, &format!("digest={wrong}"))),
+        &e.h(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error_code(), "DIGEST_INVALID");
+
+    for d in [wrong, sha256(&blob)] {
+        let r = e.head(&format!("/v2/private/app/blobs/{d}")).await;
+        assert_eq!(r.status, 404);
+    }
+    assert_eq!(e.local_blob_count(), 0);
+    assert_eq!(count_files(&e.b.dir.path().join("tmp")), 0);
+    assert_eq!(count_files(&e.b.dir.path().join("local/uploads")), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_repository_mount() {
+    let e = Env::start().await;
+    let blob = pseudo_random(5, 5_000);
+    let d = e.push_blob("private/a", &blob).await;
+    let r = send(
+        Method::POST,
+        &e.b.url(&format!(
+            "/v2/private/b/blobs/uploads/?mount={d}&from=private/a"
+        )),
+        &e.h(),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.header("location"), format!("/v2/private/b/blobs/{d}"));
+    assert_eq!(
+        e.get(&format!("/v2/private/b/blobs/{d}")).await.bytes(),
+        blob
+    );
+    // A blob the source does not have: the client gets an upload session instead.
+    let missing = sha256(b"missing");
+    let r = send(
+        Method::POST,
+        &e.b.url(&format!(
+            "/v2/private/b/blobs/uploads/?mount={missing}&from=private/a"
+        )),
+        &e.h(),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    assert!(r
+        .header("location")
+        .starts_with("/v2/private/b/blobs/uploads/"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_by_tag_and_by_digest() {
+    let e = Env::start().await;
+    let img = Image::new(20, &[1000, 2000]);
+    for blob in img.blobs() {
+        e.push_blob("private/app", &blob).await;
+    }
+    let r = e
+        .push_manifest("private/app", "v1", &img.manifest, img.media_type)
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.header("docker-content-digest"), img.digest);
+    assert_eq!(
+        r.header("location"),
+        format!("/v2/private/app/manifests/{}", img.digest)
+    );
+
+    for reference in ["v1", img.digest.as_str()] {
+        let g = e
+            .get(&format!("/v2/private/app/manifests/{reference}"))
+            .await;
+        assert_eq!(g.status, 200);
+        assert_eq!(g.bytes(), img.manifest);
+        assert_eq!(g.header("content-type"), img.media_type);
+        assert_eq!(g.header("docker-content-digest"), img.digest);
+        let h = e
+            .head(&format!("/v2/private/app/manifests/{reference}"))
+            .await;
+        assert_eq!(h.status, 200);
+        assert_eq!(h.header("content-length"), img.manifest.len().to_string());
+    }
+    // Not visible from another repository.
+    let r = e
+        .get(&format!("/v2/private/other/manifests/{}", img.digest))
+        .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_code(), "MANIFEST_UNKNOWN");
+
+    // By digest, an OCI manifest over the same blobs.
+    let oci = Bytes::from(
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": img.config.len(), "digest": sha256(&img.config)},
+            "layers": [],
+        }))
+        .unwrap(),
+    );
+    let r = e
+        .push_manifest("private/app", &sha256(&oci), &oci, OCI_MANIFEST)
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    // The body must hash to the digest it is pushed under.
+    let r = e
+        .push_manifest("private/app", &sha256(b"other"), &oci, OCI_MANIFEST)
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error_code(), "DIGEST_INVALID");
+
+    // Every blob must be there.
+    let missing = Image::new(21, &[10]);
+    let r = e
+        .push_manifest("private/app", "v2", &missing.manifest, missing.media_type)
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error_code(), "MANIFEST_BLOB_UNKNOWN");
+    // Known media types only, and JSON only.
+    let r = e
+        .push_manifest("private/app", "v3", &img.manifest, "application/json")
+        .await;
+    assert_eq!(r.error_code(), "MANIFEST_INVALID");
+    let r = e
+        .push_manifest(
+            "private/app",
+            "v3",
+            &Bytes::from_static(b"{nope"),
+            S2_MANIFEST,
+        )
+        .await;
+    assert_eq!(r.error_code(), "MANIFEST_INVALID");
+    // Too large: refused from the announced length, before the body is read.
+    let head = raw_request(
+        &e,
+        &format!(
+            "PUT /v2/private/app/manifests/v3 HTTP/1.1\r\nhost: berth\r\nauthorization: {}\r\ncontent-type: {S2_MANIFEST}\r\ncontent-length: {}\r\n\r\n",
+            e.auth,
+            (4 << 20) + 1
+        ),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.contains("SIZE_INVALID"), "{head}");
+    let r = e.get("/v2/private/app/manifests/v3").await;
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_needs_its_children_first() {
+    let e = Env::start().await;
+    let amd = Image::new(30, &[100]);
+    let arm = Image::new(31, &[100]);
+    let (index, index_digest) = index_of(&[&amd, &arm]);
+    e.push_image("private/multi", &amd.digest, &amd).await;
+    let r = e.push_manifest("private/multi", "1", &index, S2_LIST).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error_code(), "MANIFEST_BLOB_UNKNOWN");
+    e.push_image("private/multi", &arm.digest, &arm).await;
+    let r = e.push_manifest("private/multi", "1", &index, S2_LIST).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.header("docker-content-digest"), index_digest);
+    let g = e.get("/v2/private/multi/manifests/1").await;
+    assert_eq!(g.header("content-type"), S2_LIST);
+    assert_eq!(g.bytes(), index);
+}
+
+/// Sends raw request bytes and returns what comes back until the server closes or 2s pass.
+async fn raw_request(e: &Env, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(e.b.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        if String::from_utf8_lossy(&out).contains("SIZE_INVALID") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn artifact(subject: &Image, artifact_type: &str, note: &str) -> Bytes {
+    Bytes::from(
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "size": 2, "digest": sha256(b"{}")},
+            "layers": [],
+            "subject": {"mediaType": subject.media_type, "size": subject.manifest.len(), "digest": subject.digest},
+            "annotations": {"note": note},
+        }))
+        .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrers_with_artifact_type_filter() {
+    let e = Env::start().await;
+    let img = Image::new(40, &[100]);
+    e.push_image("private/app", "v1", &img).await;
+    e.push_blob("private/app", &Bytes::from_static(b"{}")).await;
+    let sig = artifact(&img, "application/vnd.example.signature", "sig");
+    let sbom = artifact(&img, "application/vnd.example.sbom", "sbom");
+    for a in [&sig, &sbom] {
+        let r = e
+            .push_manifest("private/app", &sha256(a), a, OCI_MANIFEST)
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        assert_eq!(r.header("oci-subject"), img.digest);
+    }
+    let r = e
+        .get(&format!("/v2/private/app/referrers/{}", img.digest))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), OCI_INDEX);
+    let v = r.json();
+    assert_eq!(v["mediaType"], OCI_INDEX);
+    let list = v["manifests"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    let sbom_entry = list
+        .iter()
+        .find(|d| d["digest"] == sha256(&sbom))
+        .expect("the sbom is listed");
+    assert_eq!(sbom_entry["artifactType"], "application/vnd.example.sbom");
+    assert_eq!(sbom_entry["mediaType"], OCI_MANIFEST);
+    assert_eq!(sbom_entry["size"], sbom.len());
+    assert_eq!(sbom_entry["annotations"]["note"], "sbom");
+
+    let r = e
+        .get(&format!(
+            "/v2/private/app/referrers/{}?artifactType=application/vnd.example.signature",
+            img.digest
+        ))
+        .await;
+    assert_eq!(r.header("oci-filters-applied"), "artifactType");
+    let v = r.json();
+    assert_eq!(v["manifests"].as_array().unwrap().len(), 1);
+    assert_eq!(v["manifests"][0]["digest"], sha256(&sig));
+
+    // Deleting a referrer takes it out of the list; a subject without referrers lists none.
+    let r = e
+        .delete(&format!("/v2/private/app/manifests/{}", sha256(&sig)))
+        .await;
+    assert_eq!(r.status, 202);
+    let v = e
+        .get(&format!("/v2/private/app/referrers/{}", img.digest))
+        .await
+        .json();
+    assert_eq!(v["manifests"].as_array().unwrap().len(), 1);
+    let r = e
+        .get(&format!("/v2/private/app/referrers/{}", sha256(b"none")))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["manifests"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_none_wrong_and_right() {
+    let e = Env::start().await;
+    let blob_url = e.b.url("/v2/private/app/blobs/uploads/");
+    // /v2/ challenges, so `docker login` has something to answer.
+    let r = e.b.get("/v2/").await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), "Basic realm=\"berth\"");
+    assert_eq!(r.error_code(), "UNAUTHORIZED");
+    let wrong = basic(USER, "wrong");
+    let r = e.b.get_with("/v2/", &[("authorization", &wrong)]).await;
+    assert_eq!(r.status, 401);
+    let r = e.b.get_with("/v2/", &[("authorization", &e.auth)]).await;
+    assert_eq!(r.status, 200);
+
+    // Pushes need a user.
+    let r = send(Method::POST, &blob_url, &[]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), "Basic realm=\"berth\"");
+    let r = send(Method::POST, &blob_url, &[("authorization", &wrong)]).await;
+    assert_eq!(r.status, 401);
+    let r = send(
+        Method::POST,
+        &blob_url,
+        &[("authorization", &basic("mallory", PASSWORD))],
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let r = send(Method::POST, &blob_url, &[("authorization", &e.auth)]).await;
+    assert_eq!(r.status, 202);
+
+    // Private pulls too (by default); mirrored pulls stay anonymous.
+    let img = Image::new(50, &[10]);
+    e.push_image("private/app", "v1", &img).await;
+    let r = e.b.get("/v2/private/app/manifests/v1").await;
+    assert_eq!(r.status, 401);
+    let r =
+        e.b.get_with(
+            "/v2/private/app/manifests/v1",
+            &[("authorization", &e.auth)],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    e.up.add_image("library/alpine", "3", &img);
+    let r = e.b.get("/v2/library/alpine/manifests/3").await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_private_pulls_and_auth_everything() {
+    let e = Env::start_with(|c| c.private_pull_public = true).await;
+    let img = Image::new(51, &[10]);
+    e.push_image("private/app", "v1", &img).await;
+    let r = e.b.get("/v2/private/app/manifests/v1").await;
+    assert_eq!(r.status, 200);
+    // Pushes still need a user.
+    let r = send(
+        Method::POST,
+        &e.b.url("/v2/private/app/blobs/uploads/"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 401);
+
+    let e = Env::start_with(|c| c.auth_everything = true).await;
+    e.up.add_image("library/alpine", "3", &img);
+    let r = e.b.get("/v2/library/alpine/manifests/3").await;
+    assert_eq!(r.status, 401);
+    assert_eq!(e.up.requests(), 0);
+    let r =
+        e.b.get_with(
+            "/v2/library/alpine/manifests/3",
+            &[("authorization", &e.auth)],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // Probes never need credentials.
+    assert_eq!(e.b.get("/healthz").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_htpasswd_pushes_are_refused() {
+    let up = Fake::start().await;
+    let b = Berth::start(&up, |c| c.private_ns = vec!["private".into()]).await;
+    let r = send(Method::POST, &b.url("/v2/private/app/blobs/uploads/"), &[]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.error_code(), "DENIED");
+    assert!(r.json()["errors"][0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("htpasswd"));
+    // /v2/ has nothing to check credentials against: open.
+    assert_eq!(b.get("/v2/").await.status, 200);
+    assert_eq!(count_files(&b.dir.path().join("local/uploads")), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_rate_limited() {
+    let e = Env::start().await;
+    let wrong = basic(USER, "guess");
+    for i in 0..berth::auth::FAILURES_PER_MINUTE {
+        let r = e.b.get_with("/v2/", &[("authorization", &wrong)]).await;
+        assert_eq!(r.status, 401, "attempt {i}");
+    }
+    let r = e.b.get_with("/v2/", &[("authorization", &wrong)]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.error_code(), "TOOMANYREQUESTS");
+    let retry: u64 = r.header("retry-after").parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    // Blocked means blocked: right credentials wait too; anonymous mirror pulls do not.
+    let r = e.b.get_with("/v2/", &[("authorization", &e.auth)]).await;
+    assert_eq!(r.status, 429);
+    let r = e.b.get("/healthz").await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_list_pagination_with_link() {
+    let e = Env::start().await;
+    let img = Image::new(60, &[10]);
+    for t in ["e", "a", "c", "b", "d"] {
+        e.push_image("private/app", t, &img).await;
+    }
+    let r = e.get("/v2/private/app/tags/list").await;
+    assert_eq!(
+        r.json(),
+        json!({"name": "private/app", "tags": ["a", "b", "c", "d", "e"]})
+    );
+    assert_eq!(r.header("link"), "");
+
+    let mut seen = Vec::new();
+    let mut path = "/v2/private/app/tags/list?n=2".to_owned();
+    loop {
+        let r = e.get(&path).await;
+        assert_eq!(r.status, 200);
+        for t in r.json()["tags"].as_array().unwrap() {
+            seen.push(t.as_str().unwrap().to_owned());
+        }
+        let link = r.header("link");
+        if link.is_empty() {
+            break;
+        }
+        assert!(link.ends_with("; rel=\"next\""), "{link}");
+        path = link
+            .trim_start_matches('<')
+            .split('>')
+            .next()
+            .unwrap()
+            .to_owned();
+        assert!(
+            path.starts_with("/v2/private/app/tags/list?n=2&last="),
+            "{path}"
+        );
+    }
+    assert_eq!(seen, ["a", "b", "c", "d", "e"]);
+    let r = e.get("/v2/private/app/tags/list?n=2&last=b").await;
+    assert_eq!(r.json()["tags"], json!(["c", "d"]));
+    assert_eq!(
+        r.header("link"),
+        "</v2/private/app/tags/list?n=2&last=d>; rel=\"next\""
+    );
+    let r = e.get("/v2/private/nothing/tags/list").await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_code(), "NAME_UNKNOWN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_lists_private_and_mirrored_repositories() {
+    let e = Env::start().await;
+    let img = Image::new(70, &[10]);
+    e.push_image("private/b", "v1", &img).await;
+    e.push_image("private/a", "v1", &img).await;
+    e.up.add_image("library/alpine", "3", &img);
+    assert_eq!(e.b.get("/v2/library/alpine/manifests/3").await.status, 200);
+
+    // The catalog names private repositories: it needs a user.
+    assert_eq!(e.b.get("/v2/_catalog").await.status, 401);
+    let r = e.get("/v2/_catalog").await;
+    assert_eq!(
+        r.json(),
+        json!({"repositories": ["library/alpine", "private/a", "private/b"]})
+    );
+    let r = e.get("/v2/_catalog?n=2").await;
+    assert_eq!(
+        r.json()["repositories"],
+        json!(["library/alpine", "private/a"])
+    );
+    assert_eq!(
+        r.header("link"),
+        "</v2/_catalog?n=2&last=private%2Fa>; rel=\"next\""
+    );
+    let r = e.get("/v2/_catalog?n=2&last=private%2Fa").await;
+    assert_eq!(r.json()["repositories"], json!(["private/b"]));
+    assert_eq!(r.header("link"), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_by_tag_by_digest_and_of_blobs() {
+    let e = Env::start().await;
+    let img = Image::new(80, &[10, 20]);
+    e.push_image("private/app", "v1", &img).await;
+    let r = e
+        .push_manifest("private/app", "v2", &img.manifest, img.media_type)
+        .await;
+    assert_eq!(r.status, 201);
+    e.push_image("private/copy", "v1", &img).await;
+
+    // By tag: only the tag goes.
+    let r = e.delete("/v2/private/app/manifests/v1").await;
+    assert_eq!(r.status, 202);
+    assert_eq!(e.get("/v2/private/app/manifests/v1").await.status, 404);
+    assert_eq!(e.get("/v2/private/app/manifests/v2").await.status, 200);
+    assert_eq!(
+        e.get(&format!("/v2/private/app/manifests/{}", img.digest))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(e.delete("/v2/private/app/manifests/v1").await.status, 404);
+
+    // By digest: the manifest and every tag pointing at it, in this repository only.
+    let r = e
+        .delete(&format!("/v2/private/app/manifests/{}", img.digest))
+        .await;
+    assert_eq!(r.status, 202);
+    for reference in ["v2", img.digest.as_str()] {
+        let r = e
+            .get(&format!("/v2/private/app/manifests/{reference}"))
+            .await;
+        assert_eq!(r.status, 404);
+        assert_eq!(r.error_code(), "MANIFEST_UNKNOWN");
+    }
+    assert_eq!(
+        e.get("/v2/private/app/tags/list").await.json()["tags"],
+        json!([])
+    );
+    assert_eq!(e.get("/v2/private/copy/manifests/v1").await.status, 200);
+
+    // Blobs.
+    let layer = sha256(&img.layers[0]);
+    let r = e.delete(&format!("/v2/private/app/blobs/{layer}")).await;
+    assert_eq!(r.status, 202);
+    assert_eq!(
+        e.get(&format!("/v2/private/app/blobs/{layer}"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        e.get(&format!("/v2/private/copy/blobs/{layer}"))
+            .await
+            .bytes(),
+        img.layers[0]
+    );
+    assert_eq!(
+        e.delete(&format!("/v2/private/app/blobs/{layer}"))
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_and_deletes_outside_the_namespace_are_refused() {
+    let e = Env::start().await;
+    let img = Image::new(90, &[10]);
+    let d = sha256(&img.layers[0]);
+    let cases = [
+        (Method::POST, "/v2/library/alpine/blobs/uploads/".to_owned()),
+        (
+            Method::POST,
+            format!("/v2/library/alpine/blobs/uploads/?digest={d}"),
+        ),
+        (
+            Method::PUT,
+            "/v2/library/alpine/manifests/latest".to_owned(),
+        ),
+        (Method::DELETE, format!("/v2/library/alpine/blobs/{d}")),
+        (
+            Method::DELETE,
+            "/v2/library/alpine/manifests/latest".to_owned(),
+        ),
+        (Method::POST, "/v2/privateer/app/blobs/uploads/".to_owned()),
+    ];
+    for (method, path) in cases {
+        let r = send_body(
+            method.clone(),
+            &e.b.url(&path),
+            &e.h_with(&[("content-type", S2_MANIFEST)]),
+            img.manifest.clone(),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{method} {path}");
+        assert_eq!(r.error_code(), "DENIED", "{method} {path}");
+    }
+    assert_eq!(e.up.requests(), 0, "the upstream must see nothing");
+    assert_eq!(e.local_blob_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_keeps_referenced_and_recent_blobs_and_removes_the_rest() {
+    use berth::gc::{collect, GcOptions};
+    let e = Env::start().await;
+    let img = Image::new(100, &[1000, 2000]);
+    e.push_image("private/app", "v1", &img).await;
+    let orphan = pseudo_random(101, 4096);
+    let orphan_digest = e.push_blob("private/app", &orphan).await;
+    // A manifest deleted from its repository is garbage too, with the blobs only it used.
+    let gone = Image::new(102, &[3000]);
+    e.push_image("private/gone", "v1", &gone).await;
+    let r = e
+        .delete(&format!("/v2/private/gone/manifests/{}", gone.digest))
+        .await;
+    assert_eq!(r.status, 202);
+    // An abandoned upload.
+    let location = e.start_upload("private/app").await;
+    let r = send_body(
+        Method::PATCH,
+        &e.b.url(&location),
+        &e.h(),
+        pseudo_random(103, 500),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+
+    let store = berth::store::Store::open_existing(e.b.dir.path()).unwrap();
+    let before = e.local_blob_count();
+
+    // Now: everything is recent, nothing goes.
+    let report = collect(&store, &GcOptions::new(Duration::from_secs(24 * 3600))).unwrap();
+    assert!(report.blobs.is_empty(), "{report:?}");
+    assert!(report.uploads.is_empty());
+    assert!(report.kept_recent >= 2, "{report:?}");
+
+    // Two hours on, as a dry run: reported, not removed.
+    let mut later = GcOptions::new(Duration::from_secs(24 * 3600));
+    later.now = SystemTime::now() + Duration::from_secs(2 * 3600);
+    later.dry_run = true;
+    let report = collect(&store, &later).unwrap();
+    assert!(!report.blobs.is_empty());
+    assert_eq!(e.local_blob_count(), before);
+
+    // For real.
+    later.dry_run = false;
+    let report = collect(&store, &later).unwrap();
+    let removed: Vec<String> = report.blobs.iter().map(|(d, _)| d.to_string()).collect();
+    assert!(removed.contains(&orphan_digest), "{removed:?}");
+    assert!(removed.contains(&gone.digest), "{removed:?}");
+    assert!(removed.contains(&sha256(&gone.layers[0])), "{removed:?}");
+    assert_eq!(
+        removed.len(),
+        4,
+        "orphan, gone's manifest, config and layer: {removed:?}"
+    );
+    assert!(report.bytes_freed >= 4096 + 3000);
+    assert!(
+        report.uploads.is_empty(),
+        "the upload is younger than a day"
+    );
+    assert!(report.links >= 2, "{report:?}");
+    // What the image needs is still served.
+    let r = e.get("/v2/private/app/manifests/v1").await;
+    assert_eq!(r.bytes(), img.manifest);
+    for blob in img.blobs() {
+        let r = e
+            .get(&format!("/v2/private/app/blobs/{}", sha256(&blob)))
+            .await;
+        assert_eq!(r.bytes(), blob);
+    }
+    let r = e
+        .get(&format!("/v2/private/app/blobs/{orphan_digest}"))
+        .await;
+    assert_eq!(r.status, 404);
+
+    // A day on, the upload is abandoned.
+    let mut day = GcOptions::new(Duration::from_secs(24 * 3600));
+    day.now = SystemTime::now() + Duration::from_secs(25 * 3600);
+    let report = collect(&store, &day).unwrap();
+    assert_eq!(report.uploads.len(), 1);
+    assert!(report.uploads[0].1 > 500);
+    let r = send(Method::GET, &e.b.url(&location), &e.h()).await;
+    assert_eq!(r.status, 404);
+}
+
+/// A webhook receiver: a tiny HTTP server that records the JSON it is sent. It fails the first
+/// delivery, so the retry path is exercised.
+async fn receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ev = events.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (ev, calls) = (ev.clone(), calls.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (ev, calls) = (ev.clone(), calls.clone());
+                    async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                            return Ok::<_, std::convert::Infallible>(status(500));
+                        }
+                        ev.lock()
+                            .unwrap()
+                            .push(serde_json::from_slice(&body).unwrap());
+                        Ok(status(200))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}/hook"), events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_get_push_and_delete_events() {
+    let (url, events) = receiver().await;
+    let hook = berth::config::WebhookUrl::parse(&url).unwrap();
+    let e = Env::start_with(move |c| c.webhooks = vec![hook]).await;
+    let img = Image::new(110, &[10]);
+    e.push_image("private/app", "v1", &img).await;
+    wait_for("the push event", Duration::from_secs(10), || {
+        !events.lock().unwrap().is_empty()
+    })
+    .await;
+    let push = events.lock().unwrap()[0].clone();
+    assert_eq!(push["action"], "push");
+    assert_eq!(push["repository"], "private/app");
+    assert_eq!(push["tag"], "v1");
+    assert_eq!(push["digest"], img.digest);
+    assert_eq!(push["mediaType"], img.media_type);
+    assert_eq!(push["size"], img.manifest.len());
+    assert_eq!(push["actor"], USER);
+    let ts = push["timestamp"].as_str().unwrap();
+    assert!(ts.len() == 20 && ts.ends_with('Z'), "{ts}");
+
+    let r = e.delete("/v2/private/app/manifests/v1").await;
+    assert_eq!(r.status, 202);
+    wait_for("the delete event", Duration::from_secs(10), || {
+        events.lock().unwrap().len() >= 2
+    })
+    .await;
+    let del = events.lock().unwrap()[1].clone();
+    assert_eq!(del["action"], "delete");
+    assert_eq!(del["tag"], "v1");
+    assert_eq!(del["digest"], img.digest);
+}
