@@ -460,16 +460,17 @@ fn assert_containerd_holds(containerd: &Containerd, reference: &str, artifact: &
     }
 }
 
-/// Asserts that every registry request in `served` carried `?ns=NS`.
+/// Asserts that every registry request in `served` carried `?ns=NS` and was routed to the
+/// upstream of that name.
 fn assert_all_ns(served: &[procs::Served], ns: &str, what: &str) {
     let other: Vec<_> = served
         .iter()
-        .filter(|s| s.route != "base" && s.ns != ns)
+        .filter(|s| s.route != "base" && (s.ns != ns || s.upstream != ns))
         .collect();
     assert!(
         other.is_empty(),
-        "{what}: containerd must send ?ns={ns} with every request to the mirror, berth logged \
-         {other:#?}"
+        "{what}: containerd must send ?ns={ns} with every request to the mirror, and berth \
+         route it to upstream {ns}; berth logged {other:#?}"
     );
 }
 

@@ -242,6 +242,8 @@ pub struct Served {
     pub path: String,
     /// The `?ns=` the client sent (containerd names the registry it meant), or empty.
     pub ns: String,
+    /// The upstream berth routed the request to (`-` when it names no mirrored repository).
+    pub upstream: String,
     pub status: u16,
     pub route: String,
     pub cache: String,
@@ -305,6 +307,7 @@ impl Berth {
                     method: s("method"),
                     path: s("path"),
                     ns: s("ns"),
+                    upstream: s("upstream"),
                     status: s("status").parse().unwrap_or(0),
                     route: s("route"),
                     cache: s("cache"),
