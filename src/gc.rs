@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use crate::config::Config;
+use crate::config::{human_bytes, Config};
 use crate::manifest;
 use crate::names::Digest;
 use crate::private_store::PrivateStore;
@@ -163,22 +163,6 @@ fn read_dir_or_empty(dir: &std::path::Path) -> io::Result<Vec<PathBuf>> {
         Ok(entries) => Ok(entries.filter_map(Result::ok).map(|e| e.path()).collect()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e),
-    }
-}
-
-/// Bytes for people: `1.5 MiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
     }
 }
 

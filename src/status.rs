@@ -9,6 +9,7 @@
 //!
 //! Pull counts and traffic are kept in memory: they start again at zero with the process.
 
+use crate::config::human_bytes;
 use crate::lock;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -764,21 +765,6 @@ fn percent(a: u64, b: u64) -> f64 {
         0.0
     } else {
         a as f64 * 100.0 / b as f64
-    }
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
     }
 }
 
