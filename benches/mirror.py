@@ -411,7 +411,7 @@ def report(samples_path, out_path):
     lines.append("load average (1/5/15 min) at start %s, at end %s%s" % (
         env["load_start"], env["load_end"],
         " — the machine was busy with other work: timings are noisy" if busy else ""))
-    lines.append("sizes: 5-layer image %.1f MiB, big blob %d MiB; runs %d%s; berth %s; reference: %s"
+    lines.append("sizes: 5-layer image %.1f MiB, big blob %d MiB; runs %d%s; berth at %s; reference: %s"
                  % (env["five_bytes"] / MIB, env["big_bytes"] // MIB, env["runs"],
                     " (--quick)" if env["quick"] else "", env["berth_rev"], env["reference"]))
     lines.append("")

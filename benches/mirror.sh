@@ -460,7 +460,7 @@ BENCH_FIVE_BYTES=$FIVE_BYTES \
 BENCH_BIG_BYTES=$BIG_BYTES \
 BENCH_CLIENTS=$CLIENTS \
 BENCH_WRK="wrk -t2 -c$WRK_CONNECTIONS -d$WRK_DURATION --latency" \
-BENCH_BERTH_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src 2>/dev/null || echo -dirty) \
+BENCH_BERTH_REV=$(git log -1 --format=%h -- src Cargo.toml Cargo.lock 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo -dirty) \
 BENCH_REFERENCE="$(docker-registry --version | awk '{ print $2, $3 }') proxy mode" \
 BENCH_TOOLS="$(skopeo --version); $(nginx -v 2>&1); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); $(curl --version | head -1 | cut -d' ' -f1-2)" \
     $HELPER report "$SAMPLES" "$OUT"
