@@ -34,9 +34,10 @@ use crate::ratelimit::UpstreamSlots;
 use crate::store::{Area, BlobWriter, StoreError};
 use crate::upstream::{content_length, Upstream, UpstreamError};
 
-/// Reads from disk in pieces of this size: large enough to keep syscalls cheap, small enough
-/// that eight readers of a 512 MiB blob stay within a few MiB of buffers.
-const READ_CHUNK: usize = 256 << 10;
+/// Reads from disk in pieces of this size: large enough that the hand-off to a blocking thread
+/// is a small part of each read, small enough that eight readers of a 512 MiB blob stay within
+/// a few MiB of buffers.
+const READ_CHUNK: usize = 1 << 20;
 /// Upstream frames are coalesced into writes of up to this size when they arrive faster than disk.
 const WRITE_BATCH: usize = 1 << 20;
 
@@ -72,6 +73,8 @@ enum State {
     /// Waiting for the upstream's response headers.
     Connecting,
     Streaming,
+    /// Every byte is written and matches the digest; the blob is being made durable.
+    Verified,
     Done,
     Failed(FetchFailure),
 }
@@ -112,6 +115,8 @@ pub struct Fetches {
     pub upstream_bytes: AtomicU64,
     /// The cap on upstream fetches running at once.
     slots: Arc<UpstreamSlots>,
+    /// Woken when the last download ends.
+    idle: tokio::sync::Notify,
 }
 
 impl Fetches {
@@ -124,6 +129,7 @@ impl Fetches {
             joined: AtomicU64::new(0),
             upstream_bytes: AtomicU64::new(0),
             slots: Arc::new(UpstreamSlots::unlimited()),
+            idle: tokio::sync::Notify::new(),
         }
     }
 
@@ -135,6 +141,18 @@ impl Fetches {
 
     pub fn in_flight(&self) -> usize {
         lock(&self.inflight).len()
+    }
+
+    /// Waits until no download is running, so a shutdown leaves finished blobs in the cache
+    /// rather than in `tmp/`.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Joins the download of `digest` from `upstream`, starting it if none runs.
@@ -186,13 +204,20 @@ impl Fetches {
             }
             .await;
             // Remove from the map only after the rename, then tell the readers.
-            lock(&this.inflight).remove(&key);
+            let idle = {
+                let mut inflight = lock(&this.inflight);
+                inflight.remove(&key);
+                inflight.is_empty()
+            };
             task_download.progress.send_modify(|p| {
                 p.state = match outcome {
                     Ok(()) => State::Done,
                     Err(e) => State::Failed(e),
                 }
             });
+            if idle {
+                this.idle.notify_waiters();
+            }
         });
         Ok(Attach::InFlight {
             download,
@@ -203,7 +228,7 @@ impl Fetches {
     async fn run(
         &self,
         download: &Download,
-        mut writer: BlobWriter,
+        writer: BlobWriter,
         upstream: &Upstream,
         repo: &RepoName,
         digest: Digest,
@@ -220,6 +245,10 @@ impl Fetches {
         let idle = upstream.config.response_timeout.0;
         let mut body = resp.into_body();
         let mut batch = BytesMut::new();
+        // One write is in flight while the next batch is read from the upstream, so the
+        // download never waits for the disk and the disk never waits for the network.
+        let mut in_flight: Option<tokio::task::JoinHandle<io::Result<BlobWriter>>> = None;
+        let mut idle_writer = Some(writer);
         loop {
             let frame = match tokio::time::timeout(idle, body.frame()).await {
                 Err(_) => return Err(FetchFailure::Upstream(UpstreamError::Timeout)),
@@ -252,29 +281,28 @@ impl Fetches {
                     }
                 }
             }
+            if let Some(write) = in_flight.take() {
+                idle_writer = Some(self.written(download, write, total).await?);
+            }
             if !batch.is_empty() {
                 let chunk = batch.split().freeze();
-                let chunk_len = chunk.len() as u64;
-                writer = write_blocking(writer, chunk).await?;
-                let written = writer.written();
-                if total.is_some_and(|t| written > t) {
-                    return Err(FetchFailure::Truncated {
-                        expected: total.unwrap_or(0),
-                        got: written,
-                    });
-                }
-                self.upstream_bytes.fetch_add(chunk_len, Ordering::Relaxed);
-                download.progress.send_modify(|p| p.written = written);
-                if download.readers.load(Ordering::Acquire) == 0
-                    && total.unwrap_or(written) > self.max_orphan
-                {
-                    return Err(FetchFailure::Abandoned);
-                }
+                let Some(mut writer) = idle_writer.take() else {
+                    return Err(FetchFailure::Io("blob writer lost".into()));
+                };
+                in_flight = Some(tokio::task::spawn_blocking(move || {
+                    writer.write(&chunk).map(|()| writer)
+                }));
             }
             if end {
                 break;
             }
         }
+        if let Some(write) = in_flight.take() {
+            idle_writer = Some(self.written(download, write, total).await?);
+        }
+        let Some(writer) = idle_writer else {
+            return Err(FetchFailure::Io("blob writer lost".into()));
+        };
         let written = writer.written();
         if let Some(expected) = total {
             if written != expected {
@@ -284,6 +312,15 @@ impl Fetches {
                 });
             }
         }
+        if let Err(StoreError::DigestMismatch { expected, actual }) = writer.verify() {
+            tracing::warn!(upstream = %upstream.key, %repo, %expected, %actual, "upstream blob does not match its digest; discarded");
+            return Err(FetchFailure::Mismatch(format!(
+                "upstream sent content with digest {actual}, not {expected}"
+            )));
+        }
+        // Readers may finish now: their bytes are verified. The fsync and rename that make the
+        // blob a cache entry need not hold them up.
+        download.progress.send_modify(|p| p.state = State::Verified);
         let committed = tokio::task::spawn_blocking(move || writer.commit())
             .await
             .map_err(|e| FetchFailure::Io(e.to_string()))?;
@@ -292,22 +329,39 @@ impl Fetches {
                 self.disk.added(digest, len);
                 Ok(())
             }
-            Err(StoreError::DigestMismatch { expected, actual }) => {
-                tracing::warn!(upstream = %upstream.key, %repo, %expected, %actual, "upstream blob does not match its digest; discarded");
-                Err(FetchFailure::Mismatch(format!(
-                    "upstream sent content with digest {actual}, not {expected}"
-                )))
-            }
-            Err(StoreError::Io(e)) => Err(FetchFailure::Io(e.to_string())),
+            Err(e) => Err(FetchFailure::Io(e.to_string())),
         }
     }
-}
 
-async fn write_blocking(mut writer: BlobWriter, chunk: Bytes) -> Result<BlobWriter, FetchFailure> {
-    tokio::task::spawn_blocking(move || writer.write(&chunk).map(|()| writer))
-        .await
-        .map_err(|e| FetchFailure::Io(e.to_string()))?
-        .map_err(|e| FetchFailure::Io(e.to_string()))
+    /// Waits for a write to land and publishes the progress it made.
+    async fn written(
+        &self,
+        download: &Download,
+        write: tokio::task::JoinHandle<io::Result<BlobWriter>>,
+        total: Option<u64>,
+    ) -> Result<BlobWriter, FetchFailure> {
+        let writer = write
+            .await
+            .map_err(|e| FetchFailure::Io(e.to_string()))?
+            .map_err(|e| FetchFailure::Io(e.to_string()))?;
+        let written = writer.written();
+        if let Some(expected) = total.filter(|&t| written > t) {
+            return Err(FetchFailure::Truncated {
+                expected,
+                got: written,
+            });
+        }
+        let before = download.progress.borrow().written;
+        self.upstream_bytes
+            .fetch_add(written - before, Ordering::Relaxed);
+        download.progress.send_modify(|p| p.written = written);
+        if download.readers.load(Ordering::Acquire) == 0
+            && total.unwrap_or(written) > self.max_orphan
+        {
+            return Err(FetchFailure::Abandoned);
+        }
+        Ok(writer)
+    }
 }
 
 impl Download {
@@ -319,12 +373,14 @@ impl Download {
             match p.state {
                 State::Connecting => {}
                 State::Failed(e) => return Err(e),
-                State::Streaming | State::Done => {
-                    return Ok(p.total.or(if matches!(p.state, State::Done) {
-                        Some(p.written)
-                    } else {
-                        None
-                    }))
+                State::Streaming | State::Verified | State::Done => {
+                    return Ok(p
+                        .total
+                        .or(if matches!(p.state, State::Verified | State::Done) {
+                            Some(p.written)
+                        } else {
+                            None
+                        }))
                 }
             }
             if rx.changed().await.is_err() {
@@ -354,7 +410,7 @@ impl Download {
                     // The last byte is held back until the digest is verified: with a declared
                     // Content-Length, a client holding every byte takes the body as complete, so
                     // a mismatch must still be able to cut the transfer short.
-                    let verified = matches!(p.state, State::Done);
+                    let verified = matches!(p.state, State::Verified | State::Done);
                     let available = match p.total {
                         Some(total) if !verified => p.written.min(total.saturating_sub(1)),
                         _ => p.written,
@@ -417,8 +473,10 @@ pub fn file_reader(
 }
 
 async fn read_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
+    // The buffer is allocated here, on a runtime thread, not on the blocking thread: memory
+    // allocated by the many short-lived blocking threads would be kept in per-thread arenas.
+    let mut buf = BytesMut::zeroed(len);
     tokio::task::spawn_blocking(move || {
-        let mut buf = BytesMut::zeroed(len);
         let n = file.read_at(&mut buf, pos)?;
         buf.truncate(n);
         Ok(buf.freeze())

@@ -188,14 +188,16 @@ async fn serve(
     }
     drop(listener);
     drop(tls);
-    tracing::info!("shutting down: waiting for in-flight responses");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    tracing::info!("shutting down: waiting for in-flight responses and downloads");
+    let drained = async {
+        graceful.shutdown().await;
+        // A download whose clients are served may still be making its blob durable.
+        app.mirror.fetches.wait_idle().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
             grace_s = grace.as_secs(),
-            "in-flight responses did not finish within the grace period"
+            "in-flight responses or downloads did not finish within the grace period"
         );
     }
 }

@@ -469,6 +469,9 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Pieces at least this large are hashed on a second thread while they are written.
+const PARALLEL_HASH_MIN: usize = 256 << 10;
+
 /// A blob being written. Dropping it without `commit` removes the temp file.
 pub struct BlobWriter {
     file: Arc<File>,
@@ -481,10 +484,36 @@ pub struct BlobWriter {
 
 impl BlobWriter {
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(bytes, self.written)?;
-        self.hasher.update(bytes);
+        let (file, hasher, offset) = (&self.file, &mut self.hasher, self.written);
+        if bytes.len() >= PARALLEL_HASH_MIN {
+            // Hashing costs about as much as the write: on a large piece do both at once.
+            std::thread::scope(|scope| {
+                let hashing = scope.spawn(|| hasher.update(bytes));
+                let written = file.write_all_at(bytes, offset);
+                hashing
+                    .join()
+                    .map_err(|_| io::Error::other("hashing thread panicked"))?;
+                written
+            })?;
+        } else {
+            file.write_all_at(bytes, offset)?;
+            hasher.update(bytes);
+        }
         self.written += bytes.len() as u64;
         Ok(())
+    }
+
+    /// Checks what was written against the expected digest, without making it durable yet.
+    pub fn verify(&self) -> Result<(), StoreError> {
+        let actual = Digest::from_sha256(self.hasher.clone().finalize().into());
+        if actual == self.expected {
+            Ok(())
+        } else {
+            Err(StoreError::DigestMismatch {
+                expected: self.expected,
+                actual,
+            })
+        }
     }
 
     pub fn written(&self) -> u64 {
@@ -502,13 +531,7 @@ impl BlobWriter {
 
     /// Verifies the digest, makes the bytes durable and moves them into place.
     pub fn commit(mut self) -> Result<u64, StoreError> {
-        let actual = Digest::from_sha256(self.hasher.clone().finalize().into());
-        if actual != self.expected {
-            return Err(StoreError::DigestMismatch {
-                expected: self.expected,
-                actual,
-            });
-        }
+        self.verify()?;
         self.file.sync_all()?;
         let temp = self
             .temp

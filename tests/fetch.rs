@@ -265,10 +265,30 @@ async fn eviction_keeps_the_cache_under_its_limit_least_recently_used_first() {
         .map(|d| format!("/v2/library/e/blobs/{d}"))
         .collect();
     let get = |i: usize| spawn_get(&b.url(&paths[i]), &[]);
+    let disk = b.running.as_ref().unwrap().app.mirror.disk.clone();
+    // A client has its bytes once they are verified; the blob joins the cache (and pushes the
+    // oldest out) right after, when it is durable. Each step waits for that.
+    let cached = |n: u64| {
+        let disk = disk.clone();
+        async move {
+            wait_for(
+                "the download to land in the cache",
+                Duration::from_secs(10),
+                || disk.size() == n * 100_000,
+            )
+            .await
+        }
+    };
     get(0).await.unwrap().bytes();
+    cached(1).await;
     get(1).await.unwrap().bytes();
+    cached(2).await;
     get(0).await.unwrap().bytes(); // 0 is now more recent than 1
     get(2).await.unwrap().bytes(); // over the limit: 1 goes
+    wait_for("1 to be evicted", Duration::from_secs(10), || {
+        disk.evictions.load(Ordering::SeqCst) == 1
+    })
+    .await;
     let before = up.count("GET", "/blobs/");
     assert_eq!(get(0).await.unwrap().bytes(), blobs[0]);
     assert_eq!(get(2).await.unwrap().bytes(), blobs[2]);
@@ -283,9 +303,13 @@ async fn eviction_keeps_the_cache_under_its_limit_least_recently_used_first() {
         before + 1,
         "1 was evicted and fetched again"
     );
-    let disk = &b.running.as_ref().unwrap().app.mirror.disk;
+    wait_for(
+        "1 to land again, pushing 0 out",
+        Duration::from_secs(10),
+        || disk.evictions.load(Ordering::SeqCst) == 2,
+    )
+    .await;
     assert!(disk.size() <= 250_000);
-    assert!(disk.evictions.load(Ordering::SeqCst) >= 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -328,6 +352,15 @@ async fn sigkill_mid_download_then_restart_serves_the_right_blob_and_fsck_finds_
     )
     .await;
     assert_eq!(r.bytes(), blob);
+    let path = data
+        .path()
+        .join(format!("cache/blobs/sha256/{}/{}", &d[7..9], &d[7..]));
+    wait_for(
+        "the blob to be made durable",
+        Duration::from_secs(10),
+        || path.exists(),
+    )
+    .await;
     drop(proc);
 
     let fsck = |repair: bool| {
@@ -339,9 +372,6 @@ async fn sigkill_mid_download_then_restart_serves_the_right_blob_and_fsck_finds_
         cmd.output().unwrap()
     };
     assert!(fsck(false).status.success());
-    let path = data
-        .path()
-        .join(format!("cache/blobs/sha256/{}/{}", &d[7..9], &d[7..]));
     let mut rotten = std::fs::read(&path).unwrap();
     rotten[12345] ^= 1;
     std::fs::write(&path, rotten).unwrap();

@@ -107,6 +107,7 @@ fn three_layer_image_pulls_byte_identical_and_second_pull_hits_cache() {
     );
 
     let before = registry.blob_gets().len();
+    berth.settle();
     let logged = berth.served().len();
     let second = pull(
         &skopeo,
@@ -116,6 +117,8 @@ fn three_layer_image_pulls_byte_identical_and_second_pull_hits_cache() {
     assert_pulled(second.path(), &want, "second pull through berth");
     assert_no_new_blob_gets(&registry, before, "the second pull");
     assert_blob_hits(&berth, logged, "the second pull");
+
+    berth.settle();
 
     let logged = berth.served().len();
     let short = pull(
@@ -149,6 +152,7 @@ fn multi_arch_index_pulls_all_platforms_byte_identical() {
     assert_fetched_once(&registry, before, "library/multiarch", &blobs);
 
     let before = registry.blob_gets().len();
+    berth.settle();
     let logged = berth.served().len();
     let second = pull(&skopeo, &src, true);
     assert_pulled(second.path(), &want, "second --all pull through berth");
@@ -158,6 +162,7 @@ fn multi_arch_index_pulls_all_platforms_byte_identical() {
     // One platform picked out of the index: skopeo fetches the index by tag, then the arm64
     // manifest by digest.
     let arm64 = &index.images()[1];
+    berth.settle();
     let logged = berth.served().len();
     let one = pull_with(
         &skopeo,

@@ -274,6 +274,7 @@ fn skopeo_pulls_docker_io_through_berth_as_registries_conf_mirror_over_tls_and_p
         Some((&mirror, &certs.ca)),
     );
     let before = registry.blob_gets().len();
+    berth.settle();
     let logged = berth.served().len();
     let pulled = client.pull("library/tlsmirror:v1");
     assert_pulled(pulled.path(), &want, "skopeo pull through berth over TLS");
@@ -299,6 +300,7 @@ fn skopeo_pulls_docker_io_through_berth_as_registries_conf_mirror_over_tls_and_p
     // The plain-HTTP fallback: the mirror on berth's plain listener with `insecure = true`.
     let client = Client::new(&podman_registries_conf(&berth.addr.to_string(), true), None);
     let before = registry.blob_gets().len();
+    berth.settle();
     let logged = berth.served().len();
     let pulled = client.pull("library/tlsmirror:v1");
     assert_pulled(
@@ -336,6 +338,7 @@ fn skopeo_refuses_berth_when_its_certificate_is_not_signed_by_the_trusted_ca() {
     let conf = podman_registries_conf(&mirror, false);
 
     let before = registry.accesses().len();
+    berth.settle();
     let logged = berth.served().len();
     let client = Client::new(&conf, Some((&mirror, &other.ca)));
     let (output, _out) = client.try_pull("library/wrongca:v1");
@@ -495,6 +498,7 @@ fn containerd_pulls_docker_io_through_berth_as_hosts_toml_mirror_over_tls_and_pl
     );
     let reference = "docker.io/library/ctrmirror:v1";
     let before = registry.blob_gets().len();
+    berth.settle();
     let logged = berth.served().len();
     ctr_pull(&containerd, &hosts, reference);
     let served = assert_berth_served_pull(
@@ -521,6 +525,7 @@ fn containerd_pulls_docker_io_through_berth_as_hosts_toml_mirror_over_tls_and_pl
     );
     let reference = "docker.io/library/ctrplain:v1";
     let before = registry.blob_gets().len();
+    berth.settle();
     let logged = berth.served().len();
     ctr_pull(&containerd, &hosts, reference);
     let served = assert_berth_served_pull(
@@ -562,6 +567,7 @@ fn containerd_pulls_ghcr_io_through_berth_with_the_shipped_ghcr_hosts_toml() {
     );
     let reference = "ghcr.io/berth-test/app:v1";
     let before = registry.blob_gets().len();
+    berth.settle();
     let logged = berth.served().len();
     ctr_pull(&containerd, &hosts, reference);
     let served = assert_berth_served_pull(

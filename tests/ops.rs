@@ -81,6 +81,7 @@ async fn metrics_count_hits_misses_and_the_bytes_really_sent() {
     for _ in 0..2 {
         assert_eq!(b.get("/v2/alpine/manifests/3").await.bytes(), img.manifest);
         assert_eq!(b.get(&layer_path).await.bytes(), *layer);
+        b.settle().await;
     }
     // A HEAD declares the length and sends nothing; a range sends ten bytes.
     let head = b.head(&layer_path).await;
@@ -265,11 +266,16 @@ async fn a_request_joining_a_download_is_counted_as_joined() {
     for c in [first, second] {
         assert_eq!(c.await.unwrap().bytes(), blob);
     }
-    let text = wait_metric(
+    let text = wait_metrics(
         &b,
-        "berth_served_bytes_total",
-        &[("outcome", "joined")],
-        blob.len() as f64,
+        &[
+            (
+                "berth_served_bytes_total",
+                &[("outcome", "joined")],
+                blob.len() as f64,
+            ),
+            ("berth_downloads_in_flight", &[], 0.0),
+        ],
     )
     .await;
     let m = |labels: &[(&str, &str)]| sample(&text, "berth_cache_requests_total", labels);
@@ -499,6 +505,7 @@ async fn pull(b: &Berth, name: &str, tag: &str, img: &Image) {
         let r = b.get(&format!("/v2/{name}/blobs/{}", sha256(&blob))).await;
         assert_eq!(r.bytes(), blob);
     }
+    b.settle().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -632,6 +632,16 @@ impl Berth {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Waits until no download is running: a client has its bytes as soon as they are
+    /// verified, and the blob becomes a cache entry a moment later.
+    pub async fn settle(&self) {
+        let app = self.running.as_ref().expect("berth is running").app.clone();
+        wait_for("downloads to finish", Duration::from_secs(10), || {
+            app.mirror.fetches.in_flight() == 0
+        })
+        .await;
+    }
+
     pub async fn get(&self, path: &str) -> Reply {
         send(Method::GET, &self.url(path), &[]).await
     }

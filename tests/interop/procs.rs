@@ -291,6 +291,20 @@ impl Berth {
         }
     }
 
+    /// Waits until berth has no write in progress: a client has a blob's bytes as soon as they
+    /// are verified, and the blob becomes a cache entry a moment later.
+    pub fn settle(&self) {
+        let tmp = self._dir.path().join("data/tmp");
+        wait_for(
+            "berth's downloads to land in its cache",
+            START_DEADLINE,
+            || {
+                let busy = std::fs::read_dir(&tmp).map_or(0, |d| d.count());
+                (busy == 0).then_some(())
+            },
+        );
+    }
+
     /// The request lines berth logged so far.
     pub fn served(&self) -> Vec<Served> {
         let text = std::fs::read_to_string(&self.log).expect("read berth's log");
