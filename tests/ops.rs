@@ -55,10 +55,6 @@ async fn wait_metrics(b: &Berth, wants: &[Want<'_>]) -> String {
     }
 }
 
-async fn wait_metric(b: &Berth, name: &str, labels: &[(&str, &str)], want: f64) -> String {
-    wait_metrics(b, &[(name, labels, want)]).await
-}
-
 fn app(b: &Berth) -> Arc<berth::handlers::App> {
     b.running.as_ref().unwrap().app.clone()
 }
