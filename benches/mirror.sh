@@ -35,6 +35,7 @@ RUNS=3
 WRK_DURATION=""
 OUT="$ROOT/target/bench/mirror.json"
 CLIENTS=8
+CURL_EXTRA=""
 WRK_CONNECTIONS=12
 DOCKER_MANIFEST="application/vnd.docker.distribution.manifest.v2+json"
 
@@ -301,7 +302,8 @@ get_big() {
     local url=$1 n=$2 start i pids=() code size
     start=$(now)
     for i in $(seq "$n"); do
-        curl -s -o /dev/null -w '%{http_code} %{size_download} %{time_starttransfer} %{time_total}\n' \
+        # shellcheck disable=SC2086 # CURL_EXTRA is a list of options
+        curl -s $CURL_EXTRA -o /dev/null -w '%{http_code} %{size_download} %{time_starttransfer} %{time_total}\n' \
             "$url" >"$TMP/curl.$i" 2>&1 &
         pids+=($!)
     done
@@ -334,7 +336,8 @@ pull() {
 # bench_wrk WHO PREFIX URL: warm manifest GETs (the first GET, a cache fill, is not timed).
 bench_wrk() {
     local who=$1 prefix=$2 url=$3 code rps p99 bad
-    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Accept: $DOCKER_MANIFEST" "$url" || true)
+    # shellcheck disable=SC2086 # CURL_EXTRA is a list of options
+    code=$(curl -s $CURL_EXTRA -o /dev/null -w '%{http_code}' -H "Accept: $DOCKER_MANIFEST" "$url" || true)
     [ "$code" = 200 ] || { note "$who: GET $url answered $code; no wrk run"; return 0; }
     wrk -t2 -c"$WRK_CONNECTIONS" -d"$WRK_DURATION" --latency -H "Accept: $DOCKER_MANIFEST" \
         "$url" >"$TMP/wrk.out" 2>&1 || true
@@ -411,21 +414,39 @@ bench_hits() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# 7. berth over TLS against berth plain, for the cache-hit and manifest benchmarks.
-#
-# >>> TO FILL IN when berth has TLS (the merger finishes this) <<<
-# Sketch: self-signed certificate with openssl; berth started with its plain listener and
-# `--tls-listen ADDR --tls-cert FILE --tls-key FILE`; then, against https://ADDR:
-#   bench_hits berth_tls URL (curl needs -k: add it to get_big for https URLs), recorded as
-#   tls_hit1_mbps / tls_hit8_mbps; bench_wrk with prefix tls_tag (wrk speaks https itself).
-# The report already has rows tls_hit1_mbps, tls_hit8_mbps, tls_tag_rps, tls_tag_p99_ms,
-# compared with berth's plain figures; record them with `rec berth tls_... VALUE`.
+# 7. berth over TLS against berth plain, for the cache-hit and manifest benchmarks: one berth
+# process with both listeners, its certificate from `berth certs`, clients verifying it.
 bench_tls() {
-    if ! "$BERTH" serve --help 2>/dev/null | grep -q -- '--tls-listen'; then
-        [ "$1" = 1 ] && log "7. TLS vs plain: n/a: TLS not built"
-        return 0
-    fi
-    note "7. TLS vs plain: berth has --tls-listen, but bench_tls in benches/mirror.sh is not written yet"
+    local run=$1 dir=$TMP/berth-tls-$1 port tport plain tls
+    log "berth run $run: TLS vs plain (cache hits, manifest GETs)"
+    "$BERTH" certs --host 127.0.0.1 --out "$dir/certs" --force >/dev/null
+    port=$(free_port)
+    tport=$(free_port)
+    spawn "$dir/berth.stdout" "$dir/berth.log" "$BERTH" serve --listen "127.0.0.1:$port" \
+        --tls-listen "127.0.0.1:$tport" --tls-cert "$dir/certs/server.crt" \
+        --tls-key "$dir/certs/server.key" --data-dir "$dir/data" --upstream "$UPSTREAM"
+    MIRROR_PID=$LAST_PID
+    plain=http://127.0.0.1:$port
+    tls=https://127.0.0.1:$tport
+    wait_ready "$plain/v2/" "$MIRROR_PID" berth
+    get_big "$plain/v2/library/big/blobs/$BIG_DIGEST" 1
+    wait_cached berth "$dir" || true
+    for side in plain tls; do
+        local base=$plain prefix=""
+        if [ $side = tls ]; then
+            base=$tls
+            prefix=tls_
+            CURL_EXTRA="--cacert $dir/certs/ca.crt"
+        fi
+        get_big "$base/v2/library/big/blobs/$BIG_DIGEST" 1
+        [ $OK = 1 ] && rec berth "${prefix}same_hit1_mbps" "$(calc "$BIG_BYTES / $WALL / 1e6")"
+        get_big "$base/v2/library/big/blobs/$BIG_DIGEST" "$CLIENTS"
+        [ $OK = 1 ] && rec berth "${prefix}same_hit8_mbps" "$(calc "$CLIENTS * $BIG_BYTES / $WALL / 1e6")"
+        bench_wrk berth "${prefix}same_tag" "$base/v2/library/five/manifests/v1"
+        CURL_EXTRA=""
+    done
+    stop "$MIRROR_PID"
+    rm -rf "$dir"
 }
 
 # ---------------------------------------------------------------------------------------------
