@@ -1,0 +1,1482 @@
+//! Interop with a real Docker daemon: Debian's `docker.io` (dockerd 20.10) pulls through berth.
+//!
+//! Each test builds its own world under one temp dir: a distribution v2.8 registry
+//! (`docker-registry serve`) on 127.0.0.1 seeded with `skopeo` from an OCI layout written here,
+//! berth in front of it (the binary built by cargo), and a private dockerd (vfs storage, its
+//! own data root, exec root, pidfile and unix socket) whose daemon.json names berth in
+//! `registry-mirrors`. `docker pull NAME` then resolves to docker.io/library/NAME, which dockerd
+//! asks the mirror for first.
+//!
+//! Run with `cargo test --features interop --test interop_docker` as root. Missing tools are a
+//! failure, never a skip: the panic names the apt package. See docs/docker.md.
+//!
+//! Cases still to come here, as separate `#[test]` functions on the same harness: berth's TLS
+//! listener as an `https://` mirror (dockerd 20.10 reads a mirror's CA only from the fixed
+//! `/etc/docker/certs.d/HOST:PORT/ca.crt`, so that test needs a drop guard like
+//! [`HostsEntry`]), and `docker login` + `docker push` to a private namespace.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+
+/// The daemons are heavy for a 2-core machine, and /etc/hosts is shared: one world at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// The name the hosts-file tests map to 127.0.0.1.
+const MIRROR_HOST: &str = "berth-mirror.test";
+
+const PULL_DEADLINE: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------------------------
+// The tests
+
+/// Pulls by digest and by tag, single-arch and multi-arch, through berth as a plain-HTTP
+/// loopback mirror; then, with the upstream registry gone, removes every image and pulls them
+/// all again from berth's cache.
+#[test]
+fn plain_http_mirror_pull_then_offline_repull() {
+    let mut w = World::new("plain");
+    w.start_berth(None);
+    let mirror = format!("http://127.0.0.1:{}", w.berth().port);
+    w.start_dockerd(json!({ "registry-mirrors": [mirror] }));
+    let info = w.docker().info();
+    assert_eq!(
+        info["RegistryConfig"]["Mirrors"],
+        json!([format!("{mirror}/")]),
+        "dockerd did not take the mirror from daemon.json"
+    );
+
+    let imgs = w.images.clone();
+    let single = &imgs.single;
+    let multi = imgs.native(&w.docker().arch);
+    let foreign = imgs.foreign(&w.docker().arch);
+
+    // Online, by digest first (so the daemon has nothing yet and must fetch every blob).
+    let mark = w.berth().mark();
+    w.docker()
+        .pull_expect(&format!("single@{}", single.manifest), single);
+    let reqs = w.berth().requests_since(mark);
+    assert_served(
+        &reqs,
+        "GET",
+        &format!("/v2/library/single/manifests/{}", single.manifest),
+    );
+    assert_blobs_served(&reqs, "single", &single.blobs());
+    assert_outcome(
+        &reqs,
+        &format!("/v2/library/single/blobs/{}", single.layers[1]),
+        &["miss"],
+    );
+
+    let mark = w.berth().mark();
+    w.docker().pull_expect("single:v1", single);
+    assert_manifest_asked(&w.berth().requests_since(mark), "single", "v1");
+    w.docker()
+        .assert_repo_digest("single:v1", "single", &single.manifest);
+
+    // The multi-arch index: the daemon must take its own platform and never touch the other.
+    let mark = w.berth().mark();
+    w.docker().pull_expect("multi:v1", multi);
+    let reqs = w.berth().requests_since(mark);
+    assert_manifest_asked(&reqs, "multi", "v1");
+    assert_served(
+        &reqs,
+        "GET",
+        &format!("/v2/library/multi/manifests/{}", multi.manifest),
+    );
+    // The base layer is shared with `single`, so the daemon already has it.
+    assert_blobs_served(&reqs, "multi", &[&multi.config, &multi.layers[1]]);
+    w.docker()
+        .assert_repo_digest("multi:v1", "multi", &imgs.multi_index);
+
+    // After `rmi` dockerd 20.10 may still hold the index and manifest in its containerd content
+    // store (until containerd's GC runs), so only the blobs are sure to be asked for again.
+    w.docker().rmi("multi:v1");
+    let mark = w.berth().mark();
+    w.docker()
+        .pull_expect(&format!("multi@{}", imgs.multi_index), multi);
+    assert_blobs_served(
+        &w.berth().requests_since(mark),
+        "multi",
+        &[&multi.config, &multi.layers[1]],
+    );
+
+    let all = w.berth().requests_since(0);
+    let native_blobs = multi.blobs();
+    let foreign_only = foreign
+        .blobs()
+        .into_iter()
+        .chain([&foreign.manifest])
+        .filter(|b| !native_blobs.contains(b));
+    for blob in foreign_only {
+        assert!(
+            !all.iter().any(|r| r.path.ends_with(blob.as_str())),
+            "the daemon asked for {blob}, which belongs to the other platform's image"
+        );
+    }
+    assert_no_server_errors(&all);
+    // berth really went upstream, and kept what it fetched.
+    w.assert_upstream_saw(&format!("/v2/library/single/blobs/{}", single.layers[1]));
+    w.assert_cached(&single.blobs());
+    w.assert_cached(&[&multi.config, &multi.layers[1]]);
+
+    // Offline: the upstream is gone; the daemon forgets everything and pulls again.
+    w.stop_upstream();
+    w.docker().rmi_all();
+    let mark = w.berth().mark();
+    w.docker().pull_expect("single:v1", single);
+    w.docker().pull_expect("multi:v1", multi);
+    w.docker()
+        .pull_expect(&format!("single@{}", single.manifest), single);
+    w.docker()
+        .pull_expect(&format!("multi@{}", imgs.multi_index), multi);
+    let reqs = w.berth().requests_since(mark);
+    assert_manifest_asked(&reqs, "single", "v1");
+    assert_manifest_asked(&reqs, "multi", "v1");
+    assert_blobs_served(&reqs, "single", &single.blobs());
+    assert_blobs_served(&reqs, "multi", &[&multi.config, &multi.layers[1]]);
+    for r in reqs.iter().filter(|r| r.path.starts_with("/v2/library/")) {
+        assert!(
+            r.status == 200 && (r.cache == "hit" || r.cache == "stale"),
+            "offline, berth answered {} {} with status {} cache={}",
+            r.method,
+            r.path,
+            r.status,
+            r.cache
+        );
+    }
+}
+
+/// With `tag_ttl = 0` every tag lookup revalidates: after the upstream is gone and berth has
+/// restarted (so nothing is left in its memory), a tag pull is served as `cache=stale` from disk.
+#[test]
+fn offline_repull_after_berth_restart_serves_stale_tags() {
+    let mut w = World::new("stale");
+    w.start_berth(Some("tag_ttl = \"0s\""));
+    w.start_dockerd(
+        json!({ "registry-mirrors": [format!("http://127.0.0.1:{}", w.berth().port)] }),
+    );
+    let imgs = w.images.clone();
+    let single = &imgs.single;
+    let multi = imgs.native(&w.docker().arch);
+    w.docker().pull_expect("single:v1", single);
+    w.docker().pull_expect("multi:v1", multi);
+
+    w.stop_upstream();
+    w.restart_berth();
+    w.docker().rmi_all();
+    let mark = w.berth().mark();
+    w.docker().pull_expect("single:v1", single);
+    w.docker().pull_expect("multi:v1", multi);
+    let reqs = w.berth().requests_since(mark);
+    for repo in ["single", "multi"] {
+        let tag = format!("/v2/library/{repo}/manifests/v1");
+        assert_manifest_asked(&reqs, repo, "v1");
+        assert_outcome(&reqs, &tag, &["stale"]);
+    }
+    assert_blobs_served(&reqs, "single", &single.blobs());
+    assert_blobs_served(&reqs, "multi", &[&multi.config, &multi.layers[1]]);
+    assert_no_server_errors(&reqs);
+}
+
+/// A mirror under a name that is not a loopback address, listed in both `registry-mirrors`
+/// (with its `http://` scheme) and `insecure-registries`.
+#[test]
+fn hostname_mirror_listed_in_insecure_registries() {
+    let mut w = World::new("insecure");
+    w.map_mirror_host();
+    w.start_berth(None);
+    let host = format!("{MIRROR_HOST}:{}", w.berth().port);
+    w.start_dockerd(json!({
+        "registry-mirrors": [format!("http://{host}")],
+        "insecure-registries": [host],
+    }));
+    let info = w.docker().info();
+    let insecure = info["RegistryConfig"]["IndexConfigs"][&host]["Secure"].clone();
+    assert_eq!(
+        insecure,
+        json!(false),
+        "dockerd did not list {host} as insecure: {info}"
+    );
+    hostname_pull(&w);
+}
+
+/// The same name as a plain `http://` mirror alone: dockerd takes the scheme from the mirror
+/// URL, so no `insecure-registries` entry is needed for plain HTTP.
+#[test]
+fn hostname_http_mirror_without_insecure_registries() {
+    let mut w = World::new("hostonly");
+    w.map_mirror_host();
+    w.start_berth(None);
+    let host = format!("{MIRROR_HOST}:{}", w.berth().port);
+    w.start_dockerd(json!({ "registry-mirrors": [format!("http://{host}")] }));
+    hostname_pull(&w);
+}
+
+/// A tag the upstream does not have: berth answers 404 (not a server error), and the pull fails
+/// with dockerd's fallback to Docker Hub refused by the dead proxy, not with a hang.
+#[test]
+fn missing_tag_is_not_found() {
+    let mut w = World::new("missing");
+    w.start_berth(None);
+    w.start_dockerd(
+        json!({ "registry-mirrors": [format!("http://127.0.0.1:{}", w.berth().port)] }),
+    );
+    let mark = w.berth().mark();
+    let o = w.docker().try_docker(&["pull", "single:nope"]);
+    assert!(
+        !o.status.success(),
+        "pulling a missing tag succeeded:\n{}",
+        o.stdout
+    );
+    let reqs = w.berth().requests_since(mark);
+    let path = "/v2/library/single/manifests/nope";
+    let asked: Vec<&Req> = reqs.iter().filter(|r| r.path == path).collect();
+    assert!(
+        !asked.is_empty(),
+        "berth's log has no {path}:\n{}",
+        show(&reqs)
+    );
+    for r in asked {
+        assert_eq!(
+            r.status, 404,
+            "berth answered {} {path} with {}",
+            r.method, r.status
+        );
+    }
+    assert_no_server_errors(&reqs);
+}
+
+fn hostname_pull(w: &World) {
+    let imgs = w.images.clone();
+    let multi = imgs.native(&w.docker().arch);
+    let mark = w.berth().mark();
+    w.docker().pull_expect("single:v1", &imgs.single);
+    w.docker().pull_expect("multi:v1", multi);
+    let reqs = w.berth().requests_since(mark);
+    assert_manifest_asked(&reqs, "single", "v1");
+    assert_manifest_asked(&reqs, "multi", "v1");
+    assert_blobs_served(&reqs, "single", &imgs.single.blobs());
+    assert_no_server_errors(&reqs);
+    w.assert_cached(&imgs.single.blobs());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Assertions on berth's request log
+
+fn assert_served(reqs: &[Req], method: &str, path: &str) {
+    assert!(
+        reqs.iter()
+            .any(|r| r.method == method && r.path == path && r.status == 200),
+        "berth's log has no `{method} {path}` answered 200; it has:\n{}",
+        show(reqs)
+    );
+}
+
+/// The daemon asks for a tag with HEAD or GET; either must have been answered 200.
+fn assert_manifest_asked(reqs: &[Req], repo: &str, tag: &str) {
+    let path = format!("/v2/library/{repo}/manifests/{tag}");
+    assert!(
+        reqs.iter().any(|r| r.path == path && r.status == 200),
+        "berth's log has no `{path}` answered 200; it has:\n{}",
+        show(reqs)
+    );
+}
+
+fn assert_blobs_served(reqs: &[Req], repo: &str, blobs: &[&String]) {
+    for blob in blobs {
+        assert_served(reqs, "GET", &format!("/v2/library/{repo}/blobs/{blob}"));
+    }
+}
+
+fn assert_outcome(reqs: &[Req], path: &str, allowed: &[&str]) {
+    let found: Vec<&Req> = reqs.iter().filter(|r| r.path == path).collect();
+    assert!(
+        !found.is_empty(),
+        "berth's log has no `{path}`:\n{}",
+        show(reqs)
+    );
+    for r in found {
+        assert!(
+            allowed.contains(&r.cache.as_str()),
+            "berth answered {} {} with cache={} (expected one of {allowed:?})",
+            r.method,
+            r.path,
+            r.cache
+        );
+    }
+}
+
+fn assert_no_server_errors(reqs: &[Req]) {
+    let bad: Vec<&Req> = reqs.iter().filter(|r| r.status >= 500).collect();
+    assert!(
+        bad.is_empty(),
+        "berth answered with server errors:\n{bad:#?}"
+    );
+}
+
+fn show(reqs: &[Req]) -> String {
+    reqs.iter()
+        .map(|r| format!("  {} {} {} cache={}\n", r.method, r.path, r.status, r.cache))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The world: temp dir, upstream, berth, dockerd, hosts entry
+
+struct World {
+    // Dropped in this order (see Drop): every process before the temp dir.
+    dockerd: Option<Dockerd>,
+    berth: Option<Berth>,
+    upstream: Option<Proc>,
+    hosts: Option<HostsEntry>,
+    upstream_port: u16,
+    upstream_log: PathBuf,
+    berth_runs: usize,
+    images: Images,
+    tools: Tools,
+    dir: PathBuf,
+    tmp: Option<tempfile::TempDir>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl World {
+    /// Checks the tools, writes the images, starts the upstream registry and seeds it.
+    fn new(name: &str) -> World {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let tools = Tools::find();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("berth-docker-{name}-"))
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp.path().to_path_buf();
+        let images = Images::write(&dir.join("oci"));
+        let mut w = World {
+            dockerd: None,
+            berth: None,
+            upstream: None,
+            hosts: None,
+            upstream_port: 0,
+            berth_runs: 0,
+            upstream_log: dir.join("upstream.log"),
+            images,
+            tools,
+            dir,
+            tmp: Some(tmp),
+            _serial: serial,
+        };
+        w.start_upstream();
+        w.seed_upstream();
+        w
+    }
+
+    fn start_upstream(&mut self) {
+        let port = free_port();
+        let storage = self.dir.join("upstream-data");
+        fs::create_dir_all(&storage).unwrap();
+        let config = self.dir.join("upstream.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                 http:\n  addr: 127.0.0.1:{port}\n",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(&self.tools.registry);
+        cmd.arg("serve").arg(&config);
+        let mut p = Proc::spawn("docker-registry", &mut cmd, &self.upstream_log);
+        let addr = format!("127.0.0.1:{port}");
+        wait_until(
+            "the upstream registry to answer /v2/",
+            Duration::from_secs(30),
+            || {
+                p.assert_running();
+                matches!(http("GET", &addr, "/v2/", &[]), Ok(r) if r.status == 200).then_some(())
+            },
+        );
+        self.upstream = Some(p);
+        self.upstream_port = port;
+    }
+
+    /// `skopeo copy` each tag of the OCI layout to the upstream, digests preserved, and check
+    /// the registry serves the digests computed here.
+    fn seed_upstream(&mut self) {
+        let policy = self.dir.join("policy.json");
+        fs::write(
+            &policy,
+            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+        )
+        .unwrap();
+        let layout = self.dir.join("oci");
+        for (tag, repo, all) in [("single", "single", false), ("multi", "multi", true)] {
+            let mut cmd = Command::new(&self.tools.skopeo);
+            cmd.arg("--policy")
+                .arg(&policy)
+                .args([
+                    "copy",
+                    "--quiet",
+                    "--preserve-digests",
+                    "--dest-tls-verify=false",
+                ])
+                .args(["--dest-no-creds"]);
+            if all {
+                cmd.arg("--all");
+            }
+            cmd.arg(format!("oci:{}:{tag}", layout.display()))
+                .arg(format!(
+                    "docker://127.0.0.1:{}/library/{repo}:v1",
+                    self.upstream_port
+                ));
+            run_ok(&mut cmd, "skopeo copy", Duration::from_secs(120));
+        }
+        let addr = format!("127.0.0.1:{}", self.upstream_port);
+        let accept = format!("{OCI_MANIFEST}, {OCI_INDEX}");
+        for (repo, want) in [
+            ("single", &self.images.single.manifest),
+            ("multi", &self.images.multi_index),
+        ] {
+            let r = http(
+                "HEAD",
+                &addr,
+                &format!("/v2/library/{repo}/manifests/v1"),
+                &[("Accept", &accept)],
+            )
+            .expect("HEAD the seeded manifest");
+            assert_eq!(r.status, 200, "the upstream has no library/{repo}:v1");
+            assert_eq!(
+                r.header("docker-content-digest"),
+                Some(want.as_str()),
+                "skopeo changed library/{repo}:v1 while copying"
+            );
+        }
+    }
+
+    fn stop_upstream(&mut self) {
+        let mut p = self.upstream.take().expect("upstream running");
+        p.stop(Duration::from_secs(10));
+        let addr = format!("127.0.0.1:{}", self.upstream_port);
+        assert!(
+            TcpStream::connect(&addr).is_err(),
+            "something still listens on the upstream's port {addr}"
+        );
+    }
+
+    fn assert_upstream_saw(&self, path: &str) {
+        let log = fs::read_to_string(&self.upstream_log).unwrap_or_default();
+        assert!(
+            log.contains(path),
+            "the upstream's access log has no {path}:\n{log}"
+        );
+    }
+
+    /// Starts berth on a free loopback port; `upstream_extra` is TOML added to the default
+    /// upstream's table in a config file.
+    fn start_berth(&mut self, upstream_extra: Option<&str>) {
+        let port = free_port();
+        self.berth_runs += 1;
+        let berth = Berth::start(
+            &self.dir,
+            self.berth_runs,
+            port,
+            &format!("http://127.0.0.1:{}", self.upstream_port),
+            upstream_extra,
+        );
+        self.berth = Some(berth);
+    }
+
+    /// Stops berth and starts it again on the same port and data dir.
+    fn restart_berth(&mut self) {
+        let old = self.berth.take().expect("berth running");
+        let (port, extra) = (old.port, old.upstream_extra.clone());
+        drop(old);
+        let addr = format!("127.0.0.1:{port}");
+        wait_until(
+            "berth's old port to be free",
+            Duration::from_secs(10),
+            || TcpListener::bind(&addr).ok().map(drop),
+        );
+        self.berth_runs += 1;
+        self.berth = Some(Berth::start(
+            &self.dir,
+            self.berth_runs,
+            port,
+            &format!("http://127.0.0.1:{}", self.upstream_port),
+            extra.as_deref(),
+        ));
+    }
+
+    fn berth(&self) -> &Berth {
+        self.berth.as_ref().expect("berth running")
+    }
+
+    fn start_dockerd(&mut self, daemon_json: Value) {
+        self.dockerd = Some(Dockerd::start(&self.tools, &self.dir, daemon_json));
+    }
+
+    fn docker(&self) -> &Dockerd {
+        self.dockerd.as_ref().expect("dockerd running")
+    }
+
+    fn map_mirror_host(&mut self) {
+        self.hosts = Some(HostsEntry::add(MIRROR_HOST));
+    }
+
+    /// Every digest has a file of that name somewhere under berth's `cache/blobs`.
+    fn assert_cached(&self, digests: &[&String]) {
+        let root = self.berth().data.join("cache").join("blobs");
+        let mut names = Vec::new();
+        walk(&root, &mut names);
+        for d in digests {
+            let hex = d.strip_prefix("sha256:").unwrap();
+            assert!(
+                names.iter().any(|n| n == hex),
+                "{d} is not under {}; found {names:?}",
+                root.display()
+            );
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        drop(self.dockerd.take());
+        drop(self.berth.take());
+        drop(self.upstream.take());
+        drop(self.hosts.take());
+        if let Some(tmp) = self.tmp.take() {
+            if std::env::var_os("BERTH_INTEROP_KEEP").is_some() {
+                eprintln!("interop_docker: keeping {}", tmp.keep().display());
+                return;
+            }
+            let path = tmp.path().to_path_buf();
+            if let Err(e) = tmp.close() {
+                eprintln!("interop_docker: could not remove {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<String>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            walk(&p, out);
+        } else {
+            out.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tools
+
+struct Tools {
+    dockerd: PathBuf,
+    docker: PathBuf,
+    registry: PathBuf,
+    skopeo: PathBuf,
+}
+
+impl Tools {
+    fn find() -> Tools {
+        let uid = fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+            })
+            .unwrap_or_default();
+        assert_eq!(uid, "0", "interop_docker runs dockerd, which needs root");
+        let tools = Tools {
+            dockerd: require("dockerd", "docker.io"),
+            docker: require("docker", "docker.io"),
+            registry: require("docker-registry", "docker-registry"),
+            skopeo: require("skopeo", "skopeo"),
+        };
+        // dockerd starts these itself; name their packages now rather than fail obscurely later.
+        require("containerd", "containerd");
+        require("runc", "runc");
+        tools
+    }
+}
+
+/// The search path for tools: PATH, then the sbin dirs a non-login PATH may lack.
+fn search_path() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    for d in [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ] {
+        if !dirs.iter().any(|x| x == Path::new(d)) {
+            dirs.push(PathBuf::from(d));
+        }
+    }
+    dirs
+}
+
+fn require(tool: &str, apt: &str) -> PathBuf {
+    search_path()
+        .into_iter()
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "interop_docker needs `{tool}`, which is not installed: \
+                 apt-get install -y {apt} (see docs/docker.md)"
+            )
+        })
+}
+
+fn path_env() -> std::ffi::OsString {
+    std::env::join_paths(search_path()).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// A child process with its stdout and stderr in a log file; stopped when dropped.
+struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
+        let out = File::create(log).expect("create log");
+        let err = out.try_clone().unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_owned(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Panics, with the end of its log, if the process has exited.
+    fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("started");
+        if let Ok(Some(status)) = child.try_wait() {
+            self.child = None;
+            panic!(
+                "{} exited ({status}); the end of {}:\n{}",
+                self.name,
+                self.log.display(),
+                tail(&self.log, 40)
+            );
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`. Never panics.
+    fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let end = Instant::now() + grace;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!(
+            "interop_docker: {} ignored SIGTERM for {grace:?}; killing it",
+            self.name
+        );
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(30));
+    }
+}
+
+/// Polls `cond` every 50 ms until it yields a value; panics at the deadline.
+fn wait_until<T>(what: &str, deadline: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Output {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs a command to completion, killing it (and failing) at the deadline.
+fn run(cmd: &mut Command, what: &str, deadline: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let end = Instant::now() + deadline;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+fn run_ok(cmd: &mut Command, what: &str, deadline: Duration) -> String {
+    let o = run(cmd, what, deadline);
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        o.status,
+        o.stdout,
+        o.stderr
+    );
+    o.stdout
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let s = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = s.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// berth
+
+struct Berth {
+    proc: Proc,
+    port: u16,
+    data: PathBuf,
+    upstream_extra: Option<String>,
+}
+
+/// One request line from berth's log.
+#[derive(Debug)]
+struct Req {
+    method: String,
+    path: String,
+    status: u16,
+    cache: String,
+}
+
+impl Berth {
+    /// Starts berth on 127.0.0.1:`port` with its data in `dir/berth-data` and its log in
+    /// `dir/berth-RUN.log`; `upstream_extra` is TOML added to the default upstream's table.
+    fn start(
+        dir: &Path,
+        run: usize,
+        port: u16,
+        upstream: &str,
+        upstream_extra: Option<&str>,
+    ) -> Berth {
+        let data = dir.join("berth-data");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--upstream", upstream])
+            .env("BERTH_LOG", "info")
+            .env("NO_COLOR", "1");
+        if let Some(extra) = upstream_extra {
+            let config = dir.join("berth.toml");
+            fs::write(
+                &config,
+                format!("[upstreams.\"docker.io\"]\nurl = \"{upstream}\"\n{extra}\n"),
+            )
+            .unwrap();
+            cmd.arg("--config").arg(config);
+        }
+        let mut proc = Proc::spawn("berth", &mut cmd, &dir.join(format!("berth-{run}.log")));
+        let addr = format!("127.0.0.1:{port}");
+        wait_until("berth to answer /v2/", Duration::from_secs(30), || {
+            proc.assert_running();
+            matches!(http("GET", &addr, "/v2/", &[]), Ok(r) if r.status == 200).then_some(())
+        });
+        Berth {
+            proc,
+            port,
+            data,
+            upstream_extra: upstream_extra.map(str::to_owned),
+        }
+    }
+
+    /// The requests this run has logged, in order.
+    fn requests(&self) -> Vec<Req> {
+        fs::read_to_string(&self.proc.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" request ") && l.contains(" path="))
+            .map(|l| Req {
+                method: field(l, "method").unwrap_or_default(),
+                path: field(l, "path").unwrap_or_default(),
+                status: field(l, "status").and_then(|s| s.parse().ok()).unwrap_or(0),
+                cache: field(l, "cache").unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// How many requests this run has logged so far.
+    fn mark(&self) -> usize {
+        self.requests().len()
+    }
+
+    fn requests_since(&self, mark: usize) -> Vec<Req> {
+        self.requests().into_iter().skip(mark).collect()
+    }
+}
+
+/// `key=value` or `key="value"` from a tracing text line.
+fn field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    if let Some(quoted) = rest.strip_prefix('"') {
+        quoted.find('"').map(|end| quoted[..end].to_owned())
+    } else {
+        Some(rest.split_whitespace().next().unwrap_or("").to_owned())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dockerd
+
+struct Dockerd {
+    proc: Option<Proc>,
+    root: PathBuf,
+    sock: PathBuf,
+    cli_config: PathBuf,
+    docker: PathBuf,
+    /// The daemon's platform architecture in OCI terms (amd64, arm64, ...).
+    arch: String,
+}
+
+impl Dockerd {
+    /// Starts a private dockerd under `dir/docker` and waits until its API answers.
+    fn start(tools: &Tools, dir: &Path, mut daemon_json: Value) -> Dockerd {
+        let root = dir.join("docker");
+        let (data, exec) = (root.join("data"), root.join("exec"));
+        let cli_config = root.join("cli");
+        for d in [&data, &exec, &cli_config] {
+            fs::create_dir_all(d).unwrap();
+        }
+        // Without this key dockerd 20.10 writes its trust key to /etc/docker/key.json.
+        daemon_json["deprecated-key-path"] = json!(root.join("key.json"));
+        let config = root.join("daemon.json");
+        fs::write(&config, serde_json::to_vec_pretty(&daemon_json).unwrap()).unwrap();
+        let sock = root.join("docker.sock");
+        // Any fallback from the mirror to Docker Hub goes to a dead local proxy port, so it fails
+        // at once and sends nothing off this machine; the mirror itself is reached directly.
+        let dead_proxy = format!("http://127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(&tools.dockerd);
+        cmd.env_clear()
+            .env("PATH", path_env())
+            .env("HOME", &root)
+            .env("HTTP_PROXY", &dead_proxy)
+            .env("HTTPS_PROXY", &dead_proxy)
+            .env("NO_PROXY", format!("localhost,127.0.0.1,{MIRROR_HOST}"))
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--data-root")
+            .arg(&data)
+            .arg("--exec-root")
+            .arg(&exec)
+            .arg("--pidfile")
+            .arg(root.join("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", sock.display()))
+            .args([
+                "--storage-driver=vfs",
+                "--iptables=false",
+                "--ip-forward=false",
+                "--ip-masq=false",
+                "--bridge=none",
+                "--userland-proxy=false",
+            ]);
+        let proc = Proc::spawn("dockerd", &mut cmd, &root.join("dockerd.log"));
+        let mut d = Dockerd {
+            proc: Some(proc),
+            root,
+            sock,
+            cli_config,
+            docker: tools.docker.clone(),
+            arch: String::new(),
+        };
+        wait_until("dockerd's API", Duration::from_secs(60), || {
+            d.proc.as_mut().unwrap().assert_running();
+            let o = run(
+                &mut d.cli(&["version", "--format", "{{.Server.Version}}"]),
+                "docker version",
+                Duration::from_secs(30),
+            );
+            o.status.success().then_some(())
+        });
+        let arch = d.info()["Architecture"].as_str().unwrap_or("").to_owned();
+        d.arch = match arch.as_str() {
+            "x86_64" => "amd64".into(),
+            "aarch64" => "arm64".into(),
+            other => other.into(),
+        };
+        d
+    }
+
+    fn cli(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.docker);
+        cmd.env_clear()
+            .env("PATH", path_env())
+            .env("HOME", &self.root)
+            .env("DOCKER_CONFIG", &self.cli_config)
+            .env("DOCKER_HOST", format!("unix://{}", self.sock.display()))
+            .args(args);
+        cmd
+    }
+
+    fn try_docker(&self, args: &[&str]) -> Output {
+        run(
+            &mut self.cli(args),
+            &format!("docker {}", args.join(" ")),
+            PULL_DEADLINE,
+        )
+    }
+
+    fn docker_ok(&self, args: &[&str]) -> String {
+        let what = format!("docker {}", args.join(" "));
+        let o = self.try_docker(args);
+        assert!(
+            o.status.success(),
+            "{what} failed ({}):\n{}\n{}\nthe end of dockerd's log:\n{}",
+            o.status,
+            o.stdout,
+            o.stderr,
+            tail(&self.root.join("dockerd.log"), 30)
+        );
+        o.stdout
+    }
+
+    fn info(&self) -> Value {
+        serde_json::from_str(&self.docker_ok(&["info", "--format", "{{json .}}"]))
+            .expect("docker info is JSON")
+    }
+
+    /// Pulls `reference` and checks the daemon now has it as the expected image.
+    fn pull_expect(&self, reference: &str, img: &Img) {
+        self.docker_ok(&["pull", reference]);
+        let id = self.docker_ok(&["image", "inspect", "--format", "{{.Id}}", reference]);
+        assert_eq!(
+            id.trim(),
+            img.config,
+            "{reference} is not the expected image (the ID is the config's digest)"
+        );
+    }
+
+    fn assert_repo_digest(&self, reference: &str, repo: &str, digest: &str) {
+        let out = self.docker_ok(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .RepoDigests}}",
+            reference,
+        ]);
+        let digests: Vec<String> = serde_json::from_str(out.trim()).unwrap();
+        assert!(
+            digests.contains(&format!("{repo}@{digest}")),
+            "{reference}'s RepoDigests are {digests:?}, without {repo}@{digest}"
+        );
+    }
+
+    fn rmi(&self, reference: &str) {
+        self.docker_ok(&["rmi", reference]);
+    }
+
+    /// Removes every image; the daemon keeps no layer either.
+    fn rmi_all(&self) {
+        let ids = self.docker_ok(&["images", "--all", "--quiet", "--no-trunc"]);
+        let mut ids: Vec<&str> = ids.split_whitespace().collect();
+        ids.sort();
+        ids.dedup();
+        if !ids.is_empty() {
+            let mut args = vec!["rmi", "--force"];
+            args.extend(ids);
+            self.docker_ok(&args);
+        }
+        let left = self.docker_ok(&["images", "--all", "--quiet"]);
+        assert!(left.trim().is_empty(), "images left after rmi: {left}");
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop(Duration::from_secs(30));
+        }
+        // dockerd stops its containerd; if dockerd was killed instead, do it here.
+        let exec = self.root.join("exec");
+        if let Ok(pid) = fs::read_to_string(exec.join("containerd").join("containerd.pid")) {
+            let pid = pid.trim();
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&*exec.to_string_lossy()) {
+                eprintln!("interop_docker: containerd {pid} outlived dockerd; killing it");
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+        // dockerd bind-mounts its data root onto itself and unmounts it on a clean exit only.
+        unmount_under(&self.root);
+    }
+}
+
+/// Unmounts every mount point at or under `dir`, deepest first.
+fn unmount_under(dir: &Path) {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for p in points {
+        eprintln!("interop_docker: unmounting {}", p.display());
+        let ok = Command::new("umount")
+            .arg(&p)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&p).status();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /etc/hosts
+
+/// A line mapping a name to 127.0.0.1 in /etc/hosts, removed again when dropped.
+struct HostsEntry {
+    line: String,
+}
+
+const HOSTS: &str = "/etc/hosts";
+const HOSTS_MARK: &str = "# added by berth interop_docker";
+
+impl HostsEntry {
+    fn add(name: &str) -> HostsEntry {
+        let line = format!("127.0.0.1 {name} {HOSTS_MARK}");
+        // A crashed earlier run may have left its line: one copy is enough.
+        let mut hosts = strip_line(&fs::read_to_string(HOSTS).expect("read /etc/hosts"), &line);
+        if !hosts.is_empty() && !hosts.ends_with('\n') {
+            hosts.push('\n');
+        }
+        hosts.push_str(&line);
+        hosts.push('\n');
+        // Written in place: /etc/hosts may be a bind mount that a rename would not replace.
+        fs::write(HOSTS, hosts).expect("write /etc/hosts (needs root)");
+        HostsEntry { line }
+    }
+}
+
+impl Drop for HostsEntry {
+    fn drop(&mut self) {
+        match fs::read_to_string(HOSTS) {
+            Ok(hosts) => {
+                if let Err(e) = fs::write(HOSTS, strip_line(&hosts, &self.line)) {
+                    eprintln!("interop_docker: could not restore /etc/hosts: {e}");
+                }
+            }
+            Err(e) => eprintln!("interop_docker: could not read /etc/hosts: {e}"),
+        }
+    }
+}
+
+fn strip_line(text: &str, line: &str) -> String {
+    text.lines()
+        .filter(|l| l.trim() != line)
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images: an OCI layout written here, with real (tiny) gzipped tar layers
+
+/// One platform image: digests of its manifest, config (= the image ID) and layers.
+#[derive(Clone, Debug)]
+struct Img {
+    manifest: String,
+    config: String,
+    layers: Vec<String>,
+}
+
+impl Img {
+    fn blobs(&self) -> Vec<&String> {
+        std::iter::once(&self.config).chain(&self.layers).collect()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Images {
+    /// `library/single:v1`: one amd64 manifest.
+    single: Img,
+    /// `library/multi:v1`: an index of amd64 and arm64 manifests.
+    multi_index: String,
+    multi: Vec<(String, Img)>,
+}
+
+impl Images {
+    /// Writes the OCI layout with two tags: `single` (a manifest) and `multi` (an index).
+    /// Layer 0 of every image is the same base layer; layer 1 is the image's own.
+    fn write(dir: &Path) -> Images {
+        let mut layout = Layout::new(dir);
+        let base = layer(&[("base/", 0, 0), ("base/data.bin", 1, 48 << 10)]);
+        let single = layout.image(
+            "amd64",
+            &base,
+            &layer(&[("app/", 0, 0), ("app/single.bin", 2, 4 << 20)]),
+        );
+        let mut multi = Vec::new();
+        for (arch, seed) in [("amd64", 3), ("arm64", 4)] {
+            let own = layer(&[("app/", 0, 0), (&format!("app/{arch}.bin"), seed, 64 << 10)]);
+            multi.push((arch.to_owned(), layout.image(arch, &base, &own)));
+        }
+        let manifests: Vec<Value> = multi
+            .iter()
+            .map(|(arch, img)| {
+                json!({
+                    "mediaType": OCI_MANIFEST,
+                    "digest": img.manifest,
+                    "size": layout.size(&img.manifest),
+                    "platform": {"architecture": arch, "os": "linux"},
+                })
+            })
+            .collect();
+        let index = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": manifests,
+        }))
+        .unwrap();
+        let multi_index = layout.put(&index);
+        layout.tag("single", OCI_MANIFEST, &single.manifest);
+        layout.tag("multi", OCI_INDEX, &multi_index);
+        layout.finish();
+        Images {
+            single,
+            multi_index,
+            multi,
+        }
+    }
+
+    /// The multi-arch image's entry for the daemon's platform.
+    fn native(&self, arch: &str) -> &Img {
+        self.multi
+            .iter()
+            .find(|(a, _)| a == arch)
+            .map(|(_, i)| i)
+            .unwrap_or_else(|| panic!("no {arch} image in the test index"))
+    }
+
+    /// The multi-arch image's other entry, which the daemon must never fetch.
+    fn foreign(&self, arch: &str) -> &Img {
+        self.multi
+            .iter()
+            .find(|(a, _)| a != arch)
+            .map(|(_, i)| i)
+            .unwrap()
+    }
+}
+
+struct Layout {
+    dir: PathBuf,
+    refs: Vec<Value>,
+}
+
+/// A layer: its gzipped bytes and the digest of the uncompressed tar (its diff ID).
+struct Layer {
+    gz: Vec<u8>,
+    diff_id: String,
+}
+
+impl Layout {
+    fn new(dir: &Path) -> Layout {
+        fs::create_dir_all(dir.join("blobs").join("sha256")).unwrap();
+        fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        Layout {
+            dir: dir.to_path_buf(),
+            refs: Vec::new(),
+        }
+    }
+
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        self.dir
+            .join("blobs")
+            .join("sha256")
+            .join(digest.strip_prefix("sha256:").unwrap())
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> String {
+        let digest = sha256(bytes);
+        fs::write(self.blob_path(&digest), bytes).unwrap();
+        digest
+    }
+
+    fn size(&self, digest: &str) -> u64 {
+        fs::metadata(self.blob_path(digest)).unwrap().len()
+    }
+
+    fn image(&mut self, arch: &str, base: &Layer, own: &Layer) -> Img {
+        let config = serde_json::to_vec(&json!({
+            "architecture": arch,
+            "os": "linux",
+            "config": {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/true"]},
+            "rootfs": {"type": "layers", "diff_ids": [base.diff_id, own.diff_id]},
+        }))
+        .unwrap();
+        let config = self.put(&config);
+        let layers = vec![self.put(&base.gz), self.put(&own.gz)];
+        let layer_descs: Vec<Value> = layers
+            .iter()
+            .map(|d| json!({"mediaType": OCI_LAYER_GZIP, "digest": d, "size": self.size(d)}))
+            .collect();
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config, "size": self.size(&config)},
+            "layers": layer_descs,
+        }))
+        .unwrap();
+        Img {
+            manifest: self.put(&manifest),
+            config,
+            layers,
+        }
+    }
+
+    fn tag(&mut self, tag: &str, media_type: &str, digest: &str) {
+        self.refs.push(json!({
+            "mediaType": media_type,
+            "digest": digest,
+            "size": self.size(digest),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }));
+    }
+
+    fn finish(&self) {
+        let index = json!({"schemaVersion": 2, "manifests": self.refs});
+        fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec(&index).unwrap(),
+        )
+        .unwrap();
+    }
+}
+
+fn sha256(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+/// A layer from `(path, seed, size)` entries: a path ending in `/` is a directory, anything
+/// else a file of `size` deterministic bytes.
+fn layer(entries: &[(&str, u64, usize)]) -> Layer {
+    let mut tar = Vec::new();
+    for &(path, seed, size) in entries {
+        if path.ends_with('/') {
+            tar.extend_from_slice(&tar_header(path, 0, b'5', 0o755));
+        } else {
+            let data = pseudo_random(seed, size);
+            tar.extend_from_slice(&tar_header(path, data.len(), b'0', 0o644));
+            tar.extend_from_slice(&data);
+            tar.resize(tar.len().div_ceil(512) * 512, 0);
+        }
+    }
+    tar.resize(tar.len() + 1024, 0);
+    Layer {
+        diff_id: sha256(&tar),
+        gz: gzip_stored(&tar),
+    }
+}
+
+/// A ustar header for a regular file (`b'0'`) or directory (`b'5'`), owned by root, mtime 0.
+fn tar_header(path: &str, size: usize, kind: u8, mode: u64) -> [u8; 512] {
+    assert!(path.len() < 100, "tar path too long: {path}");
+    let mut h = [0u8; 512];
+    h[..path.len()].copy_from_slice(path.as_bytes());
+    octal(&mut h[100..108], mode);
+    octal(&mut h[108..116], 0); // uid
+    octal(&mut h[116..124], 0); // gid
+    octal(&mut h[124..136], size as u64);
+    octal(&mut h[136..148], 0); // mtime
+    h[148..156].fill(b' ');
+    h[156] = kind;
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    h
+}
+
+fn octal(field: &mut [u8], v: u64) {
+    let width = field.len() - 1;
+    field[..width].copy_from_slice(format!("{v:0width$o}").as_bytes());
+    field[width] = 0;
+}
+
+/// Deterministic, incompressible bytes.
+fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// gzip (RFC 1952) of `data` in stored (uncompressed) deflate blocks: byte-for-byte
+/// deterministic, and no compression library needed.
+fn gzip_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    let mut chunks = data.chunks(0xffff).peekable();
+    if data.is_empty() {
+        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
+    }
+    while let Some(chunk) = chunks.next() {
+        out.push(u8::from(chunks.peek().is_none()));
+        let n = chunk.len() as u16;
+        out.extend_from_slice(&n.to_le_bytes());
+        out.extend_from_slice(&(!n).to_le_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out.extend_from_slice(&crc32(data).to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 client for readiness checks
+
+struct HttpReply {
+    status: u16,
+    headers: Vec<(String, String)>,
+}
+
+impl HttpReply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn http(
+    method: &str,
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpReply> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let _ = s.shutdown(Shutdown::Both);
+    let text = String::from_utf8_lossy(&buf);
+    let head = text.split("\r\n\r\n").next().unwrap_or("");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:?}")))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Ok(HttpReply { status, headers })
+}
