@@ -510,8 +510,13 @@ impl Upstream {
     /// Sends one request with the first-byte timeout, and records rate-limit headers and 429s.
     async fn dispatch_unobserved(
         &self,
-        req: Request<Empty<Bytes>>,
+        mut req: Request<Empty<Bytes>>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        // Registries' logs (and Docker Hub's support) can tell berth's traffic apart.
+        req.headers_mut().insert(
+            http::header::USER_AGENT,
+            HeaderValue::from_static(concat!("berth/", env!("CARGO_PKG_VERSION"))),
+        );
         let timeout = self.config.response_timeout.0;
         let resp = match tokio::time::timeout(timeout, self.client.request(req)).await {
             Err(_) => return Err(UpstreamError::Timeout),

@@ -51,6 +51,11 @@ async fn anonymous_bearer_tokens_are_fetched_once_and_reused() {
         .filter(|(_, p, h)| p.starts_with("/v2/") && h.get("authorization").is_none())
         .count();
     assert_eq!(unauthorized, 1);
+    // Every request names its sender, as registries' logs expect.
+    assert!(up.st().log.iter().all(|(_, _, h)| h
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("berth/"))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
