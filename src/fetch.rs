@@ -250,7 +250,24 @@ impl Fetches {
         let mut in_flight: Option<tokio::task::JoinHandle<io::Result<BlobWriter>>> = None;
         let mut idle_writer = Some(writer);
         loop {
-            let frame = match tokio::time::timeout(idle, body.frame()).await {
+            // While a write is in flight, whichever comes first: its completion is published at
+            // once (readers must not wait for the next upstream frame to see those bytes).
+            let next = match in_flight.as_mut() {
+                Some(write) => tokio::select! {
+                    landed = write => Err(landed),
+                    frame = tokio::time::timeout(idle, body.frame()) => Ok(frame),
+                },
+                None => Ok(tokio::time::timeout(idle, body.frame()).await),
+            };
+            let next = match next {
+                Ok(frame) => frame,
+                Err(landed) => {
+                    in_flight = None;
+                    idle_writer = Some(self.landed(download, landed, total)?);
+                    continue;
+                }
+            };
+            let frame = match next {
                 Err(_) => return Err(FetchFailure::Upstream(UpstreamError::Timeout)),
                 Ok(None) => None,
                 Ok(Some(Err(e))) => {
@@ -282,7 +299,7 @@ impl Fetches {
                 }
             }
             if let Some(write) = in_flight.take() {
-                idle_writer = Some(self.written(download, write, total).await?);
+                idle_writer = Some(self.landed(download, write.await, total)?);
             }
             if !batch.is_empty() {
                 let chunk = batch.split().freeze();
@@ -298,7 +315,7 @@ impl Fetches {
             }
         }
         if let Some(write) = in_flight.take() {
-            idle_writer = Some(self.written(download, write, total).await?);
+            idle_writer = Some(self.landed(download, write.await, total)?);
         }
         let Some(writer) = idle_writer else {
             return Err(FetchFailure::Io("blob writer lost".into()));
@@ -333,15 +350,14 @@ impl Fetches {
         }
     }
 
-    /// Waits for a write to land and publishes the progress it made.
-    async fn written(
+    /// Publishes the progress a finished write made.
+    fn landed(
         &self,
         download: &Download,
-        write: tokio::task::JoinHandle<io::Result<BlobWriter>>,
+        write: Result<io::Result<BlobWriter>, tokio::task::JoinError>,
         total: Option<u64>,
     ) -> Result<BlobWriter, FetchFailure> {
         let writer = write
-            .await
             .map_err(|e| FetchFailure::Io(e.to_string()))?
             .map_err(|e| FetchFailure::Io(e.to_string()))?;
         let written = writer.written();

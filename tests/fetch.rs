@@ -435,3 +435,37 @@ impl Drop for BerthProcess {
         self.kill();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_arrived_before_the_upstream_stalls_reaches_the_client() {
+    // One small frame, then the upstream stalls: the write of that frame must be published
+    // without waiting for another frame.
+    let up = Fake::start().await;
+    let blob = pseudo_random(40, 200_000);
+    let d = up.add_blob(blob.clone());
+    let gate = Arc::new(Notify::new());
+    up.st()
+        .faults
+        .insert(d.clone(), BlobFault::Gate(10_000, gate.clone()));
+    let b = Berth::start(&up, |_| {}).await;
+    let resp = send_head(
+        Method::GET,
+        &b.url(&format!("/v2/library/p/blobs/{d}")),
+        &[],
+    )
+    .await;
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while got.len() < 10_000 {
+        let frame = tokio::time::timeout(Duration::from_secs(3), body.frame())
+            .await
+            .expect("the first 10 kB while the upstream is stalled")
+            .unwrap()
+            .unwrap();
+        got.extend_from_slice(&frame.into_data().unwrap());
+    }
+    assert_eq!(&got[..], &blob[..10_000]);
+    gate.notify_one();
+    got.extend_from_slice(&body.collect().await.unwrap().to_bytes());
+    assert_eq!(got, blob);
+}
