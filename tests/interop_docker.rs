@@ -10,10 +10,10 @@
 //! Run with `cargo test --features interop --test interop_docker` as root. Missing tools are a
 //! failure, never a skip: the panic names the apt package. See docs/docker.md.
 //!
-//! Cases still to come here, as separate `#[test]` functions on the same harness: berth's TLS
-//! listener as an `https://` mirror (dockerd 20.10 reads a mirror's CA only from the fixed
-//! `/etc/docker/certs.d/HOST:PORT/ca.crt`, so that test needs a drop guard like
-//! [`HostsEntry`]), and `docker login` + `docker push` to a private namespace.
+//! The TLS test puts berth's CA where dockerd 20.10 reads it, `/etc/docker/certs.d/HOST:PORT/`
+//! (a drop guard, [`CertsDEntry`], removes it), and maps the mirror's name to ::1: dockerd never
+//! verifies a mirror in 127.0.0.0/8. The private-namespace test runs `docker login`, `docker
+//! push` and `docker pull` against berth with an htpasswd file.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
