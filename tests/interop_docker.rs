@@ -10,10 +10,10 @@
 //! Run with `cargo test --features interop --test interop_docker` as root. Missing tools are a
 //! failure, never a skip: the panic names the apt package. See docs/docker.md.
 //!
-//! Cases still to come here, as separate `#[test]` functions on the same harness: berth's TLS
-//! listener as an `https://` mirror (dockerd 20.10 reads a mirror's CA only from the fixed
-//! `/etc/docker/certs.d/HOST:PORT/ca.crt`, so that test needs a drop guard like
-//! [`HostsEntry`]), and `docker login` + `docker push` to a private namespace.
+//! The TLS test puts berth's CA where dockerd 20.10 reads it, `/etc/docker/certs.d/HOST:PORT/`
+//! (a drop guard, [`CertsDEntry`], removes it), and maps the mirror's name to ::1: dockerd never
+//! verifies a mirror in 127.0.0.0/8. The private-namespace test runs `docker login`, `docker
+//! push` and `docker pull` against berth with an htpasswd file.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -36,6 +36,14 @@ const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 /// The name the hosts-file tests map to 127.0.0.1.
 const MIRROR_HOST: &str = "berth-mirror.test";
+
+/// The name the TLS test maps to ::1 only. dockerd counts 127.0.0.0/8 as insecure whatever
+/// daemon.json says, and then skips certificate checks (and certs.d); ::1 is outside that range.
+const MIRROR_HOST6: &str = "berth-mirror6.test";
+
+/// Where dockerd 20.10 looks for a registry's (or mirror's) CA: `CERTS_D/HOST:PORT/ca.crt`.
+/// `--config-file` does not move it.
+const CERTS_D: &str = "/etc/docker/certs.d";
 
 const PULL_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -259,6 +267,240 @@ fn missing_tag_is_not_found() {
     assert_no_server_errors(&reqs);
 }
 
+/// berth's TLS listener as an `https://` mirror, its CA in `/etc/docker/certs.d/HOST:PORT/`.
+///
+/// dockerd 20.10 adds 127.0.0.0/8 to the insecure registries whatever daemon.json says, and for
+/// an insecure mirror it neither verifies the certificate nor reads certs.d. So the mirror's
+/// name maps to ::1 only, where verification is on: without the CA the pull must fail at the
+/// TLS handshake; with it the pull goes through. The plain listener is on 127.0.0.1, a port
+/// dockerd is never told about, and every request must come from ::1, over TLS.
+#[test]
+fn tls_mirror_pull_with_berths_ca() {
+    let mut w = World::new("tls");
+    w.map_mirror_host6();
+    let certs = w.dir.join("certs");
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["certs", "--host", MIRROR_HOST6, "--out"])
+            .arg(&certs),
+        "berth certs",
+        Duration::from_secs(60),
+    );
+    let tls_port = TcpListener::bind("[::1]:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port on ::1")
+        .port();
+    let tls_addr = format!("[::1]:{tls_port}");
+    w.start_berth_with(BerthOpts {
+        args: vec![
+            "--tls-listen".into(),
+            tls_addr.clone().into(),
+            "--tls-cert".into(),
+            certs.join("server.crt").into(),
+            "--tls-key".into(),
+            certs.join("server.key").into(),
+        ],
+        tls_addr: Some(tls_addr),
+        ..BerthOpts::default()
+    });
+    let host = format!("{MIRROR_HOST6}:{tls_port}");
+    let mirror = format!("https://{host}");
+    w.start_dockerd(json!({ "registry-mirrors": [mirror] }));
+    let info = w.docker().info();
+    assert_eq!(
+        info["RegistryConfig"]["Mirrors"],
+        json!([format!("{mirror}/")]),
+        "dockerd did not take the mirror from daemon.json"
+    );
+    assert!(
+        info["RegistryConfig"]["IndexConfigs"].get(&host).is_none(),
+        "dockerd lists {host} among its index configs (insecure?): {info}"
+    );
+
+    // No CA yet: dockerd must refuse berth's certificate, so berth serves nothing.
+    let handshake_failed = "TLS handshake failed";
+    let mark = w.berth().mark();
+    let failed_before = w.berth().log_count(handshake_failed);
+    let o = w.docker().try_docker(&["pull", "single:v1"]);
+    assert!(
+        !o.status.success(),
+        "the pull succeeded although dockerd has no CA for {host}:\n{}",
+        o.stdout
+    );
+    let reqs = w.berth().requests_since(mark);
+    assert!(
+        reqs.is_empty(),
+        "berth served requests although dockerd should have rejected its certificate:\n{}",
+        show(&reqs)
+    );
+    assert!(
+        w.berth().log_count(handshake_failed) > failed_before,
+        "berth logged no `{handshake_failed}` for dockerd's untrusting pull; berth's log:\n{}",
+        w.berth().log_tail()
+    );
+
+    // With berth's CA where dockerd reads it.
+    w.ca = Some(CertsDEntry::add(&host, &certs.join("ca.crt")));
+    let failed_before = w.berth().log_count(handshake_failed);
+    let imgs = w.images.clone();
+    let multi = imgs.native(&w.docker().arch);
+    let mark = w.berth().mark();
+    w.docker().pull_expect("single:v1", &imgs.single);
+    w.docker().pull_expect("multi:v1", multi);
+    let reqs = w.berth().requests_since(mark);
+    assert_manifest_asked(&reqs, "single", "v1");
+    assert_manifest_asked(&reqs, "multi", "v1");
+    assert_served(
+        &reqs,
+        "GET",
+        &format!("/v2/library/single/manifests/{}", imgs.single.manifest),
+    );
+    assert_blobs_served(&reqs, "single", &imgs.single.blobs());
+    assert_blobs_served(&reqs, "multi", &[&multi.config, &multi.layers[1]]);
+    for r in &reqs {
+        assert_eq!(
+            r.client, "::1",
+            "{} {} came from {}, not over the TLS listener on ::1",
+            r.method, r.path, r.client
+        );
+    }
+    assert_no_server_errors(&reqs);
+    assert_eq!(
+        w.berth().log_count(handshake_failed),
+        failed_before,
+        "TLS handshakes failed with the CA in place; berth's log:\n{}",
+        w.berth().log_tail()
+    );
+    w.assert_cached(&imgs.single.blobs());
+}
+
+/// `docker login`, `docker push` and `docker pull` against berth's private namespace, over
+/// berth's plain listener on 127.0.0.1 (insecure by default in dockerd). The image pushed is one
+/// dockerd pulled through berth as a mirror; the upstream never hears of `private/`.
+#[test]
+fn private_push_and_pull_with_docker_login() {
+    let mut w = World::new("private");
+    let htpasswd = w.dir.join("htpasswd");
+    let password = "alice-s3cret";
+    let o = run_input(
+        Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["user", "add", "alice", "--htpasswd"])
+            .arg(&htpasswd)
+            .arg("--password-stdin"),
+        "berth user add",
+        Duration::from_secs(60),
+        Some(format!("{password}\n").as_bytes()),
+    );
+    assert!(
+        o.status.success(),
+        "berth user add failed ({}):\n{}\n{}",
+        o.status,
+        o.stdout,
+        o.stderr
+    );
+    // The image to push, pulled through berth as a plain mirror first. berth with an htpasswd
+    // file challenges `GET /v2/` (for docker login), and dockerd then refuses to pull from the
+    // mirror without credentials ("no basic auth credentials"), so this pull happens before
+    // berth restarts, on the same port and data dir, with the private namespace.
+    w.start_berth(None);
+    let host = format!("127.0.0.1:{}", w.berth().port);
+    w.start_dockerd(json!({ "registry-mirrors": [format!("http://{host}")] }));
+    let single = w.images.single.clone();
+    w.docker().pull_expect("single:v1", &single);
+    w.restart_berth_with(BerthOpts {
+        args: vec![
+            "--private-ns".into(),
+            "private".into(),
+            "--htpasswd".into(),
+            htpasswd.into(),
+        ],
+        ..BerthOpts::default()
+    });
+
+    let mark = w.berth().mark();
+    w.docker().docker_input_ok(
+        &["login", &host, "-u", "alice", "--password-stdin"],
+        Some(format!("{password}\n").as_bytes()),
+    );
+    let reqs = w.berth().requests_since(mark);
+    assert!(
+        reqs.iter().any(|r| r.path == "/v2/" && r.status == 200),
+        "berth's log has no `/v2/` answered 200 for docker login:\n{}",
+        show(&reqs)
+    );
+    let config = w.docker().cli_config.join("config.json");
+    let config: Value =
+        serde_json::from_slice(&fs::read(&config).expect("docker login wrote no config.json"))
+            .expect("config.json is JSON");
+    assert!(
+        config["auths"].get(&host).is_some(),
+        "docker login stored no credentials for {host}: {config}"
+    );
+
+    let app = format!("{host}/private/app:1");
+    w.docker().docker_ok(&["tag", "single:v1", &app]);
+    let mark = w.berth().mark();
+    w.docker().docker_ok(&["push", &app]);
+    let reqs = w.berth().requests_since(mark);
+    assert!(
+        reqs.iter().any(|r| r.method == "PUT"
+            && r.path == "/v2/private/app/manifests/1"
+            && r.status == 201),
+        "berth's log has no `PUT /v2/private/app/manifests/1` answered 201:\n{}",
+        show(&reqs)
+    );
+    assert_no_server_errors(&reqs);
+
+    // Forget every image, so the pull must fetch all of it from the private repository.
+    w.docker().rmi_all();
+    let mark = w.berth().mark();
+    w.docker().pull_expect(&app, &single);
+    let reqs = w.berth().requests_since(mark);
+    assert!(
+        reqs.iter()
+            .any(|r| r.path == "/v2/private/app/manifests/1" && r.status == 200),
+        "berth's log has no `/v2/private/app/manifests/1` answered 200:\n{}",
+        show(&reqs)
+    );
+    // dockerd pushes the layers gzipped anew, so only the config (the image ID) keeps its
+    // digest; the layers are the pushed ones, as many as the image has.
+    assert_served(
+        &reqs,
+        "GET",
+        &format!("/v2/private/app/blobs/{}", single.config),
+    );
+    let mut blobs: Vec<&str> = reqs
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.starts_with("/v2/private/app/blobs/"))
+        .map(|r| r.path.as_str())
+        .collect();
+    blobs.sort();
+    blobs.dedup();
+    assert_eq!(
+        blobs.len(),
+        single.blobs().len(),
+        "the pull fetched other blobs than the config and layers:\n{}",
+        show(&reqs)
+    );
+    for r in reqs.iter().filter(|r| r.path.starts_with("/v2/private/")) {
+        assert!(
+            r.status == 200 && r.cache == "local",
+            "berth answered {} {} with {} cache={}",
+            r.method,
+            r.path,
+            r.status,
+            r.cache
+        );
+    }
+    assert_no_server_errors(&reqs);
+
+    let log = fs::read_to_string(&w.upstream_log).unwrap_or_default();
+    assert!(
+        !log.contains("private/"),
+        "the upstream heard of the private namespace:\n{log}"
+    );
+}
+
 fn hostname_pull(w: &World) {
     let imgs = w.images.clone();
     let multi = imgs.native(&w.docker().arch);
@@ -342,6 +584,7 @@ struct World {
     berth: Option<Berth>,
     upstream: Option<Proc>,
     hosts: Option<HostsEntry>,
+    ca: Option<CertsDEntry>,
     upstream_port: u16,
     upstream_log: PathBuf,
     berth_runs: usize,
@@ -368,6 +611,7 @@ impl World {
             berth: None,
             upstream: None,
             hosts: None,
+            ca: None,
             upstream_port: 0,
             berth_runs: 0,
             upstream_log: dir.join("upstream.log"),
@@ -487,6 +731,13 @@ impl World {
     /// Starts berth on a free loopback port; `upstream_extra` is TOML added to the default
     /// upstream's table in a config file.
     fn start_berth(&mut self, upstream_extra: Option<&str>) {
+        self.start_berth_with(BerthOpts {
+            upstream_extra: upstream_extra.map(str::to_owned),
+            ..BerthOpts::default()
+        });
+    }
+
+    fn start_berth_with(&mut self, opts: BerthOpts) {
         let port = free_port();
         self.berth_runs += 1;
         let berth = Berth::start(
@@ -494,15 +745,21 @@ impl World {
             self.berth_runs,
             port,
             &format!("http://127.0.0.1:{}", self.upstream_port),
-            upstream_extra,
+            &opts,
         );
         self.berth = Some(berth);
     }
 
     /// Stops berth and starts it again on the same port and data dir.
     fn restart_berth(&mut self) {
+        let opts = self.berth().opts.clone();
+        self.restart_berth_with(opts);
+    }
+
+    /// Stops berth and starts it again on the same port and data dir, with `opts`.
+    fn restart_berth_with(&mut self, opts: BerthOpts) {
         let old = self.berth.take().expect("berth running");
-        let (port, extra) = (old.port, old.upstream_extra.clone());
+        let port = old.port;
         drop(old);
         let addr = format!("127.0.0.1:{port}");
         wait_until(
@@ -516,7 +773,7 @@ impl World {
             self.berth_runs,
             port,
             &format!("http://127.0.0.1:{}", self.upstream_port),
-            extra.as_deref(),
+            &opts,
         ));
     }
 
@@ -533,7 +790,16 @@ impl World {
     }
 
     fn map_mirror_host(&mut self) {
-        self.hosts = Some(HostsEntry::add(MIRROR_HOST));
+        self.hosts = Some(HostsEntry::add("127.0.0.1", MIRROR_HOST));
+    }
+
+    /// Maps [`MIRROR_HOST6`] to ::1 alone, checking first that ::1 can be listened on.
+    fn map_mirror_host6(&mut self) {
+        TcpListener::bind("[::1]:0").expect(
+            "the TLS test needs IPv6 loopback (::1): dockerd treats every 127.0.0.0/8 address \
+             as an insecure registry and would not verify berth's certificate there",
+        );
+        self.hosts = Some(HostsEntry::add("::1", MIRROR_HOST6));
     }
 
     /// Every digest has a file of that name somewhere under berth's `cache/blobs`.
@@ -558,6 +824,7 @@ impl Drop for World {
         drop(self.berth.take());
         drop(self.upstream.take());
         drop(self.hosts.take());
+        drop(self.ca.take());
         if let Some(tmp) = self.tmp.take() {
             if std::env::var_os("BERTH_INTEROP_KEEP").is_some() {
                 eprintln!("interop_docker: keeping {}", tmp.keep().display());
@@ -752,12 +1019,27 @@ struct Output {
 
 /// Runs a command to completion, killing it (and failing) at the deadline.
 fn run(cmd: &mut Command, what: &str, deadline: Duration) -> Output {
+    run_input(cmd, what, deadline, None)
+}
+
+/// [`run`], with `input` written to the command's stdin (then closed).
+fn run_input(cmd: &mut Command, what: &str, deadline: Duration, input: Option<&[u8]>) -> Output {
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    if let Some(input) = input {
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(input)
+            .unwrap_or_else(|e| panic!("writing to {what}'s stdin: {e}"));
+    }
     let drain = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut s = Vec::new();
@@ -818,12 +1100,23 @@ struct Berth {
     proc: Proc,
     port: u16,
     data: PathBuf,
+    opts: BerthOpts,
+}
+
+/// Flags for `berth serve` beyond the plain listener, data dir and upstream.
+#[derive(Clone, Debug, Default)]
+struct BerthOpts {
+    /// TOML added to the default upstream's table in a config file.
     upstream_extra: Option<String>,
+    args: Vec<std::ffi::OsString>,
+    /// Also wait until this address accepts TCP connections (the TLS listener).
+    tls_addr: Option<String>,
 }
 
 /// One request line from berth's log.
 #[derive(Debug)]
 struct Req {
+    client: String,
     method: String,
     path: String,
     status: u16,
@@ -832,14 +1125,8 @@ struct Req {
 
 impl Berth {
     /// Starts berth on 127.0.0.1:`port` with its data in `dir/berth-data` and its log in
-    /// `dir/berth-RUN.log`; `upstream_extra` is TOML added to the default upstream's table.
-    fn start(
-        dir: &Path,
-        run: usize,
-        port: u16,
-        upstream: &str,
-        upstream_extra: Option<&str>,
-    ) -> Berth {
+    /// `dir/berth-RUN.log`.
+    fn start(dir: &Path, run: usize, port: u16, upstream: &str, opts: &BerthOpts) -> Berth {
         let data = dir.join("berth-data");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
         cmd.arg("serve")
@@ -848,8 +1135,9 @@ impl Berth {
             .arg(&data)
             .args(["--upstream", upstream])
             .env("BERTH_LOG", "info")
-            .env("NO_COLOR", "1");
-        if let Some(extra) = upstream_extra {
+            .env("NO_COLOR", "1")
+            .args(&opts.args);
+        if let Some(extra) = &opts.upstream_extra {
             let config = dir.join("berth.toml");
             fs::write(
                 &config,
@@ -860,15 +1148,23 @@ impl Berth {
         }
         let mut proc = Proc::spawn("berth", &mut cmd, &dir.join(format!("berth-{run}.log")));
         let addr = format!("127.0.0.1:{port}");
+        // With an htpasswd file, `/v2/` asks for credentials: 401 is ready too.
         wait_until("berth to answer /v2/", Duration::from_secs(30), || {
             proc.assert_running();
-            matches!(http("GET", &addr, "/v2/", &[]), Ok(r) if r.status == 200).then_some(())
+            matches!(http("GET", &addr, "/v2/", &[]), Ok(r) if r.status == 200 || r.status == 401)
+                .then_some(())
         });
+        if let Some(tls) = &opts.tls_addr {
+            wait_until("berth's TLS listener", Duration::from_secs(30), || {
+                proc.assert_running();
+                TcpStream::connect(tls).ok().map(drop)
+            });
+        }
         Berth {
             proc,
             port,
             data,
-            upstream_extra: upstream_extra.map(str::to_owned),
+            opts: opts.clone(),
         }
     }
 
@@ -879,12 +1175,26 @@ impl Berth {
             .lines()
             .filter(|l| l.contains(" request ") && l.contains(" path="))
             .map(|l| Req {
+                client: field(l, "client").unwrap_or_default(),
                 method: field(l, "method").unwrap_or_default(),
                 path: field(l, "path").unwrap_or_default(),
                 status: field(l, "status").and_then(|s| s.parse().ok()).unwrap_or(0),
                 cache: field(l, "cache").unwrap_or_default(),
             })
             .collect()
+    }
+
+    /// How many lines of this run's log contain `needle`.
+    fn log_count(&self, needle: &str) -> usize {
+        fs::read_to_string(&self.proc.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    fn log_tail(&self) -> String {
+        tail(&self.proc.log, 30)
     }
 
     /// How many requests this run has logged so far.
@@ -944,7 +1254,10 @@ impl Dockerd {
             .env("HOME", &root)
             .env("HTTP_PROXY", &dead_proxy)
             .env("HTTPS_PROXY", &dead_proxy)
-            .env("NO_PROXY", format!("localhost,127.0.0.1,{MIRROR_HOST}"))
+            .env(
+                "NO_PROXY",
+                format!("localhost,127.0.0.1,::1,{MIRROR_HOST},{MIRROR_HOST6}"),
+            )
             .arg("--config-file")
             .arg(&config)
             .arg("--data-root")
@@ -1002,16 +1315,25 @@ impl Dockerd {
     }
 
     fn try_docker(&self, args: &[&str]) -> Output {
-        run(
+        self.try_docker_input(args, None)
+    }
+
+    fn try_docker_input(&self, args: &[&str], input: Option<&[u8]>) -> Output {
+        run_input(
             &mut self.cli(args),
             &format!("docker {}", args.join(" ")),
             PULL_DEADLINE,
+            input,
         )
     }
 
     fn docker_ok(&self, args: &[&str]) -> String {
+        self.docker_input_ok(args, None)
+    }
+
+    fn docker_input_ok(&self, args: &[&str], input: Option<&[u8]>) -> String {
         let what = format!("docker {}", args.join(" "));
-        let o = self.try_docker(args);
+        let o = self.try_docker_input(args, input);
         assert!(
             o.status.success(),
             "{what} failed ({}):\n{}\n{}\nthe end of dockerd's log:\n{}",
@@ -1119,7 +1441,7 @@ fn unmount_under(dir: &Path) {
 // ---------------------------------------------------------------------------------------------
 // /etc/hosts
 
-/// A line mapping a name to 127.0.0.1 in /etc/hosts, removed again when dropped.
+/// A line mapping a name to an address in /etc/hosts, removed again when dropped.
 struct HostsEntry {
     line: String,
 }
@@ -1128,8 +1450,8 @@ const HOSTS: &str = "/etc/hosts";
 const HOSTS_MARK: &str = "# added by berth interop_docker";
 
 impl HostsEntry {
-    fn add(name: &str) -> HostsEntry {
-        let line = format!("127.0.0.1 {name} {HOSTS_MARK}");
+    fn add(ip: &str, name: &str) -> HostsEntry {
+        let line = format!("{ip} {name} {HOSTS_MARK}");
         // A crashed earlier run may have left its line: one copy is enough.
         let mut hosts = strip_line(&fs::read_to_string(HOSTS).expect("read /etc/hosts"), &line);
         if !hosts.is_empty() && !hosts.ends_with('\n') {
@@ -1152,6 +1474,64 @@ impl Drop for HostsEntry {
                 }
             }
             Err(e) => eprintln!("interop_docker: could not read /etc/hosts: {e}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /etc/docker/certs.d
+
+/// `CERTS_D/HOST:PORT/ca.crt`, removed when dropped together with every directory this guard
+/// created for it (deepest first, and only while empty).
+struct CertsDEntry {
+    file: PathBuf,
+    created: Vec<PathBuf>,
+}
+
+impl CertsDEntry {
+    fn add(host_port: &str, ca: &Path) -> CertsDEntry {
+        let dir = Path::new(CERTS_D).join(host_port);
+        let file = dir.join("ca.crt");
+        assert!(
+            !file.exists(),
+            "{} already exists; remove it (a crashed run?) and retry",
+            file.display()
+        );
+        // The ancestors that do not exist yet, outermost first.
+        let mut created: Vec<PathBuf> = dir
+            .ancestors()
+            .take_while(|d| !d.exists())
+            .map(Path::to_path_buf)
+            .collect();
+        created.reverse();
+        // The guard exists before anything is created, so a failure half-way still cleans up.
+        let guard = CertsDEntry {
+            file: file.clone(),
+            created,
+        };
+        for d in &guard.created {
+            fs::create_dir(d)
+                .unwrap_or_else(|e| panic!("create {} (needs root): {e}", d.display()));
+        }
+        fs::copy(ca, &file).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+        guard
+    }
+}
+
+impl Drop for CertsDEntry {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_file(&self.file) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!(
+                    "interop_docker: could not remove {}: {e}",
+                    self.file.display()
+                );
+            }
+        }
+        for d in self.created.iter().rev() {
+            if let Err(e) = fs::remove_dir(d) {
+                eprintln!("interop_docker: could not remove {}: {e}", d.display());
+            }
         }
     }
 }
