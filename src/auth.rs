@@ -71,7 +71,8 @@ impl Access {
     pub fn of(route: &Route, method: &Method, private: bool, private_configured: bool) -> Access {
         let read = matches!(*method, Method::GET | Method::HEAD);
         match route {
-            Route::Healthz | Route::Readyz | Route::Metrics => Access::Probe,
+            // The token endpoint checks credentials itself.
+            Route::Healthz | Route::Readyz | Route::Metrics | Route::Token => Access::Probe,
             Route::Base => Access::Login,
             Route::Catalog if private_configured => Access::PrivateRead,
             Route::Catalog | Route::Status { .. } => Access::Mirror,
@@ -177,7 +178,12 @@ pub struct Authenticator {
     salt: [u8; 32],
     failures: DefaultKeyedRateLimiter<IpAddr>,
     blocked: Mutex<HashMap<IpAddr, Instant>>,
+    /// Bearer tokens handed out by `/auth/token`: who they speak for (None: anonymous).
+    tokens: moka::future::Cache<String, Option<User>>,
 }
+
+/// How long a token from `/auth/token` is good for.
+pub const TOKEN_TTL: Duration = Duration::from_secs(300);
 
 impl Authenticator {
     pub fn new(config: &Config) -> Authenticator {
@@ -204,6 +210,10 @@ impl Authenticator {
             salt: rand::random(),
             failures: DefaultKeyedRateLimiter::keyed(Quota::per_minute(per_minute)),
             blocked: Mutex::new(HashMap::new()),
+            tokens: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(TOKEN_TTL)
+                .build(),
         }
     }
 
@@ -218,7 +228,10 @@ impl Authenticator {
     ) -> Result<Option<User>, RegistryError> {
         let needed = match access {
             Access::Probe => false,
-            Access::Login => self.htpasswd.is_some(),
+            // Docker probes `/v2/` first and only sends credentials to a registry that asked for
+            // them there. An anonymous token satisfies the probe, so a Docker daemon without
+            // credentials for berth can still use it as a mirror.
+            Access::Login => self.htpasswd.is_some() && !self.anonymous_token(headers).await,
             Access::Mirror => config.auth_everything,
             Access::PrivateRead => config.auth_everything || !config.private_pull_public,
             Access::PrivateWrite => true,
@@ -240,12 +253,48 @@ impl Authenticator {
         }
     }
 
-    /// Verifies the request's Basic credentials: `Ok(None)` when it sends none.
+    /// Whether the request carries a valid anonymous Bearer token.
+    async fn anonymous_token(&self, headers: &HeaderMap) -> bool {
+        match bearer(headers) {
+            Some(token) => matches!(self.tokens.get(token).await, Some(None)),
+            None => false,
+        }
+    }
+
+    /// `/auth/token`, Docker's token flow: Basic credentials get a token for their user, no
+    /// credentials an anonymous token (which pulls what anonymous pulls may pull).
+    pub async fn issue_token(
+        &self,
+        headers: &HeaderMap,
+        client: IpAddr,
+    ) -> Result<String, RegistryError> {
+        let user = match headers.get(http::header::AUTHORIZATION) {
+            Some(_) => match self.authenticate(headers, client).await? {
+                Some(user) => Some(user),
+                None => return Err(RegistryError::Unauthorized("invalid credentials".into())),
+            },
+            None => None,
+        };
+        let token = hex::encode(rand::random::<[u8; 32]>());
+        self.tokens.insert(token.clone(), user).await;
+        Ok(token)
+    }
+
+    /// Verifies the request's Basic credentials (or a token from `/auth/token`): `Ok(None)`
+    /// when it sends none, or an anonymous token.
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
         client: IpAddr,
     ) -> Result<Option<User>, RegistryError> {
+        if let Some(token) = bearer(headers) {
+            return match self.tokens.get(token).await {
+                Some(user) => Ok(user),
+                None => Err(RegistryError::Unauthorized(
+                    "unknown or expired token".into(),
+                )),
+            };
+        }
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
             return Ok(None);
         };
@@ -327,6 +376,14 @@ impl Authenticator {
             }
         }
     }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
 }
 
 fn decode_basic(encoded: &str) -> Option<(String, String)> {

@@ -42,6 +42,10 @@ pub struct App {
     pub ops: crate::ops::Ops,
 }
 
+/// Marks a request that arrived over TLS (set by the TLS listener).
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
+
 /// Facts about a response that the request log wants, carried in response extensions.
 #[derive(Debug, Clone, Copy)]
 pub struct Served {
@@ -71,7 +75,8 @@ impl App {
         let route = Route::parse(req.uri().path());
         let info = crate::ops::begin(&self, &req, peer, route.as_ref().ok());
         let client_ip = info.client.ip;
-        let resp = match crate::ops::intercept(&self, &info, &req) {
+        let challenge = self.challenge(&req);
+        let mut resp = match crate::ops::intercept(&self, &info, &req) {
             Some(resp) => resp,
             None => {
                 let method = req.method().clone();
@@ -87,7 +92,40 @@ impl App {
                 self.ops.limits.scope(info.client.ip, served).await
             }
         };
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            if let Some(challenge) = challenge {
+                resp.headers_mut()
+                    .insert(http::header::WWW_AUTHENTICATE, challenge);
+            }
+        }
         Ok(crate::ops::finish(&self, info, resp))
+    }
+
+    /// The Bearer challenge for this request: Docker's token flow, with berth's own token
+    /// endpoint on the address the client used. None without users, or when the Host header
+    /// is not a plain host (then the Basic challenge stands).
+    fn challenge<B>(&self, req: &Request<B>) -> Option<HeaderValue> {
+        self.config.htpasswd.as_ref()?;
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
+        let plain = host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+        if !plain || host.is_empty() {
+            return None;
+        }
+        let scheme = if req.extensions().get::<OverTls>().is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        HeaderValue::from_str(&format!(
+            "Bearer realm=\"{scheme}://{host}/auth/token\",service=\"berth\""
+        ))
+        .ok()
     }
 
     async fn dispatch(
@@ -115,6 +153,19 @@ impl App {
                 Ok(base_response(StatusCode::OK, json_body(head, "{}")))
             }
             (Route::Healthz, Method::GET | Method::HEAD) => Ok(text(StatusCode::OK, "ok\n")),
+            (Route::Token, Method::GET) => {
+                let token = self.auth.issue_token(req.headers(), client).await?;
+                let body = serde_json::json!({
+                    "token": token,
+                    "access_token": token,
+                    "expires_in": crate::auth::TOKEN_TTL.as_secs(),
+                });
+                Ok(Response::builder()
+                    .status(StatusCode::OK)
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(full(body.to_string()))
+                    .map_err(internal)?)
+            }
             (Route::Readyz, Method::GET | Method::HEAD) => self.ready().await,
             (Route::Metrics, Method::GET | Method::HEAD) => {
                 crate::metrics::main_listener(self, head)

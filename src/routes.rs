@@ -36,6 +36,8 @@ pub enum Route {
         name: RepoName,
         id: UploadId,
     },
+    /// Where clients trade credentials (or none) for a Bearer token.
+    Token,
     Healthz,
     Readyz,
     Metrics,
@@ -92,6 +94,7 @@ impl Route {
             "/healthz" => return Ok(Route::Healthz),
             "/readyz" => return Ok(Route::Readyz),
             "/metrics" => return Ok(Route::Metrics),
+            "/auth/token" => return Ok(Route::Token),
             _ => {}
         }
         let Some(rest) = path.strip_prefix("/v2/") else {
@@ -153,6 +156,7 @@ impl Route {
             Route::Tags { .. } => "tags",
             Route::Referrers { .. } => "referrers",
             Route::UploadStart { .. } | Route::Upload { .. } => "upload",
+            Route::Token => "token",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",

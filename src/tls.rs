@@ -235,7 +235,10 @@ pub async fn serve_connection(
     } else {
         builder
     };
-    let service = service_fn(move |req| app.clone().handle(req, peer));
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(crate::handlers::OverTls);
+        app.clone().handle(req, peer)
+    });
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();

@@ -614,7 +614,11 @@ async fn authentication_none_wrong_and_right() {
     // /v2/ challenges, so `docker login` has something to answer.
     let r = e.b.get("/v2/").await;
     assert_eq!(r.status, 401);
-    assert_eq!(r.header("www-authenticate"), "Basic realm=\"berth\"");
+    let challenge = format!(
+        "Bearer realm=\"http://{}/auth/token\",service=\"berth\"",
+        e.b.addr
+    );
+    assert_eq!(r.header("www-authenticate"), challenge);
     assert_eq!(r.error_code(), "UNAUTHORIZED");
     let wrong = basic(USER, "wrong");
     let r = e.b.get_with("/v2/", &[("authorization", &wrong)]).await;
@@ -625,7 +629,7 @@ async fn authentication_none_wrong_and_right() {
     // Pushes need a user.
     let r = send(Method::POST, &blob_url, &[]).await;
     assert_eq!(r.status, 401);
-    assert_eq!(r.header("www-authenticate"), "Basic realm=\"berth\"");
+    assert_eq!(r.header("www-authenticate"), challenge);
     let r = send(Method::POST, &blob_url, &[("authorization", &wrong)]).await;
     assert_eq!(r.status, 401);
     let r = send(
@@ -1063,4 +1067,48 @@ async fn webhooks_get_push_and_delete_events() {
     assert_eq!(del["action"], "delete");
     assert_eq!(del["tag"], "v1");
     assert_eq!(del["digest"], img.digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_token_flow_anonymous_and_with_credentials() {
+    let e = Env::start().await;
+    let token_of = |r: &Reply| format!("Bearer {}", r.json()["token"].as_str().unwrap());
+    // No credentials: an anonymous token, which passes Docker's /v2/ probe (so a daemon
+    // without credentials for berth can use it as a mirror) and pulls mirrored content...
+    let r =
+        e.b.get("/auth/token?service=berth&scope=repository:library/alpine:pull")
+            .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["expires_in"], 300);
+    let anonymous = token_of(&r);
+    let r = e.b.get_with("/v2/", &[("authorization", &anonymous)]).await;
+    assert_eq!(r.status, 200);
+    let img = Image::new(60, &[10]);
+    e.up.add_image("library/alpine", "3", &img);
+    let r =
+        e.b.get_with(
+            "/v2/library/alpine/manifests/3",
+            &[("authorization", &anonymous)],
+        )
+        .await;
+    assert_eq!(r.bytes(), img.manifest);
+    // ...but cannot push.
+    let uploads = e.b.url("/v2/private/app/blobs/uploads/");
+    let r = send(Method::POST, &uploads, &[("authorization", &anonymous)]).await;
+    assert_eq!(r.status, 401);
+    // Credentials at the token endpoint: a token for the user, which can push.
+    let r = e.b.get_with("/auth/token?service=berth", &e.h()).await;
+    assert_eq!(r.status, 200);
+    let user = token_of(&r);
+    let r = send(Method::POST, &uploads, &[("authorization", &user)]).await;
+    assert_eq!(r.status, 202);
+    // Wrong credentials get no token; an unknown token is refused.
+    let r =
+        e.b.get_with("/auth/token", &[("authorization", &basic(USER, "wrong"))])
+            .await;
+    assert_eq!(r.status, 401);
+    let r =
+        e.b.get_with("/v2/", &[("authorization", "Bearer 00ff")])
+            .await;
+    assert_eq!(r.status, 401);
 }
