@@ -398,16 +398,10 @@ fn private_push_and_pull_with_docker_login() {
         o.stdout,
         o.stderr
     );
-    // The image to push, pulled through berth as a plain mirror first. berth with an htpasswd
-    // file challenges `GET /v2/` (for docker login), and dockerd then refuses to pull from the
-    // mirror without credentials ("no basic auth credentials"), so this pull happens before
-    // berth restarts, on the same port and data dir, with the private namespace.
-    w.start_berth(None);
-    let host = format!("127.0.0.1:{}", w.berth().port);
-    w.start_dockerd(json!({ "registry-mirrors": [format!("http://{host}")] }));
-    let single = w.images.single.clone();
-    w.docker().pull_expect("single:v1", &single);
-    w.restart_berth_with(BerthOpts {
+    // One berth is both: the mirror of a daemon that has no credentials for it (berth's
+    // anonymous tokens let dockerd through its `/v2/` probe), and the private registry that
+    // `docker login` and `docker push` talk to.
+    w.start_berth_with(BerthOpts {
         args: vec![
             "--private-ns".into(),
             "private".into(),
@@ -416,6 +410,18 @@ fn private_push_and_pull_with_docker_login() {
         ],
         ..BerthOpts::default()
     });
+    let host = format!("127.0.0.1:{}", w.berth().port);
+    w.start_dockerd(json!({ "registry-mirrors": [format!("http://{host}")] }));
+    let single = w.images.single.clone();
+    let mark = w.berth().mark();
+    w.docker().pull_expect("single:v1", &single);
+    let reqs = w.berth().requests_since(mark);
+    assert!(
+        reqs.iter()
+            .any(|r| r.path.contains("/manifests/") && r.status == 200),
+        "the anonymous mirror pull did not go through berth:\n{}",
+        show(&reqs)
+    );
 
     let mark = w.berth().mark();
     w.docker().docker_input_ok(
