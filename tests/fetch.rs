@@ -25,12 +25,7 @@ fn joined(b: &Berth) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn eight_concurrent_cold_pulls_cause_one_upstream_download() {
     let up = Fake::start().await;
-    let blob = pseudo_random(1, 3 << 20);
-    let d = up.add_blob(blob.clone());
-    let gate = Arc::new(Notify::new());
-    up.st()
-        .faults
-        .insert(d.clone(), BlobFault::Gate(64 << 10, gate.clone()));
+    let (blob, d, gate) = up.add_gated_blob(1, 3 << 20, 64 << 10);
     let b = Berth::start(&up, |_| {}).await;
     let url = b.url(&format!("/v2/library/big/blobs/{d}"));
     let clients: Vec<_> = (0..8).map(|_| spawn_get(&url, &[])).collect();
@@ -56,12 +51,7 @@ async fn eight_concurrent_cold_pulls_cause_one_upstream_download() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_reach_the_client_before_the_upstream_finishes() {
     let up = Fake::start().await;
-    let blob = pseudo_random(2, 1 << 20);
-    let d = up.add_blob(blob.clone());
-    let gate = Arc::new(Notify::new());
-    up.st()
-        .faults
-        .insert(d.clone(), BlobFault::Gate(100_000, gate.clone()));
+    let (blob, d, gate) = up.add_gated_blob(2, 1 << 20, 100_000);
     let b = Berth::start(&up, |_| {}).await;
     let resp = send_head(
         Method::GET,
@@ -133,12 +123,7 @@ async fn a_truncated_upstream_aborts_every_reader_and_caches_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reader_that_leaves_does_not_stop_the_others_and_the_blob_is_cached() {
     let up = Fake::start().await;
-    let blob = pseudo_random(4, 2 << 20);
-    let d = up.add_blob(blob.clone());
-    let gate = Arc::new(Notify::new());
-    up.st()
-        .faults
-        .insert(d.clone(), BlobFault::Gate(200_000, gate.clone()));
+    let (blob, d, gate) = up.add_gated_blob(4, 2 << 20, 200_000);
     let b = Berth::start(&up, |_| {}).await;
     let url = b.url(&format!("/v2/library/l/blobs/{d}"));
     let mut leaver = send_head(Method::GET, &url, &[]).await.into_body();
@@ -165,12 +150,7 @@ async fn a_reader_that_leaves_does_not_stop_the_others_and_the_blob_is_cached() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_abandoned_download_still_completes_into_the_cache() {
     let up = Fake::start().await;
-    let blob = pseudo_random(5, 1 << 20);
-    let d = up.add_blob(blob.clone());
-    let gate = Arc::new(Notify::new());
-    up.st()
-        .faults
-        .insert(d.clone(), BlobFault::Gate(100_000, gate.clone()));
+    let (blob, d, gate) = up.add_gated_blob(5, 1 << 20, 100_000);
     let b = Berth::start(&up, |_| {}).await;
     let mut only = send_head(
         Method::GET,
@@ -198,12 +178,7 @@ async fn an_abandoned_download_still_completes_into_the_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn range_requests_on_a_blob_still_downloading() {
     let up = Fake::start().await;
-    let blob = pseudo_random(6, 1 << 20);
-    let d = up.add_blob(blob.clone());
-    let gate = Arc::new(Notify::new());
-    up.st()
-        .faults
-        .insert(d.clone(), BlobFault::Gate(300_000, gate.clone()));
+    let (blob, d, gate) = up.add_gated_blob(6, 1 << 20, 300_000);
     let b = Berth::start(&up, |_| {}).await;
     let url = b.url(&format!("/v2/library/r/blobs/{d}"));
     let full_reader = spawn_get(&url, &[]);
@@ -315,12 +290,7 @@ async fn eviction_keeps_the_cache_under_its_limit_least_recently_used_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_mid_download_then_restart_serves_the_right_blob_and_fsck_finds_rot() {
     let up = Fake::start().await;
-    let blob = pseudo_random(8, 1 << 20);
-    let d = up.add_blob(blob.clone());
-    let gate = Arc::new(Notify::new());
-    up.st()
-        .faults
-        .insert(d.clone(), BlobFault::Gate(100_000, gate.clone()));
+    let (blob, d, gate) = up.add_gated_blob(8, 1 << 20, 100_000);
     let data = tempfile::tempdir().unwrap();
     let mut proc = BerthProcess::spawn(data.path(), &up.url()).await;
     let url = format!("http://{}/v2/library/k/blobs/{d}", proc.addr);
@@ -441,12 +411,7 @@ async fn what_arrived_before_the_upstream_stalls_reaches_the_client() {
     // One small frame, then the upstream stalls: the write of that frame must be published
     // without waiting for another frame.
     let up = Fake::start().await;
-    let blob = pseudo_random(40, 200_000);
-    let d = up.add_blob(blob.clone());
-    let gate = Arc::new(Notify::new());
-    up.st()
-        .faults
-        .insert(d.clone(), BlobFault::Gate(10_000, gate.clone()));
+    let (blob, d, gate) = up.add_gated_blob(40, 200_000, 10_000);
     let b = Berth::start(&up, |_| {}).await;
     let resp = send_head(
         Method::GET,

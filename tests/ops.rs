@@ -237,12 +237,7 @@ async fn a_stale_serve_and_the_upstream_error_behind_it_are_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_joining_a_download_is_counted_as_joined() {
     let up = Fake::start().await;
-    let blob = pseudo_random(3, 400_000);
-    let d = up.add_blob(blob.clone());
-    let gate = Arc::new(Notify::new());
-    up.st()
-        .faults
-        .insert(d.clone(), BlobFault::Gate(100_000, gate.clone()));
+    let (blob, d, gate) = up.add_gated_blob(3, 400_000, 100_000);
     let b = Berth::start(&up, |_| {}).await;
     let url = b.url(&format!("/v2/library/big/blobs/{d}"));
     let first = spawn_get(&url, &[]);

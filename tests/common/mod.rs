@@ -227,6 +227,18 @@ impl Fake {
         e.push((bytes, media_type.into()));
     }
 
+    /// Adds a pseudo-random blob that the fake sends up to byte `at`, then holds until the
+    /// returned gate is notified. Returns (bytes, digest, gate).
+    pub fn add_gated_blob(&self, seed: u64, len: usize, at: usize) -> (Bytes, String, Arc<Notify>) {
+        let blob = pseudo_random(seed, len);
+        let d = self.add_blob(blob.clone());
+        let gate = Arc::new(Notify::new());
+        self.st()
+            .faults
+            .insert(d.clone(), BlobFault::Gate(at, gate.clone()));
+        (blob, d, gate)
+    }
+
     pub fn add_blob(&self, b: Bytes) -> String {
         let d = sha256(&b);
         self.st().blobs.insert(d.clone(), b);
