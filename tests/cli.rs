@@ -82,8 +82,9 @@ async fn sigterm_stops_the_server_cleanly() {
         send(http::Method::GET, &url, &[]).await.bytes(),
         img.manifest
     );
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+    // The shell's built-in kill: /bin/kill (procps) is not on every fresh machine.
+    let kill = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
         .status()
         .unwrap();
     assert!(kill.success());
