@@ -34,10 +34,12 @@ use crate::ratelimit::UpstreamSlots;
 use crate::store::{Area, BlobWriter, StoreError};
 use crate::upstream::{content_length, Upstream, UpstreamError};
 
-/// Reads from disk in pieces of this size: large enough that the hand-off to a blocking thread
-/// is a small part of each read, small enough that eight readers of a 512 MiB blob stay within
-/// a few MiB of buffers.
+/// Reads of a cached blob go in pieces of this size: large enough that the hand-off to a
+/// blocking thread is a small part of each read.
 const READ_CHUNK: usize = 1 << 20;
+/// Readers following a download read in smaller pieces: they are rarely more than a write
+/// behind, and eight of them on one cold blob should hold little memory.
+const FOLLOW_CHUNK: usize = 256 << 10;
 /// Upstream frames are coalesced into writes of up to this size when they arrive faster than disk.
 const WRITE_BATCH: usize = 1 << 20;
 
@@ -436,7 +438,7 @@ impl Download {
                         None => available,
                     };
                     if pos < limit {
-                        let len = (limit - pos).min(READ_CHUNK as u64) as usize;
+                        let len = (limit - pos).min(FOLLOW_CHUNK as u64) as usize;
                         let chunk = read_at(file.clone(), pos, len).await?;
                         let next = pos + chunk.len() as u64;
                         return Ok(Some((chunk, (guard, rx, file, next))));
