@@ -184,11 +184,7 @@ impl App {
                     .await
             }
             (Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
-                let range = req
-                    .headers()
-                    .get(RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
+                let range = range_header(req.headers());
                 self.get_blob(name, digest, &query, range.as_deref(), head)
                     .await
             }
@@ -441,6 +437,14 @@ fn upstream_blob_error(
     digest: &Digest,
 ) -> RegistryError {
     upstream_error(e, repo, RegistryError::BlobUnknown(digest.to_string()))
+}
+
+/// The request's `Range` header, if it has one that is text.
+pub(crate) fn range_header(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get(RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 /// Parses a single `bytes=` range against a length: `Ok(None)` to serve the whole blob

@@ -115,11 +115,7 @@ pub async fn dispatch(
             delete_manifest(app, name, reference, actor).await
         }
         (Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
-            let range = req
-                .headers()
-                .get(RANGE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let range = crate::handlers::range_header(req.headers());
             get_blob(app, name, digest, range.as_deref(), head).await
         }
         (Route::Blob { name, digest }, Method::DELETE) => {

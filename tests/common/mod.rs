@@ -747,6 +747,21 @@ async fn try_send_head(
     url: &str,
     headers: &[(&str, &str)],
 ) -> Result<Response<Incoming>, hyper::Error> {
+    try_send(method, url, headers, Empty::<Bytes>::new()).await
+}
+
+/// Sends one request on a new HTTP/1.1 connection; returns when the response headers are in.
+async fn try_send<B>(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: B,
+) -> Result<Response<Incoming>, hyper::Error>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let uri: http::Uri = url.parse().unwrap();
     let authority = uri.authority().unwrap().clone();
     let stream = tokio::net::TcpStream::connect(authority.as_str())
@@ -763,9 +778,7 @@ async fn try_send_head(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    sender
-        .send_request(req.body(Empty::<Bytes>::new()).unwrap())
-        .await
+    sender.send_request(req.body(body).unwrap()).await
 }
 
 /// Sends a request with a body (with its Content-Length) and reads the response.
@@ -800,23 +813,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let uri: http::Uri = url.parse().unwrap();
-    let authority = uri.authority().unwrap().clone();
-    let stream = tokio::net::TcpStream::connect(authority.as_str())
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(uri.path_and_query().unwrap().as_str())
-        .header("host", authority.as_str());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = sender.send_request(req.body(body).unwrap()).await.unwrap();
+    let resp = try_send(method, url, headers, body).await.unwrap();
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp
