@@ -354,6 +354,7 @@ async fn cache_hits_are_exempt_when_configured() {
     // Two misses use the burst.
     assert_eq!(b.get("/v2/alpine/manifests/3").await.status, 200);
     assert_eq!(b.get(&layer).await.status, 200);
+    b.settle().await;
     // Hits, and requests that need no upstream, are free.
     for _ in 0..10 {
         assert_eq!(b.get("/v2/").await.status, 200);
