@@ -17,7 +17,6 @@ use std::fs::File;
 use std::future::Future;
 use std::hash::Hash;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -35,7 +34,7 @@ use crate::store::{Area, BlobWriter, StoreError};
 use crate::upstream::{content_length, Upstream, UpstreamError};
 
 /// Reads of a cached blob go in pieces of this size: large enough that the hand-off to a
-/// blocking thread is a small part of each read.
+/// blocking thread and the mapping are a small part of each piece.
 const READ_CHUNK: usize = 1 << 20;
 /// Readers following a download read in smaller pieces: they are rarely more than a write
 /// behind, and eight of them on one cold blob should hold little memory.
@@ -246,10 +245,13 @@ impl Fetches {
         });
         let idle = upstream.config.response_timeout.0;
         let mut body = resp.into_body();
-        let mut batch = BytesMut::new();
         // One write is in flight while the next batch is read from the upstream, so the
-        // download never waits for the disk and the disk never waits for the network.
-        let mut in_flight: Option<tokio::task::JoinHandle<io::Result<BlobWriter>>> = None;
+        // download never waits for the disk and the disk never waits for the network. The two
+        // batch buffers take turns, so a download allocates them once.
+        let mut batch = BytesMut::with_capacity(WRITE_BATCH);
+        let mut spare: Option<BytesMut> = None;
+        let mut in_flight: Option<tokio::task::JoinHandle<io::Result<(BlobWriter, BytesMut)>>> =
+            None;
         let mut idle_writer = Some(writer);
         loop {
             // While a write is in flight, whichever comes first: its completion is published at
@@ -265,7 +267,8 @@ impl Fetches {
                 Ok(frame) => frame,
                 Err(landed) => {
                     in_flight = None;
-                    idle_writer = Some(self.landed(download, landed, total)?);
+                    let (writer, buf) = self.landed(download, landed, total)?;
+                    (idle_writer, spare) = (Some(writer), Some(buf));
                     continue;
                 }
             };
@@ -301,15 +304,19 @@ impl Fetches {
                 }
             }
             if let Some(write) = in_flight.take() {
-                idle_writer = Some(self.landed(download, write.await, total)?);
+                let (writer, buf) = self.landed(download, write.await, total)?;
+                (idle_writer, spare) = (Some(writer), Some(buf));
             }
             if !batch.is_empty() {
-                let chunk = batch.split().freeze();
+                let next = spare
+                    .take()
+                    .unwrap_or_else(|| BytesMut::with_capacity(WRITE_BATCH));
+                let chunk = std::mem::replace(&mut batch, next);
                 let Some(mut writer) = idle_writer.take() else {
                     return Err(FetchFailure::Io("blob writer lost".into()));
                 };
                 in_flight = Some(tokio::task::spawn_blocking(move || {
-                    writer.write(&chunk).map(|()| writer)
+                    writer.write(&chunk).map(|()| (writer, chunk))
                 }));
             }
             if end {
@@ -317,7 +324,7 @@ impl Fetches {
             }
         }
         if let Some(write) = in_flight.take() {
-            idle_writer = Some(self.landed(download, write.await, total)?);
+            idle_writer = Some(self.landed(download, write.await, total)?.0);
         }
         let Some(writer) = idle_writer else {
             return Err(FetchFailure::Io("blob writer lost".into()));
@@ -356,10 +363,10 @@ impl Fetches {
     fn landed(
         &self,
         download: &Download,
-        write: Result<io::Result<BlobWriter>, tokio::task::JoinError>,
+        write: Result<io::Result<(BlobWriter, BytesMut)>, tokio::task::JoinError>,
         total: Option<u64>,
-    ) -> Result<BlobWriter, FetchFailure> {
-        let writer = write
+    ) -> Result<(BlobWriter, BytesMut), FetchFailure> {
+        let (writer, mut buf) = write
             .map_err(|e| FetchFailure::Io(e.to_string()))?
             .map_err(|e| FetchFailure::Io(e.to_string()))?;
         let written = writer.written();
@@ -378,7 +385,8 @@ impl Fetches {
         {
             return Err(FetchFailure::Abandoned);
         }
-        Ok(writer)
+        buf.clear();
+        Ok((writer, buf))
     }
 }
 
@@ -439,7 +447,10 @@ impl Download {
                     };
                     if pos < limit {
                         let len = (limit - pos).min(FOLLOW_CHUNK as u64) as usize;
-                        let chunk = read_at(file.clone(), pos, len).await?;
+                        let chunk = map_at(file.clone(), pos, len).await?;
+                        if chunk.is_empty() {
+                            return Err(io::Error::other("download file shorter than written"));
+                        }
                         let next = pos + chunk.len() as u64;
                         return Ok(Some((chunk, (guard, rx, file, next))));
                     }
@@ -477,7 +488,7 @@ pub fn file_reader(
                 return Ok(None);
             }
             let len = (end - pos).min(READ_CHUNK as u64) as usize;
-            let chunk = read_at(file, pos, len).await?;
+            let chunk = map_at(file, pos, len).await?;
             if chunk.is_empty() {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -490,14 +501,34 @@ pub fn file_reader(
     })
 }
 
-async fn read_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
-    // The buffer is allocated here, on a runtime thread, not on the blocking thread: memory
-    // allocated by the many short-lived blocking threads would be kept in per-thread arenas.
-    let mut buf = BytesMut::zeroed(len);
+/// Maps bytes `pos..pos + len` of `file` and hands them out as `Bytes` that unmap when the
+/// connection has sent them.
+///
+/// A mapping instead of a read: the bytes go from the page cache to the socket (or to the TLS
+/// encrypter) without a copy into a buffer of ours, with no buffer to allocate and zero, and the
+/// pages leave berth's memory as soon as the chunk is sent. The pages are faulted in here, on a
+/// blocking thread (`populate`), so a page that is not in memory never stalls a runtime thread.
+async fn map_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
     tokio::task::spawn_blocking(move || {
-        let n = file.read_at(&mut buf, pos)?;
-        buf.truncate(n);
-        Ok(buf.freeze())
+        // A mapping past the end of a file faults (SIGBUS) when read, so never map past it.
+        let file_len = file.metadata()?.len();
+        let len = len.min(file_len.saturating_sub(pos) as usize);
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        // SAFETY: a mapping is only sound while nobody shrinks or rewrites the mapped range.
+        // berth never does either to a blob file: cache entries and private blobs are written to
+        // a temp file and renamed into place, then only ever unlinked (eviction, gc, fsck
+        // --repair), which leaves existing mappings intact; a download's temp file only grows,
+        // and its readers map only what has already been written.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(pos)
+                .len(len)
+                .populate()
+                .map(&*file)?
+        };
+        Ok(Bytes::from_owner(map))
     })
     .await
     .map_err(io::Error::other)?
@@ -555,5 +586,45 @@ where
             }
         };
         (shared.await, joined)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::TryStreamExt;
+
+    #[tokio::test]
+    async fn file_reader_returns_exactly_the_range_across_chunks() {
+        // Neither the start nor the end on a page or chunk boundary, and longer than two chunks.
+        let len = 2 * READ_CHUNK + 12_345;
+        let content: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &content).unwrap();
+        for (start, end) in [(0, len), (4097, len - 3), (READ_CHUNK - 1, READ_CHUNK + 1)] {
+            let chunks: Vec<Bytes> =
+                file_reader(file.try_clone().unwrap(), start as u64, end as u64)
+                    .try_collect()
+                    .await
+                    .unwrap();
+            assert!(chunks.iter().all(|c| c.len() <= READ_CHUNK));
+            assert_eq!(
+                chunks.concat(),
+                &content[start..end],
+                "range {start}..{end}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn file_reader_fails_on_a_file_shorter_than_its_length() {
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &[7u8; 1000]).unwrap();
+        let got: io::Result<Vec<Bytes>> = file_reader(file, 0, 2000).try_collect().await;
+        assert_eq!(
+            got.unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof,
+            "a short file must end the body with an error, never a fault or a short 200"
+        );
     }
 }
