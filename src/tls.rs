@@ -10,7 +10,9 @@ use std::fmt;
 use std::io::{self, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -22,6 +24,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -230,20 +233,141 @@ pub async fn serve_connection(
             return;
         }
     };
-    let builder = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-        builder.http2_only()
-    } else {
-        builder
-    };
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(crate::handlers::OverTls);
         app.clone().handle(req, peer)
     });
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
+    let served = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        let conn = builder
+            .http2_only()
+            .serve_connection_with_upgrades(TokioIo::new(Coalesce::new(stream)), service)
+            .into_owned();
+        watcher.watch(conn).await
+    } else {
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        watcher.watch(conn).await
+    };
+    if let Err(e) = served {
         tracing::debug!(client = %peer, error = %e, "TLS connection ended with an error");
+    }
+}
+
+/// Plaintext collected before it goes to the TLS stream, for HTTP/2 connections.
+const COALESCE: usize = 64 << 10;
+
+/// Collects the writes of an HTTP/2 connection into pieces of up to [`COALESCE`] bytes before
+/// they are encrypted.
+///
+/// The h2 crate flushes after every DATA frame (16 KiB by default), and a TLS stream turns each
+/// flush into a socket write holding a full record and a 9-byte one (the frame header spills
+/// over). Here a flush that follows new writes is deferred: it returns at once and wakes the
+/// connection, which keeps writing frames while it has them and calls flush again when it has
+/// none; that flush, with nothing written since, goes through. So a burst of frames becomes
+/// full records and one socket write per [`COALESCE`] bytes, and nothing waits for more data.
+struct Coalesce<S> {
+    inner: S,
+    buf: Vec<u8>,
+    /// Something was written since the last flush.
+    written: bool,
+}
+
+impl<S> Coalesce<S> {
+    fn new(inner: S) -> Coalesce<S> {
+        Coalesce {
+            inner,
+            // Allocated on first use: an idle connection holds nothing.
+            buf: Vec::new(),
+            written: false,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Coalesce<S> {
+    /// Hands everything collected to the inner stream.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut sent = 0;
+        while sent < self.buf.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.buf[sent..]) {
+                Poll::Ready(Ok(0)) => {
+                    self.buf.drain(..sent);
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => sent += n,
+                Poll::Ready(Err(e)) => {
+                    self.buf.drain(..sent);
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => {
+                    self.buf.drain(..sent);
+                    return Poll::Pending;
+                }
+            }
+        }
+        self.buf.clear();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Coalesce<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if this.buf.len() + len > COALESCE {
+            ready!(this.poll_drain(cx))?;
+        }
+        if len >= COALESCE {
+            // Already large: collecting it would only add a copy.
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        for b in bufs {
+            this.buf.extend_from_slice(b);
+        }
+        this.written = true;
+        Poll::Ready(Ok(len))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if std::mem::take(&mut this.written) && !this.buf.is_empty() {
+            cx.waker().wake_by_ref();
+            return Poll::Ready(Ok(()));
+        }
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 

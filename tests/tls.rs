@@ -1,7 +1,10 @@
 //! TLS termination end to end: berth runs in-process with a plain and a TLS listener on
 //! 127.0.0.1, using certificates from `berth::certs`, and a rustls + hyper client talks to it.
 //!
-//! The upstream is a port nothing listens on: `/v2/` never contacts it.
+//! The upstream is a port nothing listens on (`/v2/` never contacts it), except where a test
+//! needs content: then it is the in-process fake of `common`.
+
+mod common;
 
 use std::future::Future;
 use std::io;
@@ -447,6 +450,71 @@ async fn certs_bundle_serves_as_written() {
         let mut sender = http1(stream).await;
         assert_registry_ok(get_v2_http1(&mut sender).await).await;
         running.shutdown().await;
+    })
+    .await
+}
+
+/// GETs `path` on an h2 connection and returns the status and the whole body.
+async fn h2_get(
+    sender: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    path: &str,
+) -> (StatusCode, Bytes) {
+    let req = Request::get(format!("https://mirror.test{path}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), Version::HTTP_2);
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn h2_over_tls_delivers_large_and_small_responses_whole() {
+    // berth holds back an h2 connection's small writes to send them together: whatever it
+    // holds must still go out when the connection has nothing more to write.
+    within(async {
+        let certs = Certs::valid();
+        let upstream = common::Fake::start().await;
+        let blob = common::pseudo_random(7, 3 * 1024 * 1024 + 4321);
+        let digest = upstream.add_blob(blob.clone());
+        let tls = TlsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cert: certs.cert(),
+            key: certs.key(),
+        };
+        let berth = common::Berth::start(&upstream, |c| c.tls = Some(tls)).await;
+        let addr = berth.running.as_ref().unwrap().tls_addr.unwrap();
+        let stream = connect(
+            addr,
+            client_config(&certs.ca.cert_pem(), &[b"h2"]),
+            "mirror.test",
+        )
+        .await
+        .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let path = format!("/v2/library/x/blobs/{digest}");
+        // Cold (streamed while it downloads), then from the cache.
+        for _ in 0..2 {
+            let (status, body) = h2_get(&mut sender, &path).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body.len(), blob.len());
+            assert!(body == blob, "the blob arrived changed");
+            berth.settle().await;
+        }
+        // Small answers one after another on the same connection: each arrives by itself.
+        for _ in 0..20 {
+            let (status, body) = h2_get(&mut sender, "/v2/").await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(&body[..], b"{}");
+        }
+        let (status, body) = h2_get(&mut sender, "/v2/library/x/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(std::str::from_utf8(&body).unwrap().contains("BLOB_UNKNOWN"));
+        berth.stop().await;
     })
     .await
 }
