@@ -506,8 +506,11 @@ pub fn file_reader(
 ///
 /// A mapping instead of a read: the bytes go from the page cache to the socket (or to the TLS
 /// encrypter) without a copy into a buffer of ours, with no buffer to allocate and zero, and the
-/// pages leave berth's memory as soon as the chunk is sent. The pages are faulted in here, on a
-/// blocking thread (`populate`), so a page that is not in memory never stalls a runtime thread.
+/// pages leave berth's memory as soon as the chunk is sent. The pages are read in here, on a
+/// blocking thread, so a page that is not in memory never stalls a runtime thread; and they are
+/// read in with `MADV_POPULATE_READ`, which reports a failing disk as an error where touching
+/// the mapping would kill the process (SIGBUS). Where that is unavailable (Linux before 5.14),
+/// the piece is read into a buffer instead.
 async fn map_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
     tokio::task::spawn_blocking(move || {
         // A mapping past the end of a file faults (SIGBUS) when read, so never map past it.
@@ -525,10 +528,18 @@ async fn map_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
             memmap2::MmapOptions::new()
                 .offset(pos)
                 .len(len)
-                .populate()
                 .map(&*file)?
         };
-        Ok(Bytes::from_owner(map))
+        match map.advise(memmap2::Advice::PopulateRead) {
+            Ok(()) => Ok(Bytes::from_owner(map)),
+            Err(_) => {
+                drop(map);
+                let mut buf = vec![0; len];
+                let n = std::os::unix::fs::FileExt::read_at(&*file, &mut buf, pos)?;
+                buf.truncate(n);
+                Ok(Bytes::from(buf))
+            }
+        }
     })
     .await
     .map_err(io::Error::other)?
