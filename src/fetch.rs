@@ -447,7 +447,9 @@ impl Download {
                     };
                     if pos < limit {
                         let len = (limit - pos).min(FOLLOW_CHUNK as u64) as usize;
-                        let chunk = map_at(file.clone(), pos, len).await?;
+                        // These bytes were written moments ago and are still in memory:
+                        // mapping them costs less than handing the work to another thread.
+                        let chunk = map_now(&file, pos, len)?;
                         if chunk.is_empty() {
                             return Err(io::Error::other("download file shorter than written"));
                         }
@@ -512,37 +514,35 @@ pub fn file_reader(
 /// the mapping would kill the process (SIGBUS). Where that is unavailable (Linux before 5.14),
 /// the piece is read into a buffer instead.
 async fn map_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
-    tokio::task::spawn_blocking(move || {
-        // A mapping past the end of a file faults (SIGBUS) when read, so never map past it.
-        let file_len = file.metadata()?.len();
-        let len = len.min(file_len.saturating_sub(pos) as usize);
-        if len == 0 {
-            return Ok(Bytes::new());
+    tokio::task::spawn_blocking(move || map_now(&file, pos, len))
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// [`map_at`] on the calling thread.
+fn map_now(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    // A mapping past the end of a file faults (SIGBUS) when read, so never map past it.
+    let file_len = file.metadata()?.len();
+    let len = len.min(file_len.saturating_sub(pos) as usize);
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: a mapping is only sound while nobody shrinks or rewrites the mapped range. berth
+    // never does either to a blob file: cache entries and private blobs are written to a temp
+    // file and renamed into place, then only ever unlinked (eviction, gc, fsck --repair), which
+    // leaves existing mappings intact; a download's temp file only grows, and its readers map
+    // only what has already been written.
+    let map = unsafe { memmap2::MmapOptions::new().offset(pos).len(len).map(file)? };
+    match map.advise(memmap2::Advice::PopulateRead) {
+        Ok(()) => Ok(Bytes::from_owner(map)),
+        Err(_) => {
+            drop(map);
+            let mut buf = vec![0; len];
+            let n = std::os::unix::fs::FileExt::read_at(file, &mut buf, pos)?;
+            buf.truncate(n);
+            Ok(Bytes::from(buf))
         }
-        // SAFETY: a mapping is only sound while nobody shrinks or rewrites the mapped range.
-        // berth never does either to a blob file: cache entries and private blobs are written to
-        // a temp file and renamed into place, then only ever unlinked (eviction, gc, fsck
-        // --repair), which leaves existing mappings intact; a download's temp file only grows,
-        // and its readers map only what has already been written.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(pos)
-                .len(len)
-                .map(&*file)?
-        };
-        match map.advise(memmap2::Advice::PopulateRead) {
-            Ok(()) => Ok(Bytes::from_owner(map)),
-            Err(_) => {
-                drop(map);
-                let mut buf = vec![0; len];
-                let n = std::os::unix::fs::FileExt::read_at(&*file, &mut buf, pos)?;
-                buf.truncate(n);
-                Ok(Bytes::from(buf))
-            }
-        }
-    })
-    .await
-    .map_err(io::Error::other)?
+    }
 }
 
 /// Runs one future per key at a time; callers with the same key share its result. The future
