@@ -18,13 +18,14 @@ use std::future::Future;
 use std::hash::Hash;
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::Stream;
 use http::Method;
 use http_body_util::BodyExt;
+use memmap2::{Advice, Mmap, MmapOptions};
 use tokio::sync::watch;
 
 use crate::cache::DiskCache;
@@ -36,9 +37,12 @@ use crate::upstream::{content_length, Upstream, UpstreamError};
 /// Reads of a cached blob go in pieces of this size: large enough that the hand-off to a
 /// blocking thread and the mapping are a small part of each piece.
 const READ_CHUNK: usize = 1 << 20;
-/// Readers following a download read in smaller pieces: they are rarely more than a write
-/// behind, and eight of them on one cold blob should hold little memory.
-const FOLLOW_CHUNK: usize = 256 << 10;
+/// Readers following a download share mappings of it in windows of this size. They read the
+/// same region at about the same time, so the eight clients of one cold blob cost one mapping
+/// (and one unmap, with its cross-CPU TLB flush) per window rather than eight per piece.
+const FOLLOW_WINDOW: u64 = 1 << 20;
+/// Windows a download keeps track of, for readers that are a little behind the others.
+const FOLLOW_WINDOWS_KEPT: usize = 4;
 /// Upstream frames are coalesced into writes of up to this size when they arrive faster than disk.
 const WRITE_BATCH: usize = 1 << 20;
 
@@ -92,6 +96,8 @@ pub struct Download {
     file: Arc<File>,
     progress: watch::Sender<Progress>,
     readers: AtomicUsize,
+    /// Recently mapped windows of the file, by index; alive while a reader holds a piece.
+    windows: Mutex<Vec<(u64, Weak<Mmap>)>>,
 }
 
 /// What a blob request attaches to.
@@ -187,6 +193,7 @@ impl Fetches {
             file: writer.shared_file(),
             progress,
             readers: AtomicUsize::new(0),
+            windows: Mutex::new(Vec::new()),
         });
         inflight.insert(key.clone(), download.clone());
         self.started.fetch_add(1, Ordering::Relaxed);
@@ -415,6 +422,51 @@ impl Download {
         }
     }
 
+    /// Bytes `pos..pos + len`, already written and within one window, from a mapping of that
+    /// window shared with the other readers.
+    ///
+    /// These bytes were written moments ago and are still in memory, so this runs on the
+    /// reader's own thread: mapping them costs less than handing the work to another one.
+    fn follow_piece(&self, pos: u64, len: usize) -> io::Result<Bytes> {
+        let index = pos / FOLLOW_WINDOW;
+        let base = index * FOLLOW_WINDOW;
+        let map = {
+            let mut windows = lock(&self.windows);
+            let shared = windows
+                .iter()
+                .find(|(i, _)| *i == index)
+                .and_then(|(_, w)| w.upgrade());
+            match shared {
+                Some(map) => map,
+                None => {
+                    // SAFETY: as in `map_now`. The window may reach past what has been written
+                    // (and past the end of the file); only written bytes are ever read.
+                    let map = unsafe {
+                        MmapOptions::new()
+                            .offset(base)
+                            .len(FOLLOW_WINDOW as usize)
+                            .map(&*self.file)?
+                    };
+                    let map = Arc::new(map);
+                    windows.retain(|(_, w)| w.strong_count() > 0);
+                    if windows.len() >= FOLLOW_WINDOWS_KEPT {
+                        windows.remove(0);
+                    }
+                    windows.push((index, Arc::downgrade(&map)));
+                    map
+                }
+            }
+        };
+        let start = (pos - base) as usize;
+        if map.advise_range(Advice::PopulateRead, start, len).is_err() {
+            return read_now(&self.file, pos, len);
+        }
+        Ok(Bytes::from_owner(Window {
+            map,
+            range: start..start + len,
+        }))
+    }
+
     /// A body stream of bytes `start..end` (`end` None: to the end), as they become available.
     pub fn reader(
         self: &Arc<Self>,
@@ -446,13 +498,9 @@ impl Download {
                         None => available,
                     };
                     if pos < limit {
-                        let len = (limit - pos).min(FOLLOW_CHUNK as u64) as usize;
-                        // These bytes were written moments ago and are still in memory:
-                        // mapping them costs less than handing the work to another thread.
-                        let chunk = map_now(&file, pos, len)?;
-                        if chunk.is_empty() {
-                            return Err(io::Error::other("download file shorter than written"));
-                        }
+                        let window_end = (pos / FOLLOW_WINDOW + 1) * FOLLOW_WINDOW;
+                        let len = (limit.min(window_end) - pos) as usize;
+                        let chunk = guard.0.follow_piece(pos, len)?;
                         let next = pos + chunk.len() as u64;
                         return Ok(Some((chunk, (guard, rx, file, next))));
                     }
@@ -532,16 +580,39 @@ fn map_now(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
     // file and renamed into place, then only ever unlinked (eviction, gc, fsck --repair), which
     // leaves existing mappings intact; a download's temp file only grows, and its readers map
     // only what has already been written.
-    let map = unsafe { memmap2::MmapOptions::new().offset(pos).len(len).map(file)? };
-    match map.advise(memmap2::Advice::PopulateRead) {
+    let map = unsafe { MmapOptions::new().offset(pos).len(len).map(file)? };
+    match map.advise(Advice::PopulateRead) {
         Ok(()) => Ok(Bytes::from_owner(map)),
         Err(_) => {
             drop(map);
-            let mut buf = vec![0; len];
-            let n = std::os::unix::fs::FileExt::read_at(file, &mut buf, pos)?;
-            buf.truncate(n);
-            Ok(Bytes::from(buf))
+            read_now(file, pos, len)
         }
+    }
+}
+
+/// Bytes `pos..pos + len` of `file` read into a buffer: where pages cannot be populated.
+fn read_now(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = vec![0; len];
+    let n = std::os::unix::fs::FileExt::read_at(file, &mut buf, pos)?;
+    buf.truncate(n);
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "blob file shorter than expected",
+        ));
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// A piece of a shared mapping, as the owner of a `Bytes`.
+struct Window {
+    map: Arc<Mmap>,
+    range: std::ops::Range<usize>,
+}
+
+impl AsRef<[u8]> for Window {
+    fn as_ref(&self) -> &[u8] {
+        &self.map[self.range.clone()]
     }
 }
 
