@@ -476,10 +476,9 @@ impl Download {
         self.readers.fetch_add(1, Ordering::AcqRel);
         let guard = ReaderGuard(self.clone());
         let rx = self.progress.subscribe();
-        let file = self.file.clone();
         futures_util::stream::try_unfold(
-            (guard, rx, file, start),
-            move |(guard, mut rx, file, pos)| async move {
+            (guard, rx, start),
+            move |(guard, mut rx, pos)| async move {
                 loop {
                     let p = rx.borrow_and_update().clone();
                     if let State::Failed(e) = &p.state {
@@ -502,7 +501,7 @@ impl Download {
                         let len = (limit.min(window_end) - pos) as usize;
                         let chunk = guard.0.follow_piece(pos, len)?;
                         let next = pos + chunk.len() as u64;
-                        return Ok(Some((chunk, (guard, rx, file, next))));
+                        return Ok(Some((chunk, (guard, rx, next))));
                     }
                     if verified || end.is_some_and(|e| pos >= e) {
                         return Ok(None);

@@ -1,5 +1,5 @@
-//! TLS termination: the rustls server configuration, the reloadable certificate, and the
-//! per-connection handshake.
+//! TLS termination: the rustls server configuration, the reloadable certificate, the
+//! per-connection handshake, and the write coalescing that h2 over TLS needs.
 //!
 //! The certificate lives in a [`CertResolver`] that rustls asks for it on every handshake.
 //! [`CertResolver::reload`] (called on SIGHUP) reads the files again and swaps the new
