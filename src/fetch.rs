@@ -569,11 +569,16 @@ async fn map_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
         .map_err(io::Error::other)?
 }
 
+/// How much of `pos..pos + len` lies within the file: a mapping past its end faults (SIGBUS)
+/// when read, so nothing is ever mapped there.
+fn within_file(file: &File, pos: u64, len: usize) -> io::Result<usize> {
+    let file_len = file.metadata()?.len();
+    Ok(len.min(file_len.saturating_sub(pos) as usize))
+}
+
 /// [`map_at`] on the calling thread.
 fn map_now(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
-    // A mapping past the end of a file faults (SIGBUS) when read, so never map past it.
-    let file_len = file.metadata()?.len();
-    let len = len.min(file_len.saturating_sub(pos) as usize);
+    let len = within_file(file, pos, len)?;
     if len == 0 {
         return Ok(Bytes::new());
     }
@@ -592,12 +597,11 @@ fn map_now(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
     }
 }
 
-/// [`map_now`] on the calling thread when every page of the piece is in memory already, so
+/// [`map_at`] on the calling thread when every page of the piece is in memory already, so
 /// nothing can wait for the disk: a cache hit on a blob read recently then needs no hand-off to
 /// the blocking pool (two thread wake-ups per piece). `None` when some page is not in memory.
 fn map_if_resident(file: &File, pos: u64, len: usize) -> io::Result<Option<Bytes>> {
-    let file_len = file.metadata()?.len();
-    let len = len.min(file_len.saturating_sub(pos) as usize);
+    let len = within_file(file, pos, len)?;
     if len == 0 {
         return Ok(Some(Bytes::new()));
     }
@@ -652,7 +656,8 @@ fn read_now(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
-/// A piece of a shared mapping, as the owner of a `Bytes`.
+/// A piece of a mapping (shared by several readers, or aligned below the piece), as the owner
+/// of a `Bytes`.
 struct Window {
     map: Arc<Mmap>,
     range: std::ops::Range<usize>,
