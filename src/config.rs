@@ -85,6 +85,16 @@ pub struct UpstreamConfig {
     /// Longest wait for the first byte of an upstream response.
     #[serde(default = "default_response_timeout")]
     pub response_timeout: Seconds,
+    /// The longest `Retry-After` of a 429 that is obeyed; a longer one is cut to this.
+    #[serde(default = "default_max_retry_after")]
+    pub max_retry_after: Seconds,
+    /// Consecutive failed requests (unreachable, timed out, 5xx) after which the upstream is
+    /// taken for down and not asked again until `breaker_cooldown` has passed.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long a down upstream is left alone before one probe request may try it again.
+    #[serde(default = "default_breaker_cooldown")]
+    pub breaker_cooldown: Seconds,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -111,6 +121,15 @@ fn default_connect_timeout() -> Seconds {
 fn default_response_timeout() -> Seconds {
     Seconds(Duration::from_secs(30))
 }
+fn default_max_retry_after() -> Seconds {
+    Seconds(Duration::from_secs(600))
+}
+fn default_breaker_failures() -> u32 {
+    3
+}
+fn default_breaker_cooldown() -> Seconds {
+    Seconds(Duration::from_secs(30))
+}
 
 impl UpstreamConfig {
     pub fn new(url: UpstreamUrl) -> Self {
@@ -122,6 +141,9 @@ impl UpstreamConfig {
             tag_ttl: default_tag_ttl(),
             connect_timeout: default_connect_timeout(),
             response_timeout: default_response_timeout(),
+            max_retry_after: default_max_retry_after(),
+            breaker_failures: default_breaker_failures(),
+            breaker_cooldown: default_breaker_cooldown(),
         }
     }
 }
@@ -346,6 +368,10 @@ impl<'de> Deserialize<'de> for ByteSize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seconds(pub Duration);
 
+/// The longest duration any setting takes: longer ones are surely typos, and every duration
+/// must stay addable to the clock without overflow.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86400);
+
 impl Seconds {
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
@@ -368,7 +394,10 @@ impl Seconds {
                 ))
             }
         };
-        Ok(Seconds(Duration::from_secs_f64(secs)))
+        match Duration::try_from_secs_f64(secs) {
+            Ok(d) if d <= MAX_DURATION => Ok(Seconds(d)),
+            _ => Err(format!("{s:?} is not a duration of at most 100 years")),
+        }
     }
 }
 
@@ -381,7 +410,7 @@ impl<'de> Deserialize<'de> for Seconds {
             S(String),
         }
         match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(Seconds(Duration::from_secs(n))),
+            Raw::N(n) => Seconds::parse(&n.to_string()).map_err(serde::de::Error::custom),
             Raw::S(s) => Seconds::parse(&s).map_err(serde::de::Error::custom),
         }
     }
@@ -487,6 +516,23 @@ mod tests {
             Duration::from_millis(250)
         );
         assert!(Seconds::parse("soon").is_err());
+    }
+
+    #[test]
+    fn huge_durations_are_one_line_errors_not_panics() {
+        for huge in [
+            "100000000000000000000s",
+            "36600000d",
+            "99999999999999999999999999999999999999h",
+        ] {
+            let e = Seconds::parse(huge).unwrap_err();
+            assert!(e.contains("at most 100 years"), "{huge}: {e}");
+        }
+        let e = Config::from_toml("shutdown_grace = \"100000000000000000000s\"\n").unwrap_err();
+        assert!(e.to_string().contains("shutdown_grace"), "{e}");
+        assert!(!e.to_string().contains('\n'), "{e}");
+        let e = Config::from_toml("shutdown_grace = 18446744073709551615\n").unwrap_err();
+        assert!(e.to_string().contains("shutdown_grace"), "{e}");
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub enum RegistryError {
     TooLarge(String),
     #[error("requested range not satisfiable")]
     RangeInvalid(String),
+    /// A `Range` outside a blob of `len` bytes (416 with `Content-Range: bytes */len`).
+    #[error("requested range not satisfiable")]
+    RangeNotSatisfiable { len: u64 },
     #[error("authentication required")]
     Unauthorized(String),
     #[error("requested access to the resource is denied")]
@@ -66,7 +69,7 @@ impl RegistryError {
             TagInvalid(_) => "TAG_INVALID",
             SizeInvalid(_) => "SIZE_INVALID",
             TooLarge(_) => "SIZE_INVALID",
-            RangeInvalid(_) => "RANGE_INVALID",
+            RangeInvalid(_) | RangeNotSatisfiable { .. } => "RANGE_INVALID",
             Unauthorized(_) => "UNAUTHORIZED",
             Denied(_) => "DENIED",
             Unsupported(_) => "UNSUPPORTED",
@@ -90,7 +93,7 @@ impl RegistryError {
             | TagInvalid(_)
             | SizeInvalid(_) => StatusCode::BAD_REQUEST,
             TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            RangeInvalid(_) => StatusCode::RANGE_NOT_SATISFIABLE,
+            RangeInvalid(_) | RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Denied(_) => StatusCode::FORBIDDEN,
             Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -122,7 +125,7 @@ impl RegistryError {
             | Unavailable(d)
             | NotFound(d)
             | Internal(d) => Some(d.as_str()),
-            TooManyRequests { .. } => None,
+            TooManyRequests { .. } | RangeNotSatisfiable { .. } => None,
         }
     }
 

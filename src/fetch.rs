@@ -51,9 +51,31 @@ const WRITE_BATCH: usize = 1 << 20;
 pub enum FetchFailure {
     Upstream(UpstreamError),
     Mismatch(String),
-    Truncated { expected: u64, got: u64 },
+    Truncated {
+        expected: u64,
+        got: u64,
+    },
+    /// The upstream's body broke off with an error.
+    Interrupted(String),
     Abandoned,
     Io(String),
+    /// The download task ended without an outcome (it panicked or was cancelled).
+    Died,
+}
+
+impl FetchFailure {
+    /// A short name for metric labels and log fields.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FetchFailure::Upstream(e) => e.kind(),
+            FetchFailure::Mismatch(_) => "digest_mismatch",
+            FetchFailure::Truncated { .. } => "truncated",
+            FetchFailure::Interrupted(_) => "interrupted",
+            FetchFailure::Abandoned => "abandoned",
+            FetchFailure::Io(_) => "store_io",
+            FetchFailure::Died => "task_died",
+        }
+    }
 }
 
 impl std::fmt::Display for FetchFailure {
@@ -64,11 +86,13 @@ impl std::fmt::Display for FetchFailure {
             FetchFailure::Truncated { expected, got } => {
                 write!(f, "upstream stream ended at {got} of {expected} bytes")
             }
+            FetchFailure::Interrupted(e) => write!(f, "upstream body broke off: {e}"),
             FetchFailure::Abandoned => write!(
                 f,
                 "download abandoned: no readers left and over the orphan limit"
             ),
             FetchFailure::Io(e) => write!(f, "store I/O: {e}"),
+            FetchFailure::Died => write!(f, "download task died"),
         }
     }
 }
@@ -111,8 +135,47 @@ pub enum Attach {
     },
 }
 
+type DownloadKey = (String, Digest);
+
+/// Ends a download when its task does, however it does.
+struct Ending {
+    fetches: Arc<Fetches>,
+    key: DownloadKey,
+    download: Arc<Download>,
+    outcome: Option<Result<(), FetchFailure>>,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        let outcome = self.outcome.take().unwrap_or(Err(FetchFailure::Died));
+        if let Err(e) = &outcome {
+            if matches!(e, FetchFailure::Died) {
+                tracing::warn!(digest = %self.key.1, upstream = %self.key.0, reason = e.reason(), "blob download failed: its task died");
+            }
+            self.fetches.count_failure(e.reason());
+        }
+        // Remove from the map only after the rename, then tell the readers.
+        let idle = {
+            let mut inflight = lock(&self.fetches.inflight);
+            inflight.remove(&self.key);
+            inflight.is_empty()
+        };
+        self.download.progress.send_modify(|p| {
+            p.state = match outcome {
+                Ok(()) => State::Done,
+                Err(e) => State::Failed(e),
+            }
+        });
+        if idle {
+            self.fetches.idle.notify_waiters();
+        }
+    }
+}
+
 pub struct Fetches {
-    inflight: Mutex<HashMap<(String, Digest), Arc<Download>>>,
+    inflight: Mutex<HashMap<DownloadKey, Arc<Download>>>,
+    /// Downloads that failed, by reason.
+    failed: Mutex<HashMap<&'static str, u64>>,
     disk: Arc<DiskCache>,
     max_orphan: u64,
     /// Downloads started, and requests that joined one already running.
@@ -130,6 +193,7 @@ impl Fetches {
     pub fn new(disk: Arc<DiskCache>, max_orphan: u64) -> Fetches {
         Fetches {
             inflight: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
             disk,
             max_orphan,
             started: AtomicU64::new(0),
@@ -144,6 +208,17 @@ impl Fetches {
     pub fn with_slots(mut self, slots: Arc<UpstreamSlots>) -> Fetches {
         self.slots = slots;
         self
+    }
+
+    fn count_failure(&self, reason: &'static str) {
+        *lock(&self.failed).entry(reason).or_default() += 1;
+    }
+
+    /// Failed downloads so far, by reason.
+    pub fn failures(&self) -> Vec<(&'static str, u64)> {
+        let mut v: Vec<_> = lock(&self.failed).iter().map(|(r, n)| (*r, *n)).collect();
+        v.sort();
+        v
     }
 
     pub fn in_flight(&self) -> usize {
@@ -198,34 +273,30 @@ impl Fetches {
         inflight.insert(key.clone(), download.clone());
         self.started.fetch_add(1, Ordering::Relaxed);
         drop(inflight);
-        let this = self.clone();
-        let task_download = download.clone();
+        // The guard ends the download whatever happens to the task: finished, failed, panicked
+        // or cancelled, its readers are told and its slot in the map is freed.
+        let mut guard = Ending {
+            fetches: self.clone(),
+            key,
+            download: download.clone(),
+            outcome: Some(Err(FetchFailure::Died)),
+        };
         tokio::spawn(async move {
+            let this = guard.fetches.clone();
             let outcome = async {
                 let _slot = this
                     .slots
                     .acquire(upstream.config.response_timeout.0)
                     .await
                     .map_err(FetchFailure::Upstream)?;
-                this.run(&task_download, writer, &upstream, &repo, digest)
+                this.run(&guard.download, writer, &upstream, &repo, digest)
                     .await
             }
             .await;
-            // Remove from the map only after the rename, then tell the readers.
-            let idle = {
-                let mut inflight = lock(&this.inflight);
-                inflight.remove(&key);
-                inflight.is_empty()
-            };
-            task_download.progress.send_modify(|p| {
-                p.state = match outcome {
-                    Ok(()) => State::Done,
-                    Err(e) => State::Failed(e),
-                }
-            });
-            if idle {
-                this.idle.notify_waiters();
+            if let Err(e) = &outcome {
+                tracing::warn!(%digest, upstream = %upstream.key, %repo, reason = e.reason(), error = %e, "blob download failed");
             }
+            guard.outcome.replace(outcome);
         });
         Ok(Attach::InFlight {
             download,
@@ -282,11 +353,7 @@ impl Fetches {
             let frame = match next {
                 Err(_) => return Err(FetchFailure::Upstream(UpstreamError::Timeout)),
                 Ok(None) => None,
-                Ok(Some(Err(e))) => {
-                    return Err(FetchFailure::Upstream(UpstreamError::Unreachable(
-                        e.to_string(),
-                    )))
-                }
+                Ok(Some(Err(e))) => return Err(FetchFailure::Interrupted(e.to_string())),
                 Ok(Some(Ok(frame))) => Some(frame),
             };
             let end = frame.is_none();
@@ -301,11 +368,7 @@ impl Fetches {
                                 batch.extend_from_slice(&d);
                             }
                         }
-                        Some(Some(Err(e))) => {
-                            return Err(FetchFailure::Upstream(UpstreamError::Unreachable(
-                                e.to_string(),
-                            )))
-                        }
+                        Some(Some(Err(e))) => return Err(FetchFailure::Interrupted(e.to_string())),
                         _ => break,
                     }
                 }
@@ -346,7 +409,6 @@ impl Fetches {
             }
         }
         if let Err(StoreError::DigestMismatch { expected, actual }) = writer.verify() {
-            tracing::warn!(upstream = %upstream.key, %repo, %expected, %actual, "upstream blob does not match its digest; discarded");
             return Err(FetchFailure::Mismatch(format!(
                 "upstream sent content with digest {actual}, not {expected}"
             )));
@@ -467,11 +529,13 @@ impl Download {
         }))
     }
 
-    /// A body stream of bytes `start..end` (`end` None: to the end), as they become available.
+    /// A body stream of bytes `start..end` (`end` None: to the end), as they become available;
+    /// with `verified_only`, none before the whole blob is verified.
     pub fn reader(
         self: &Arc<Self>,
         start: u64,
         end: Option<u64>,
+        verified_only: bool,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         self.readers.fetch_add(1, Ordering::AcqRel);
         let guard = ReaderGuard(self.clone());
@@ -489,6 +553,7 @@ impl Download {
                     // a mismatch must still be able to cut the transfer short.
                     let verified = matches!(p.state, State::Verified | State::Done);
                     let available = match p.total {
+                        _ if verified_only && !verified => 0,
                         Some(total) if !verified => p.written.min(total.saturating_sub(1)),
                         _ => p.written,
                     };
@@ -672,10 +737,16 @@ impl AsRef<[u8]> for Window {
 /// Runs one future per key at a time; callers with the same key share its result. The future
 /// runs as its own task, so it finishes even if the caller that started it goes away.
 pub struct SingleFlight<K, V> {
-    map: Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, V>>>>>,
+    map: Arc<FlightMap<K, V>>,
     /// Calls that joined a flight already running.
     pub joined: AtomicU64,
 }
+
+/// A single-flight task ended without a result (it panicked): every caller gets this, and the
+/// next call starts afresh.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the shared upstream request died")]
+pub struct FlightDied;
 
 impl<K, V> Default for SingleFlight<K, V> {
     fn default() -> Self {
@@ -692,7 +763,7 @@ where
     V: Clone + Send + Sync + 'static,
 {
     /// Returns the shared result and whether this call joined a flight that was already running.
-    pub async fn run<F>(&self, key: K, make: impl FnOnce() -> F) -> (V, bool)
+    pub async fn run<F>(&self, key: K, make: impl FnOnce() -> F) -> (Result<V, FlightDied>, bool)
     where
         F: Future<Output = V> + Send + 'static,
     {
@@ -705,16 +776,22 @@ where
                 }
                 None => {
                     let fut = make();
-                    let map_ref = self.map.clone();
-                    let key2 = key.clone();
+                    let landing = FlightKey {
+                        map: Arc::downgrade(&self.map),
+                        key: Some(key.clone()),
+                    };
                     let handle = tokio::spawn(async move {
-                        let v = fut.await;
-                        lock(&map_ref).remove(&key2);
-                        v
+                        let _landing = landing;
+                        fut.await
                     });
-                    let shared = async move { handle.await.expect("single-flight task panicked") }
-                        .boxed()
-                        .shared();
+                    let shared = async move {
+                        handle.await.map_err(|e| {
+                            tracing::warn!(error = %e, "a shared upstream request died");
+                            FlightDied
+                        })
+                    }
+                    .boxed()
+                    .shared();
                     map.insert(key, shared.clone());
                     (shared, false)
                 }
@@ -724,10 +801,99 @@ where
     }
 }
 
+type FlightMap<K, V> = Mutex<HashMap<K, Shared<BoxFuture<'static, Result<V, FlightDied>>>>>;
+
+/// Frees a flight's key when its task ends, also when it panics or is cancelled.
+struct FlightKey<K: Hash + Eq, V> {
+    map: Weak<FlightMap<K, V>>,
+    key: Option<K>,
+}
+
+impl<K: Hash + Eq, V> Drop for FlightKey<K, V> {
+    fn drop(&mut self) {
+        if let (Some(map), Some(key)) = (self.map.upgrade(), self.key.take()) {
+            lock(&map).remove(&key);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures_util::TryStreamExt;
+
+    #[test]
+    fn a_download_whose_task_dies_fails_its_readers_and_frees_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let fetches = Arc::new(Fetches::new(
+            Arc::new(DiskCache::open(store, 1 << 30).unwrap()),
+            1 << 30,
+        ));
+        // An upstream that accepts connections and never answers: the task waits forever.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let upstream = Arc::new(
+            Upstream::new(
+                "test",
+                &crate::config::UpstreamConfig::new(
+                    crate::config::UpstreamUrl::parse(&url).unwrap(),
+                ),
+            )
+            .unwrap(),
+        );
+        let digest = Digest::of(b"never arrives");
+        let repo = RepoName::parse("library/x").unwrap();
+        let doomed = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let download = doomed.block_on(async {
+            match fetches.attach(upstream, repo, digest).unwrap() {
+                Attach::InFlight { download, .. } => download,
+                Attach::Cached => panic!("nothing is cached"),
+            }
+        });
+        assert_eq!(fetches.in_flight(), 1);
+        // The runtime goes away with the task in it, as a panic or a shutdown would end it.
+        drop(doomed);
+        assert_eq!(fetches.in_flight(), 0, "the dead download keeps its slot");
+        assert_eq!(fetches.failures(), vec![("task_died", 1)]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ready = tokio::time::timeout(std::time::Duration::from_secs(5), download.ready())
+                .await
+                .expect("a reader of a dead download must not wait forever");
+            assert!(matches!(ready, Err(FetchFailure::Died)));
+            let body: io::Result<Vec<Bytes>> = download.reader(0, None, false).try_collect().await;
+            assert!(body.is_err());
+        });
+    }
+
+    #[tokio::test]
+    async fn a_single_flight_that_panics_fails_its_callers_and_the_next_call_runs_anew() {
+        let flights: SingleFlight<&str, u32> = SingleFlight::default();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let g = gate.clone();
+        let first = flights.run("k", move || async move {
+            g.notified().await;
+            panic!("boom")
+        });
+        let second = flights.run("k", || async { 7 });
+        let opener = async {
+            tokio::task::yield_now().await;
+            gate.notify_one();
+        };
+        let ((a, a_joined), (b, b_joined), ()) = tokio::join!(first, second, opener);
+        assert!(a.is_err() && b.is_err());
+        assert!(!a_joined && b_joined);
+        let (c, joined) = flights.run("k", || async { 7 }).await;
+        assert_eq!(c.unwrap(), 7);
+        assert!(!joined);
+    }
 
     #[tokio::test]
     async fn file_reader_returns_exactly_the_range_across_chunks() {

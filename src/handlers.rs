@@ -22,7 +22,7 @@ use hyper::body::{Frame, Incoming};
 use crate::config::Config;
 use crate::error::RegistryError;
 use crate::fetch::{file_reader, Attach};
-use crate::mirror::{blocking, upstream_error, AcceptSet, Mirror, Outcome};
+use crate::mirror::{blocking, upstream_error, AcceptSet, Mirror, Outcome, TagList};
 use crate::names::{Digest, Reference, RepoName};
 use crate::routes::{Query, Route};
 use crate::store::Area;
@@ -80,12 +80,25 @@ impl App {
             Some(resp) => resp,
             None => {
                 let method = req.method().clone();
+                let path = &info.path;
                 let served = async {
                     match route {
                         Ok(route) => self
                             .dispatch(route, req, client_ip)
                             .await
-                            .unwrap_or_else(|e| error_response(&e, &method)),
+                            .unwrap_or_else(|e| {
+                                if let RegistryError::Unavailable(why) = &e {
+                                    tracing::warn!(client = %client_ip, %path, reason = %why, "answering 503");
+                                }
+                                error_response(&e, &method)
+                            }),
+                        // A tag that cannot exist names no manifest: what the OCI conformance
+                        // suite expects of a pull. A push of it stays 400 TAG_INVALID.
+                        Err(RegistryError::TagInvalid(tag))
+                            if matches!(method, Method::GET | Method::HEAD) =>
+                        {
+                            error_response(&RegistryError::ManifestUnknown(tag), &method)
+                        }
                         Err(e) => error_response(&e, &method),
                     }
                 };
@@ -301,8 +314,11 @@ impl App {
                         },
                         _ => (StatusCode::OK, 0, None),
                     };
+                    // A range is a complete body of its own: its bytes are sent only once the
+                    // whole blob is verified, so no client gets a complete wrong range.
+                    let verified_only = status == StatusCode::PARTIAL_CONTENT;
                     let body = BodyExt::boxed(StreamBody::new(futures_util::StreamExt::map(
-                        download.reader(start, end),
+                        download.reader(start, end, verified_only),
                         |r| r.map(Frame::data),
                     )));
                     let mut b = blob_headers(Response::builder().status(status), &digest);
@@ -405,16 +421,7 @@ impl App {
             pass.finish()
         };
         crate::ratelimit::before_upstream()?;
-        let resp = up
-            .tags_list(&name, &pass)
-            .await
-            .map_err(|e| upstream_error(e, &name, RegistryError::NameUnknown(name.to_string())))?;
-        let link = resp.headers().get(http::header::LINK).cloned();
-        let body = http_body_util::Limited::new(resp.into_body(), 16 << 20)
-            .collect()
-            .await
-            .map_err(|e| RegistryError::Unavailable(format!("reading tag list: {e}")))?
-            .to_bytes();
+        let (TagList { body, link }, outcome) = self.mirror.tags_list(&up, &name, &pass).await?;
         let mut b = Response::builder()
             .status(StatusCode::OK)
             .header(CONTENT_TYPE, "application/json")
@@ -424,9 +431,7 @@ impl App {
         }
         let mut resp = b.body(full(body)).map_err(internal)?;
         api_version(&mut resp);
-        resp.extensions_mut().insert(Served {
-            outcome: Outcome::Miss,
-        });
+        resp.extensions_mut().insert(Served { outcome });
         Ok(resp)
     }
 }
@@ -447,39 +452,36 @@ pub(crate) fn range_header(headers: &http::HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Parses a single `bytes=` range against a length: `Ok(None)` to serve the whole blob
-/// (no usable range), `Ok(Some((start, end_exclusive)))`, or 416.
+/// Parses a single `bytes=` range against a length: `Ok(None)` to serve the whole blob,
+/// `Ok(Some((start, end_exclusive)))`, or 416 when the range lies outside the blob.
+///
+/// As RFC 9110 asks, a header that does not parse as one valid byte range (`bytes=5-2`,
+/// `bytes=abc`, another unit, several ranges) is ignored: the whole blob is served.
 fn parse_range(header: &str, len: u64) -> Result<Option<(u64, u64)>, RegistryError> {
     let Some(spec) = header.trim().strip_prefix("bytes=") else {
         return Ok(None);
     };
-    if spec.contains(',') {
-        // Multipart ranges are legal to ignore; no registry client sends them.
+    let Some((a, b)) = spec.split_once('-') else {
         return Ok(None);
-    }
-    let unsatisfiable = || RegistryError::RangeInvalid(format!("{header} of {len} bytes"));
-    let (a, b) = spec.split_once('-').ok_or_else(unsatisfiable)?;
-    let (a, b) = (a.trim(), b.trim());
-    let (start, end) = if a.is_empty() {
-        let suffix: u64 = b.parse().map_err(|_| unsatisfiable())?;
-        if suffix == 0 {
-            return Err(unsatisfiable());
-        }
-        (len.saturating_sub(suffix), len)
-    } else {
-        let start: u64 = a.parse().map_err(|_| unsatisfiable())?;
-        let end = if b.is_empty() {
-            len
-        } else {
-            b.parse::<u64>()
-                .map_err(|_| unsatisfiable())?
-                .saturating_add(1)
-                .min(len)
-        };
-        (start, end)
     };
-    if start >= len || start >= end {
-        return Err(unsatisfiable());
+    let number = |s: &str| {
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| s.parse::<u64>().unwrap_or(u64::MAX))
+    };
+    let unsatisfiable = RegistryError::RangeNotSatisfiable { len };
+    let (start, end) = match (a.trim().is_empty(), number(a), number(b)) {
+        // A suffix: the last `n` bytes.
+        (true, _, Some(0)) => return Err(unsatisfiable),
+        (true, _, Some(n)) => (len.saturating_sub(n), len),
+        (false, Some(start), None) if b.trim().is_empty() => (start, len),
+        (false, Some(start), Some(last)) if last >= start => {
+            (start, last.saturating_add(1).min(len))
+        }
+        _ => return Ok(None),
+    };
+    if start >= len {
+        return Err(unsatisfiable);
     }
     Ok(Some((start, end)))
 }
@@ -550,6 +552,9 @@ pub fn error_response(e: &RegistryError, method: &Method) -> Response<Body> {
     if let Some(after) = e.retry_after() {
         b = b.header(RETRY_AFTER, after.as_secs().max(1));
     }
+    if let RegistryError::RangeNotSatisfiable { len } = e {
+        b = b.header(CONTENT_RANGE, format!("bytes */{len}"));
+    }
     if let RegistryError::Unauthorized(_) = e {
         b = b.header(http::header::WWW_AUTHENTICATE, "Basic realm=\"berth\"");
     }
@@ -575,7 +580,25 @@ mod tests {
         assert_eq!(parse_range("bytes=-10", 100).unwrap(), Some((90, 100)));
         assert_eq!(parse_range("bytes=50-500", 100).unwrap(), Some((50, 100)));
         assert!(parse_range("bytes=100-", 100).is_err());
-        assert!(parse_range("bytes=5-2", 100).is_err());
-        assert_eq!(parse_range("items=1-2", 100).unwrap(), None);
+        assert!(parse_range("bytes=100-200", 100).is_err());
+        assert!(parse_range("bytes=-0", 100).is_err());
+        assert_eq!(parse_range("bytes=-500", 100).unwrap(), Some((0, 100)));
+        assert_eq!(
+            parse_range("bytes=0-99999999999999999999999", 100).unwrap(),
+            Some((0, 100))
+        );
+        // Not one valid range: ignored, the whole blob is served (RFC 9110).
+        for ignored in [
+            "items=1-2",
+            "bytes=5-2",
+            "bytes=abc",
+            "bytes=1-2,4-5",
+            "bytes=",
+            "bytes=-",
+            "bytes=--1",
+            "bytes=+1-2",
+        ] {
+            assert_eq!(parse_range(ignored, 100).unwrap(), None, "{ignored}");
+        }
     }
 }

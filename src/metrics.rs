@@ -314,6 +314,17 @@ impl Scraped {
             "Blob requests that joined a download already under way",
             n(mirror.fetches.joined.load(Ordering::Relaxed)),
         );
+        s.push(
+            "berth_downloads_failed",
+            "Blob downloads that ended without a cache entry, by reason",
+            true,
+            mirror
+                .fetches
+                .failures()
+                .into_iter()
+                .map(|(reason, v)| (vec![("reason", reason.to_owned())], n(v)))
+                .collect(),
+        );
         s.counter(
             "berth_manifest_fetches_joined",
             "Manifest requests that joined an upstream request already under way",
@@ -351,8 +362,12 @@ impl Scraped {
         );
         let mut remaining = Vec::new();
         let mut limit = Vec::new();
+        let mut down = Vec::new();
+        let mut trips = Vec::new();
         for up in mirror.upstreams() {
             let labels = vec![("upstream", up.key.clone())];
+            down.push((labels.clone(), if up.is_down() { 1.0 } else { 0.0 }));
+            trips.push((labels.clone(), n(up.breaker_trips.load(Ordering::Relaxed))));
             let r = up.ratelimit_remaining.load(Ordering::Relaxed);
             if r >= 0 {
                 remaining.push((labels.clone(), r as f64));
@@ -362,6 +377,18 @@ impl Scraped {
                 limit.push((labels, l as f64));
             }
         }
+        s.push(
+            "berth_upstream_down",
+            "1 while the circuit breaker takes the upstream for down",
+            false,
+            down,
+        );
+        s.push(
+            "berth_upstream_breaker_trips",
+            "Times the circuit breaker took the upstream for down",
+            true,
+            trips,
+        );
         s.push(
             "berth_upstream_ratelimit_remaining",
             "The last ratelimit-remaining an upstream (Docker Hub) reported",

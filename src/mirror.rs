@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 
 use crate::cache::{manifest_cache, CachedManifest, DiskCache, ManifestCache};
 use crate::config::Config;
@@ -22,6 +23,9 @@ use crate::names::{Digest, Reference, RepoName, Tag};
 use crate::ratelimit::UpstreamSlots;
 use crate::store::{now_secs, Area, Store, TagEntry};
 use crate::upstream::{Upstream, UpstreamError, UpstreamSetupError};
+
+/// The largest tag list taken from an upstream.
+const MAX_TAG_LIST: usize = 16 << 20;
 
 /// Manifest media types a registry client may ask for, with short names for cache keys.
 const MANIFEST_TYPES: [(&str, &str); 6] = [
@@ -114,6 +118,15 @@ pub struct ServedManifest {
 }
 
 type TagKey = (String, RepoName, Tag, String);
+/// Upstream, repository, and the `n`/`last` query passed on.
+type TagListKey = (String, RepoName, String);
+
+/// A tag list as the upstream sent it, kept for when the upstream is down.
+#[derive(Clone)]
+pub struct TagList {
+    pub body: Bytes,
+    pub link: Option<http::HeaderValue>,
+}
 type ManifestKey = (String, RepoName, Reference, String);
 type ManifestResult = Result<(ServedManifest, Outcome), RegistryError>;
 
@@ -126,6 +139,7 @@ pub struct Mirror {
     manifests: ManifestCache,
     tags: moka::future::Cache<TagKey, TagEntry>,
     manifest_flights: SingleFlight<ManifestKey, ManifestResult>,
+    tag_lists: moka::future::Cache<TagListKey, TagList>,
     pub stale_serves: AtomicU64,
     /// The cap on upstream fetches running at once (`rate_limit.max_upstream_concurrency`).
     pub slots: Arc<UpstreamSlots>,
@@ -163,6 +177,15 @@ impl Mirror {
                 })
                 .build(),
             manifest_flights: SingleFlight::default(),
+            // The last answer to each tag-list query, served while the upstream is down.
+            tag_lists: moka::future::Cache::builder()
+                .max_capacity(config.memory_cache_size.0 / 8)
+                .weigher(|k: &TagListKey, l: &TagList| {
+                    (k.0.len() + k.1.as_str().len() + k.2.len() + l.body.len() + 64)
+                        .try_into()
+                        .unwrap_or(u32::MAX)
+                })
+                .build(),
             stale_serves: AtomicU64::new(0),
         })
     }
@@ -246,7 +269,7 @@ impl Mirror {
                     .await
             })
             .await;
-        match result {
+        match result.map_err(|e| RegistryError::Unavailable(e.to_string()))? {
             Ok((m, Outcome::Miss)) if joined => Ok((m, Outcome::Joined)),
             other => other,
         }
@@ -323,6 +346,51 @@ impl Mirror {
                 None => Err(upstream_error(e, repo, manifest_unknown(repo, reference))),
             },
             Err(e) => Err(upstream_error(e, repo, manifest_unknown(repo, reference))),
+        }
+    }
+
+    /// A repository's tag list from the upstream (`pass`: its `n` and `last`), or the last one
+    /// it sent while it is down.
+    pub async fn tags_list(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        pass: &str,
+    ) -> Result<(TagList, Outcome), RegistryError> {
+        let key = (up.key.clone(), repo.clone(), pass.to_owned());
+        let fetched = async {
+            let resp = up.tags_list(repo, pass).await?;
+            let link = resp.headers().get(http::header::LINK).cloned();
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_TAG_LIST)
+                .collect()
+                .await
+                .map_err(|e| UpstreamError::Invalid(format!("reading tag list: {e}")))?
+                .to_bytes();
+            Ok::<_, UpstreamError>(TagList { body, link })
+        }
+        .await;
+        match fetched {
+            Ok(list) => {
+                self.tag_lists.insert(key, list.clone()).await;
+                Ok((list, Outcome::Miss))
+            }
+            Err(e) if e.is_outage() => match self.tag_lists.get(&key).await {
+                Some(list) => {
+                    tracing::warn!(upstream = %up.key, %repo, error = %e, "upstream unavailable; serving cached tag list");
+                    self.stale_serves.fetch_add(1, Ordering::Relaxed);
+                    Ok((list, Outcome::Stale))
+                }
+                None => Err(upstream_error(
+                    e,
+                    repo,
+                    RegistryError::NameUnknown(repo.to_string()),
+                )),
+            },
+            Err(e) => Err(upstream_error(
+                e,
+                repo,
+                RegistryError::NameUnknown(repo.to_string()),
+            )),
         }
     }
 

@@ -110,7 +110,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
 pub struct RequestInfo {
     pub client: Client,
     method: Method,
-    path: String,
+    pub path: String,
     route: &'static str,
     /// The upstream the request is routed to, if it names a mirrored repository.
     upstream: Option<String>,

@@ -45,6 +45,9 @@ pub enum UpstreamError {
     Status(StatusCode),
     #[error("upstream sent invalid content: {0}")]
     Invalid(String),
+    /// The circuit breaker is open: recent requests failed, so none is sent for a while.
+    #[error("upstream is down ({failures} failed requests in a row); next try in {}s", retry_in.as_secs().max(1))]
+    Down { failures: u32, retry_in: Duration },
 }
 
 impl UpstreamError {
@@ -53,9 +56,24 @@ impl UpstreamError {
         match self {
             UpstreamError::Unreachable(_)
             | UpstreamError::Timeout
+            | UpstreamError::Down { .. }
             | UpstreamError::TooManyRequests { .. } => true,
             UpstreamError::Status(s) => s.is_server_error(),
             _ => false,
+        }
+    }
+
+    /// A short name for metric labels and log fields.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Unreachable(_) => "unreachable",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::NotFound => "not_found",
+            UpstreamError::TooManyRequests { .. } => "rate_limited",
+            UpstreamError::Denied(_) => "denied",
+            UpstreamError::Status(_) => "status",
+            UpstreamError::Invalid(_) => "invalid",
+            UpstreamError::Down { .. } => "down",
         }
     }
 }
@@ -102,6 +120,44 @@ enum Challenge {
     Basic,
 }
 
+/// The circuit breaker's view of the upstream: after `breaker_failures` failed requests in a
+/// row it is taken for down, and requests fail at once instead of each waiting for the full
+/// timeout; after `breaker_cooldown` one probe request may try it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    Up {
+        failures: u32,
+    },
+    Down {
+        since_failures: u32,
+        until: Instant,
+    },
+    /// One probe request is on its way; everything else still fails at once.
+    Probing {
+        since_failures: u32,
+    },
+}
+
+/// Held by the request that probes a down upstream. Dropped without a verdict (the request was
+/// cancelled), it lets the next request probe at once, so the breaker can never stay half-open.
+struct Probe<'a> {
+    upstream: Option<&'a Upstream>,
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if let Some(up) = self.upstream {
+            let mut health = lock(&up.health);
+            if let Health::Probing { since_failures } = *health {
+                *health = Health::Down {
+                    since_failures,
+                    until: Instant::now(),
+                };
+            }
+        }
+    }
+}
+
 pub struct Upstream {
     pub key: String,
     pub url: UpstreamUrl,
@@ -112,6 +168,9 @@ pub struct Upstream {
     bearer: Mutex<Option<(String, Option<String>)>>,
     tokens: moka::future::Cache<String, Token>,
     backoff_until: Mutex<Option<Instant>>,
+    health: Mutex<Health>,
+    /// Times the breaker took the upstream for down.
+    pub breaker_trips: std::sync::atomic::AtomicU64,
     /// Docker Hub's last `ratelimit-remaining`, -1 before any was seen.
     pub ratelimit_remaining: AtomicI64,
     pub ratelimit_limit: AtomicI64,
@@ -192,6 +251,8 @@ impl Upstream {
                 .expire_after(TokenExpiry)
                 .build(),
             backoff_until: Mutex::new(None),
+            health: Mutex::new(Health::Up { failures: 0 }),
+            breaker_trips: std::sync::atomic::AtomicU64::new(0),
             ratelimit_remaining: AtomicI64::new(-1),
             ratelimit_limit: AtomicI64::new(-1),
             hook: OnceLock::new(),
@@ -493,18 +554,103 @@ impl Upstream {
         Ok(Token { value, ttl })
     }
 
-    /// Sends one request through the hook: admitted under `upstream_rps`, then recorded.
+    /// Sends one request through the breaker and the hook: admitted under `upstream_rps`, then
+    /// recorded.
     async fn dispatch(
         &self,
         req: Request<Empty<Bytes>>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let Some(hook) = self.hook.get() else {
-            return self.dispatch_unobserved(req).await;
+        let probe = self.admit_health()?;
+        let result = match self.hook.get() {
+            None => self.dispatch_unobserved(req).await,
+            Some(hook) => {
+                hook.admit(&self.key).await?;
+                let result = self.dispatch_unobserved(req).await;
+                hook.record(&self.key, result.as_ref().map(|r| r.status()));
+                result
+            }
         };
-        hook.admit(&self.key).await?;
-        let result = self.dispatch_unobserved(req).await;
-        hook.record(&self.key, result.as_ref().map(|r| r.status()));
+        self.record_health(probe, &result);
         result
+    }
+
+    /// Whether the upstream is down, in the breaker's view.
+    pub fn is_down(&self) -> bool {
+        !matches!(*lock(&self.health), Health::Up { .. })
+    }
+
+    /// Lets a request through unless the breaker is open; after the cooldown, the first request
+    /// through is the probe.
+    fn admit_health(&self) -> Result<Probe<'_>, UpstreamError> {
+        let mut health = lock(&self.health);
+        match *health {
+            Health::Up { .. } => Ok(Probe { upstream: None }),
+            Health::Down {
+                since_failures,
+                until,
+            } => {
+                let now = Instant::now();
+                if now < until {
+                    return Err(UpstreamError::Down {
+                        failures: since_failures,
+                        retry_in: until - now,
+                    });
+                }
+                *health = Health::Probing { since_failures };
+                tracing::info!(upstream = %self.key, "probing a down upstream");
+                Ok(Probe {
+                    upstream: Some(self),
+                })
+            }
+            Health::Probing { since_failures } => Err(UpstreamError::Down {
+                failures: since_failures,
+                retry_in: Duration::ZERO,
+            }),
+        }
+    }
+
+    /// Counts a request's outcome: an answer (any status but 5xx) means the upstream is up;
+    /// unreachable, timed out and 5xx count towards taking it for down.
+    fn record_health(
+        &self,
+        mut probe: Probe<'_>,
+        result: &Result<Response<Incoming>, UpstreamError>,
+    ) {
+        let failed = match result {
+            Ok(resp) => resp.status().is_server_error(),
+            Err(e) => matches!(e, UpstreamError::Unreachable(_) | UpstreamError::Timeout),
+        };
+        probe.upstream = None;
+        let mut health = lock(&self.health);
+        let before = *health;
+        *health = match (before, failed) {
+            (_, false) => Health::Up { failures: 0 },
+            (Health::Up { failures }, true) if failures + 1 < self.config.breaker_failures => {
+                Health::Up {
+                    failures: failures + 1,
+                }
+            }
+            (Health::Up { failures }, true) => self.trip(failures + 1),
+            (Health::Probing { since_failures }, true) => {
+                self.trip(since_failures.saturating_add(1))
+            }
+            // A request sent before the breaker opened: it is open already.
+            (down @ Health::Down { .. }, true) => down,
+        };
+        if !failed && !matches!(before, Health::Up { .. }) {
+            tracing::info!(upstream = %self.key, "upstream answers again");
+        }
+    }
+
+    fn trip(&self, failures: u32) -> Health {
+        let cooldown = self.config.breaker_cooldown.0;
+        self.breaker_trips.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(upstream = %self.key, failures, cooldown_s = cooldown.as_secs_f64(),
+            "upstream taken for down: cached tags are served stale and misses answer 503 at once until a probe succeeds");
+        Health::Down {
+            since_failures: failures,
+            until: Instant::now() + cooldown,
+        }
     }
 
     /// Sends one request with the first-byte timeout, and records rate-limit headers and 429s.
@@ -536,9 +682,10 @@ impl Upstream {
                 .headers()
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(parse_retry_after)
-                .unwrap_or(Duration::from_secs(60));
-            *lock(&self.backoff_until) = Some(Instant::now() + retry_after);
+                .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()))
+                .unwrap_or(Duration::from_secs(60))
+                .min(self.config.max_retry_after.0);
+            *lock(&self.backoff_until) = Instant::now().checked_add(retry_after);
             tracing::warn!(upstream = %self.key, retry_after_s = retry_after.as_secs(), "upstream rate limit hit; backing off");
             return Err(UpstreamError::TooManyRequests { retry_after });
         }
@@ -613,15 +760,15 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn parse_retry_after(v: &str) -> Option<Duration> {
-    if let Ok(secs) = v.trim().parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+/// `Retry-After` as seconds or as an HTTP date (relative to `now`). Any number of seconds
+/// parses (a value too large for a `u64` means "very long"); the caller caps what is obeyed.
+fn parse_retry_after(v: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let v = v.trim();
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)));
     }
     let when = httpdate::parse_http_date(v).ok()?;
-    Some(
-        when.duration_since(std::time::SystemTime::now())
-            .unwrap_or_default(),
-    )
+    Some(when.duration_since(now).unwrap_or_default())
 }
 
 fn resolve(base: &Uri, location: &str) -> Result<Uri, UpstreamError> {
@@ -740,8 +887,27 @@ mod tests {
 
     #[test]
     fn retry_after_forms() {
-        assert_eq!(parse_retry_after("30"), Some(Duration::from_secs(30)));
-        assert!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT").is_some());
-        assert_eq!(parse_retry_after("soon"), None);
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_000);
+        assert_eq!(parse_retry_after("30", now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            Some(Duration::from_secs(480))
+        );
+        // A date in the past: retry at once.
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            parse_retry_after("18446744073709551615", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+        assert_eq!(parse_retry_after("", now), None);
     }
 }

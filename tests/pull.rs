@@ -149,7 +149,8 @@ async fn malformed_requests_are_refused_before_the_upstream_or_disk() {
     let cases = [
         ("/v2/UPPER/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/a/../../etc/manifests/latest", 400, "NAME_INVALID"),
-        ("/v2/alpine/manifests/.bad", 400, "TAG_INVALID"),
+        // No manifest can have that tag: a pull of it is 404, as the OCI conformance suite expects.
+        ("/v2/alpine/manifests/.bad", 404, "MANIFEST_UNKNOWN"),
         ("/v2/alpine/blobs/sha256:1234", 400, "DIGEST_INVALID"),
         (
             "/v2/alpine/blobs/md5:d41d8cd98f00b204e9800998ecf8427e",
@@ -176,6 +177,12 @@ async fn malformed_requests_are_refused_before_the_upstream_or_disk() {
     .await;
     assert_eq!(r.status, 403);
     assert_eq!(r.error_code(), "DENIED");
+    let r = b.head("/v2/alpine/manifests/.bad").await;
+    assert_eq!(r.status, 404, "HEAD of an impossible tag");
+    // Pushing to such a tag names the real problem.
+    let r = send(http::Method::PUT, &b.url("/v2/alpine/manifests/.bad"), &[]).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error_code(), "TAG_INVALID");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

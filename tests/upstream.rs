@@ -420,3 +420,191 @@ async fn docker_hub_rate_limit_headers_are_recorded() {
     assert_eq!(hub.ratelimit_remaining.load(Ordering::SeqCst), 42);
     assert_eq!(hub.ratelimit_limit.load(Ordering::SeqCst), 100);
 }
+
+/// GETs `path` until it answers `status`, failing the test after `deadline`.
+async fn get_until(b: &Berth, path: &str, status: u16, deadline: Duration) -> Reply {
+    let give_up = tokio::time::Instant::now() + deadline;
+    loop {
+        let r = tokio::time::timeout_at(give_up, b.get(path))
+            .await
+            .unwrap_or_else(|_| panic!("GET {path} hung past the deadline"));
+        if r.status == status {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "GET {path} still answers {} instead of {status}",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_retry_after_is_capped_and_wedges_nothing() {
+    let up = Fake::start().await;
+    let img = Image::new(21, &[20_000]);
+    up.add_image("library/ra", "1", &img);
+    let layer = format!("/v2/ra/blobs/{}", sha256(&img.layers[0]));
+    let b = Berth::start(&up, |c| {
+        c.upstreams.get_mut("docker.io").unwrap().max_retry_after =
+            Seconds(Duration::from_millis(500));
+    })
+    .await;
+    for huge in [u64::MAX, 999_999_999] {
+        up.st().fail_status = Some((429, Some(huge)));
+        let r = tokio::time::timeout(Duration::from_secs(10), b.get(&layer))
+            .await
+            .expect("a cold blob GET during a 429 answers");
+        assert_eq!(r.status, 429, "Retry-After {huge}");
+        assert_eq!(r.error_code(), "TOOMANYREQUESTS");
+        let told: u64 = r.header("retry-after").parse().unwrap();
+        assert!(told <= 1, "told clients to wait {told}s");
+        let uncached = format!("/v2/ra/manifests/round-{huge}");
+        let r = tokio::time::timeout(Duration::from_secs(10), b.get(&uncached))
+            .await
+            .expect("a manifest GET during a 429 answers");
+        assert_eq!(r.status, 429);
+        // The upstream recovers: within the cap, pulls work again.
+        up.st().fail_status = None;
+        assert_eq!(
+            get_until(&b, &layer, 200, Duration::from_secs(5))
+                .await
+                .bytes(),
+            img.layers[0]
+        );
+        assert_eq!(
+            get_until(&b, "/v2/ra/manifests/1", 200, Duration::from_secs(5))
+                .await
+                .bytes(),
+            img.manifest
+        );
+        b.settle().await;
+        // Forget the blob so the next round is a cold download again.
+        let store = b.running.as_ref().unwrap().app.mirror.store().clone();
+        let digest = berth::names::Digest::parse(&sha256(&img.layers[0])).unwrap();
+        store
+            .remove_blob(berth::store::Area::Cache, &digest)
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_upstream_is_remembered_then_probed() {
+    let up = Fake::start().await;
+    let img = Image::new(22, &[10]);
+    up.add_image("library/off", "1", &img);
+    let b = Berth::start(&up, |c| {
+        let u = c.upstreams.get_mut("docker.io").unwrap();
+        u.tag_ttl = Seconds(Duration::ZERO);
+        u.response_timeout = Seconds(Duration::from_millis(300));
+        u.breaker_failures = 2;
+        u.breaker_cooldown = Seconds(Duration::from_millis(1500));
+    })
+    .await;
+    assert_eq!(b.get("/v2/off/manifests/1").await.bytes(), img.manifest);
+    assert_eq!(b.get("/v2/off/tags/list").await.status, 200);
+    up.st().hang = true;
+    // Two requests wait for the timeout; then the upstream is taken for down.
+    for _ in 0..2 {
+        assert_eq!(b.get("/v2/off/manifests/1").await.bytes(), img.manifest);
+    }
+    let app = b.running.as_ref().unwrap().app.clone();
+    let docker_hub = app.mirror.upstreams().next().unwrap().clone();
+    assert!(docker_hub.is_down());
+    // While it is down nothing is sent: stale tags, tag lists, 503s come without asking.
+    let sent = up.requests();
+    assert_eq!(b.get("/v2/off/manifests/1").await.bytes(), img.manifest);
+    let tags = b.get("/v2/off/tags/list").await;
+    assert_eq!(tags.status, 200);
+    assert_eq!(tags.json()["tags"][0], "1");
+    let r = b.get("/v2/off/manifests/other").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.error_code(), "UNAVAILABLE");
+    let r = b.get(&format!("/v2/off/blobs/{}", sha256(b"never"))).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(up.requests(), sent, "a down upstream was asked anyway");
+    let metrics = b.get("/metrics").await.bytes();
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("berth_upstream_down{upstream=\"docker.io\"} 1"),
+        "{metrics}"
+    );
+    // After the cooldown one probe finds it back up, and it is used again.
+    up.st().hang = false;
+    let r = get_until(&b, "/v2/off/manifests/other", 404, Duration::from_secs(10)).await;
+    assert_eq!(r.error_code(), "MANIFEST_UNKNOWN");
+    assert!(!docker_hub.is_down());
+    assert!(up.requests() > sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_downloads_are_counted_by_reason() {
+    let up = Fake::start().await;
+    let truncated = pseudo_random(23, 200_000);
+    let t = up.add_blob(truncated);
+    up.st().faults.insert(t.clone(), BlobFault::Truncate(1000));
+    let corrupt = pseudo_random(24, 200_000);
+    let c = up.add_blob(corrupt);
+    up.st().faults.insert(c.clone(), BlobFault::Corrupt);
+    let b = Berth::start(&up, |_| {}).await;
+    for d in [&t, &c] {
+        let r = b.get(&format!("/v2/library/x/blobs/{d}")).await;
+        assert!(r.body.is_err() || r.status != 200, "{d} arrived complete");
+    }
+    b.settle().await;
+    let metrics = b.get("/metrics").await.bytes();
+    let metrics = String::from_utf8_lossy(&metrics);
+    for reason in ["interrupted", "digest_mismatch"] {
+        assert!(
+            metrics.contains(&format!(
+                "berth_downloads_failed_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_of_a_cold_blob_is_sent_only_from_verified_bytes() {
+    let up = Fake::start().await;
+    let blob = pseudo_random(25, 300_000);
+    let d = up.add_blob(blob.clone());
+    up.st().faults.insert(d.clone(), BlobFault::Corrupt);
+    let b = Berth::start(&up, |_| {}).await;
+    let path = format!("/v2/library/x/blobs/{d}");
+    let r = b.get_with(&path, &[("range", "bytes=0-4999")]).await;
+    assert!(
+        r.body.is_err() || r.status != 206,
+        "a range of a blob that fails verification arrived complete"
+    );
+    b.settle().await;
+    // A good cold blob: the range arrives, right.
+    up.st().faults.clear();
+    let r = b.get_with(&path, &[("range", "bytes=1000-4999")]).await;
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("content-range"), "bytes 1000-4999/300000");
+    assert_eq!(r.bytes(), blob.slice(1000..5000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_that_do_not_parse_are_ignored_and_outside_ones_are_416() {
+    let up = Fake::start().await;
+    let blob = pseudo_random(26, 1000);
+    let d = up.add_blob(blob.clone());
+    let b = Berth::start(&up, |_| {}).await;
+    let path = format!("/v2/library/x/blobs/{d}");
+    assert_eq!(b.get(&path).await.bytes(), blob);
+    b.settle().await;
+    for ignored in ["bytes=5-2", "bytes=abc", "bytes=1-2,5-6", "lines=1-2"] {
+        let r = b.get_with(&path, &[("range", ignored)]).await;
+        assert_eq!(r.status, 200, "{ignored}");
+        assert_eq!(r.bytes(), blob, "{ignored}");
+    }
+    for outside in ["bytes=1000-", "bytes=5000-6000", "bytes=-0"] {
+        let r = b.get_with(&path, &[("range", outside)]).await;
+        assert_eq!(r.status, 416, "{outside}");
+        assert_eq!(r.header("content-range"), "bytes */1000", "{outside}");
+        assert_eq!(r.error_code(), "RANGE_INVALID");
+    }
+}
