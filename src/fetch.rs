@@ -46,6 +46,20 @@ const FOLLOW_WINDOWS_KEPT: usize = 4;
 /// Upstream frames are coalesced into writes of up to this size when they arrive faster than disk.
 const WRITE_BATCH: usize = 1 << 20;
 
+/// How a blob's bytes are handed to the connection.
+///
+/// A mapping costs no copy, but a page of it that cannot be read (a failing disk, a file cut
+/// short behind berth's back) is SIGBUS for whoever touches it. When the connection hands the
+/// bytes to the kernel (`write`/`writev` of plain HTTP/1.1), the kernel touches them: a bad
+/// page fails that write with EFAULT, and only that response. When they are read in user space
+/// (TLS encrypts them, HTTP/2 may copy small frames), a bad page would kill the process; those
+/// connections get copies read with `pread`, where a bad page is an I/O error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pages {
+    Mapped,
+    Copied,
+}
+
 /// Why a download ended without a cache entry.
 #[derive(Debug, Clone)]
 pub enum FetchFailure {
@@ -235,6 +249,13 @@ impl Fetches {
             }
             notified.await;
         }
+    }
+
+    /// The download of `digest` from the upstream `key`, if one is under way.
+    pub fn running(&self, key: &str, digest: &Digest) -> Option<Arc<Download>> {
+        lock(&self.inflight)
+            .get(&(key.to_owned(), *digest))
+            .cloned()
     }
 
     /// Joins the download of `digest` from `upstream`, starting it if none runs.
@@ -536,6 +557,7 @@ impl Download {
         start: u64,
         end: Option<u64>,
         verified_only: bool,
+        pages: Pages,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         self.readers.fetch_add(1, Ordering::AcqRel);
         let guard = ReaderGuard(self.clone());
@@ -564,7 +586,11 @@ impl Download {
                     if pos < limit {
                         let window_end = (pos / FOLLOW_WINDOW + 1) * FOLLOW_WINDOW;
                         let len = (limit.min(window_end) - pos) as usize;
-                        let chunk = guard.0.follow_piece(pos, len)?;
+                        let chunk = match pages {
+                            Pages::Mapped => guard.0.follow_piece(pos, len)?,
+                            // Written moments ago, so in memory: read on this thread.
+                            Pages::Copied => read_now(&guard.0.file, pos, len)?,
+                        };
                         let next = pos + chunk.len() as u64;
                         return Ok(Some((chunk, (guard, rx, next))));
                     }
@@ -593,6 +619,7 @@ pub fn file_reader(
     file: File,
     start: u64,
     end: u64,
+    pages: Pages,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     let file = Arc::new(file);
     futures_util::stream::try_unfold(start, move |pos| {
@@ -602,9 +629,14 @@ pub fn file_reader(
                 return Ok(None);
             }
             let len = (end - pos).min(READ_CHUNK as u64) as usize;
-            let chunk = match map_if_resident(&file, pos, len)? {
-                Some(chunk) => chunk,
-                None => map_at(file, pos, len).await?,
+            let chunk = match pages {
+                Pages::Copied => tokio::task::spawn_blocking(move || read_now(&file, pos, len))
+                    .await
+                    .map_err(io::Error::other)??,
+                Pages::Mapped => match map_if_resident(&file, pos, len)? {
+                    Some(chunk) => chunk,
+                    None => map_at(file, pos, len).await?,
+                },
             };
             if chunk.is_empty() {
                 return Err(io::Error::new(
@@ -868,7 +900,10 @@ mod tests {
                 .await
                 .expect("a reader of a dead download must not wait forever");
             assert!(matches!(ready, Err(FetchFailure::Died)));
-            let body: io::Result<Vec<Bytes>> = download.reader(0, None, false).try_collect().await;
+            let body: io::Result<Vec<Bytes>> = download
+                .reader(0, None, false, Pages::Mapped)
+                .try_collect()
+                .await;
             assert!(body.is_err());
         });
     }
@@ -903,17 +938,19 @@ mod tests {
         let mut file = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut file, &content).unwrap();
         for (start, end) in [(0, len), (4097, len - 3), (READ_CHUNK - 1, READ_CHUNK + 1)] {
-            let chunks: Vec<Bytes> =
-                file_reader(file.try_clone().unwrap(), start as u64, end as u64)
-                    .try_collect()
-                    .await
-                    .unwrap();
-            assert!(chunks.iter().all(|c| c.len() <= READ_CHUNK));
-            assert_eq!(
-                chunks.concat(),
-                &content[start..end],
-                "range {start}..{end}"
-            );
+            for pages in [Pages::Mapped, Pages::Copied] {
+                let chunks: Vec<Bytes> =
+                    file_reader(file.try_clone().unwrap(), start as u64, end as u64, pages)
+                        .try_collect()
+                        .await
+                        .unwrap();
+                assert!(chunks.iter().all(|c| c.len() <= READ_CHUNK));
+                assert_eq!(
+                    chunks.concat(),
+                    &content[start..end],
+                    "range {start}..{end}, {pages:?}"
+                );
+            }
         }
     }
 
@@ -951,11 +988,16 @@ mod tests {
     async fn file_reader_fails_on_a_file_shorter_than_its_length() {
         let mut file = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut file, &[7u8; 1000]).unwrap();
-        let got: io::Result<Vec<Bytes>> = file_reader(file, 0, 2000).try_collect().await;
-        assert_eq!(
-            got.unwrap_err().kind(),
-            io::ErrorKind::UnexpectedEof,
-            "a short file must end the body with an error, never a fault or a short 200"
-        );
+        for pages in [Pages::Mapped, Pages::Copied] {
+            let got: io::Result<Vec<Bytes>> =
+                file_reader(file.try_clone().unwrap(), 0, 2000, pages)
+                    .try_collect()
+                    .await;
+            assert_eq!(
+                got.unwrap_err().kind(),
+                io::ErrorKind::UnexpectedEof,
+                "a short file must end the body with an error, never a fault or a short 200"
+            );
+        }
     }
 }

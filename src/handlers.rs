@@ -21,7 +21,7 @@ use hyper::body::{Frame, Incoming};
 
 use crate::config::Config;
 use crate::error::RegistryError;
-use crate::fetch::{file_reader, Attach};
+use crate::fetch::{file_reader, Attach, Pages};
 use crate::mirror::{blocking, upstream_error, AcceptSet, Mirror, Outcome, TagList};
 use crate::names::{Digest, Reference, RepoName};
 use crate::routes::{Query, Route};
@@ -197,8 +197,7 @@ impl App {
                     .await
             }
             (Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
-                let range = range_header(req.headers());
-                self.get_blob(name, digest, &query, range.as_deref(), head)
+                self.get_blob(name, digest, &query, &BlobRead::of(&req))
                     .await
             }
             (Route::Tags { name }, Method::GET) => self.get_tags(name, &query).await,
@@ -270,25 +269,40 @@ impl App {
         name: RepoName,
         digest: Digest,
         query: &Query,
-        range: Option<&str>,
-        head: bool,
+        read: &BlobRead,
     ) -> Result<Response<Body>, RegistryError> {
         let (up, name) = self.mirror.route(query.ns.as_deref(), name)?;
+        let (range, head) = (read.range.as_deref(), read.head);
         if let Some(resp) = self
-            .serve_stored_blob(Area::Cache, digest, range, head, Outcome::Hit)
+            .serve_stored_blob(Area::Cache, digest, read, Outcome::Hit)
             .await?
         {
             return Ok(resp);
         }
         crate::ratelimit::before_upstream()?;
         if head {
+            // A blob being downloaded (or just verified, not yet renamed into the cache) has a
+            // known length: no need to ask the upstream.
+            if let Some(download) = self.mirror.fetches.running(&up.key, &digest) {
+                if let Ok(Some(len)) = download.ready().await {
+                    let mut resp =
+                        blob_headers(Response::builder().status(StatusCode::OK), &digest)
+                            .header(CONTENT_LENGTH, len)
+                            .body(empty())
+                            .map_err(internal)?;
+                    resp.extensions_mut().insert(Served {
+                        outcome: Outcome::Joined,
+                    });
+                    return Ok(resp);
+                }
+            }
             return self.head_upstream_blob(&up, &name, digest).await;
         }
         loop {
             match self.mirror.attach_blob(&up, &name, digest)? {
                 Attach::Cached => {
                     if let Some(resp) = self
-                        .serve_stored_blob(Area::Cache, digest, range, head, Outcome::Hit)
+                        .serve_stored_blob(Area::Cache, digest, read, Outcome::Hit)
                         .await?
                     {
                         return Ok(resp);
@@ -318,7 +332,7 @@ impl App {
                     // whole blob is verified, so no client gets a complete wrong range.
                     let verified_only = status == StatusCode::PARTIAL_CONTENT;
                     let body = BodyExt::boxed(StreamBody::new(futures_util::StreamExt::map(
-                        download.reader(start, end, verified_only),
+                        download.reader(start, end, verified_only, read.pages),
                         |r| r.map(Frame::data),
                     )));
                     let mut b = blob_headers(Response::builder().status(status), &digest);
@@ -344,10 +358,10 @@ impl App {
         &self,
         area: Area,
         digest: Digest,
-        range: Option<&str>,
-        head: bool,
+        read: &BlobRead,
         outcome: Outcome,
     ) -> Result<Option<Response<Body>>, RegistryError> {
+        let (range, head) = (read.range.as_deref(), read.head);
         let store = self.mirror.store().clone();
         let Some((file, len)) = blocking(move || store.open_blob(area, &digest)).await? else {
             return Ok(None);
@@ -372,10 +386,11 @@ impl App {
             empty()
         } else {
             // The lease rides along with the body, so eviction skips the blob while it is read.
-            let stream = futures_util::StreamExt::map(file_reader(file, start, end), move |r| {
-                let _keep = &lease;
-                r.map(Frame::data)
-            });
+            let stream =
+                futures_util::StreamExt::map(file_reader(file, start, end, read.pages), move |r| {
+                    let _keep = &lease;
+                    r.map(Frame::data)
+                });
             BodyExt::boxed(StreamBody::new(stream))
         };
         let mut resp = b.body(body).map_err(internal)?;
@@ -442,6 +457,30 @@ fn upstream_blob_error(
     digest: &Digest,
 ) -> RegistryError {
     upstream_error(e, repo, RegistryError::BlobUnknown(digest.to_string()))
+}
+
+/// What a blob GET or HEAD asks for, and how its bytes may reach the connection.
+pub(crate) struct BlobRead {
+    pub range: Option<String>,
+    pub head: bool,
+    pub pages: Pages,
+}
+
+impl BlobRead {
+    pub fn of<B>(req: &Request<B>) -> BlobRead {
+        // Only plain HTTP/1.x hands body bytes to the kernel untouched (see `Pages`).
+        let plain_h1 =
+            req.extensions().get::<OverTls>().is_none() && req.version() <= http::Version::HTTP_11;
+        BlobRead {
+            range: range_header(req.headers()),
+            head: req.method() == Method::HEAD,
+            pages: if plain_h1 {
+                Pages::Mapped
+            } else {
+                Pages::Copied
+            },
+        }
+    }
 }
 
 /// The request's `Range` header, if it has one that is text.

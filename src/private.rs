@@ -115,8 +115,7 @@ pub async fn dispatch(
             delete_manifest(app, name, reference, actor).await
         }
         (Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
-            let range = crate::handlers::range_header(req.headers());
-            get_blob(app, name, digest, range.as_deref(), head).await
+            get_blob(app, name, digest, &crate::handlers::BlobRead::of(&req)).await
         }
         (Route::Blob { name, digest }, Method::DELETE) => {
             delete_blob(app, name, digest, actor).await
@@ -534,8 +533,7 @@ async fn get_blob(
     app: &App,
     name: RepoName,
     digest: Digest,
-    range: Option<&str>,
-    head: bool,
+    read: &crate::handlers::BlobRead,
 ) -> Result<Response<Body>, RegistryError> {
     let (ps, n) = (app.private.store.clone(), name.clone());
     if blocking(move || ps.blob_in_repo(&n, &digest))
@@ -544,7 +542,7 @@ async fn get_blob(
     {
         return Err(RegistryError::BlobUnknown(format!("{name}@{digest}")));
     }
-    app.serve_stored_blob(Area::Local, digest, range, head, Outcome::Local)
+    app.serve_stored_blob(Area::Local, digest, read, Outcome::Local)
         .await?
         .ok_or_else(|| RegistryError::BlobUnknown(format!("{name}@{digest}")))
 }

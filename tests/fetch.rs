@@ -186,18 +186,27 @@ async fn range_requests_on_a_blob_still_downloading() {
         up.count("GET", "/blobs/") == 1
     })
     .await;
-    // Inside what has arrived: served while the upstream is still parked.
-    let r = b
-        .get_with(
-            &format!("/v2/library/r/blobs/{d}"),
-            &[("range", "bytes=1000-1999")],
-        )
-        .await;
+    // Inside what has arrived and beyond it: both join the download, and both are answered
+    // once the whole blob is verified (a range is a complete body of its own).
+    let inside = spawn_get(&url, &[("range", "bytes=1000-1999")]);
+    let tail = spawn_get(&url, &[("range", "bytes=-100")]);
+    let app = b.running.as_ref().unwrap().app.clone();
+    wait_for(
+        "both ranges to join the download",
+        Duration::from_secs(10),
+        || {
+            app.mirror
+                .fetches
+                .joined
+                .load(std::sync::atomic::Ordering::SeqCst)
+                >= 2
+        },
+    )
+    .await;
+    gate.notify_one();
+    let r = inside.await.unwrap();
     assert_eq!(r.status, 206);
     assert_eq!(r.bytes(), blob.slice(1000..2000));
-    // Beyond it: answered once the bytes are there.
-    let tail = spawn_get(&url, &[("range", "bytes=-100")]);
-    gate.notify_one();
     let r = tail.await.unwrap();
     assert_eq!(r.status, 206);
     assert_eq!(r.bytes(), blob.slice(blob.len() - 100..));

@@ -518,3 +518,115 @@ async fn h2_over_tls_delivers_large_and_small_responses_whole() {
     })
     .await
 }
+
+/// Reads `body` until at least `want` bytes came, and returns how many did.
+async fn read_some(body: &mut Incoming, want: usize) -> usize {
+    let mut got = 0;
+    while got < want {
+        match body.frame().await {
+            Some(Ok(frame)) => got += frame.data_ref().map_or(0, |d| d.len()),
+            other => panic!("the body ended early: {:?}", other.map(|f| f.is_ok())),
+        }
+    }
+    got
+}
+
+/// Reads the rest of `body`: the bytes that came, and whether it ended cleanly.
+async fn read_rest(mut body: Incoming) -> (usize, bool) {
+    let mut got = 0;
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => got += frame.data_ref().map_or(0, |d| d.len()),
+            Some(Err(_)) => return (got, false),
+            None => return (got, true),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_file_cut_short_while_it_is_sent_fails_that_response_not_the_process() {
+    // A page of a blob that cannot be read (a failing disk; here, a file cut short behind
+    // berth's back) must cost one response, not the process: over TLS and h2 berth's own code
+    // reads the bytes, where a mapped page that cannot be read would be SIGBUS.
+    within(async {
+        let certs = Certs::valid();
+        let upstream = common::Fake::start().await;
+        let blob = common::pseudo_random(8, 32 << 20);
+        let digest = upstream.add_blob(blob.clone());
+        let tls = TlsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cert: certs.cert(),
+            key: certs.key(),
+        };
+        let berth = common::Berth::start(&upstream, |c| c.tls = Some(tls)).await;
+        let running = berth.running.as_ref().unwrap();
+        let tls_addr = running.tls_addr.unwrap();
+        let path = format!("/v2/library/x/blobs/{digest}");
+        let hex = digest.trim_start_matches("sha256:");
+        let file = berth
+            .dir
+            .path()
+            .join("cache/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex);
+        for how in ["plain http/1.1", "TLS http/1.1", "TLS h2"] {
+            // Cached afresh for each round.
+            let _ = std::fs::remove_file(&file);
+            assert_eq!(berth.get(&path).await.bytes().len(), blob.len());
+            berth.settle().await;
+            assert!(file.exists(), "{how}: the blob is not where the test looks");
+            let req = Request::get(format!("https://mirror.test{path}"))
+                .header(http::header::HOST, "mirror.test")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let resp = match how {
+                "plain http/1.1" => {
+                    let tcp = TcpStream::connect(berth.addr).await.unwrap();
+                    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                        .await
+                        .unwrap();
+                    tokio::spawn(conn);
+                    s.send_request(req).await.unwrap()
+                }
+                "TLS http/1.1" => {
+                    let config = client_config(&certs.ca.cert_pem(), &[b"http/1.1"]);
+                    let stream = connect(tls_addr, config, "mirror.test").await.unwrap();
+                    http1(stream).await.send_request(req).await.unwrap()
+                }
+                _ => {
+                    let config = client_config(&certs.ca.cert_pem(), &[b"h2"]);
+                    let stream = connect(tls_addr, config, "mirror.test").await.unwrap();
+                    let (mut s, conn) = hyper::client::conn::http2::handshake(
+                        TokioExecutor::new(),
+                        TokioIo::new(stream),
+                    )
+                    .await
+                    .unwrap();
+                    tokio::spawn(conn);
+                    s.send_request(req).await.unwrap()
+                }
+            };
+            assert_eq!(resp.status(), StatusCode::OK, "{how}");
+            let mut body = resp.into_body();
+            let first = read_some(&mut body, 1 << 20).await;
+            // The client stops reading with most of the blob still to come, so berth holds
+            // pieces of it that it has not sent yet; then the file loses its pages.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&file)
+                .unwrap()
+                .set_len(0)
+                .unwrap();
+            let (rest, clean) = read_rest(body).await;
+            assert!(
+                !clean || first + rest < blob.len(),
+                "{how}: a body whose file was cut short arrived complete"
+            );
+            // berth is still alive and serving.
+            let r = berth.get("/v2/").await;
+            assert_eq!(r.status, StatusCode::OK, "{how}");
+        }
+        berth.stop().await;
+    })
+    .await
+}
