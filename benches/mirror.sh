@@ -11,7 +11,7 @@
 #   --out FILE       JSON output (default target/bench/mirror.json)
 #
 # A benchmark, not a test: nothing here fails on a slow figure; targets are only reported. It
-# installs what it needs with apt-get (as root) and builds berth with `cargo build --release`.
+# installs what it needs with apt-get (as root) and builds berth with `cargo build --profile dist`.
 # Every server binds 127.0.0.1; all of them are killed and the temp dir removed on exit.
 # The table goes to stdout, progress to stderr. Helper: benches/mirror.py (python3 stdlib).
 #
@@ -76,9 +76,9 @@ install_tools() {
 }
 
 install_tools
-log "cargo build --release"
-cargo build --release >&2
-BERTH=$ROOT/target/release/berth
+log "cargo build --profile dist"
+cargo build --profile dist >&2
+BERTH=$ROOT/target/dist/berth
 
 # ---------------------------------------------------------------------------------------------
 # Processes: everything started here is in PIDS and is stopped on exit.
