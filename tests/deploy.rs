@@ -150,3 +150,42 @@ fn clients_doc_quotes_the_shipped_client_files() {
         );
     }
 }
+
+#[test]
+fn the_dockerfile_dependency_layer_loads_from_the_manifest_alone() {
+    // The recipe builds dependencies from Cargo.toml, Cargo.lock and a stub `src/` before it
+    // copies the sources: the manifest must load without `tests/` or `benches/` (a `[[test]]`
+    // whose path cargo has to infer breaks that layer).
+    let dockerfile = read("deploy/Dockerfile");
+    assert!(
+        dockerfile.contains("COPY Cargo.toml Cargo.lock ./"),
+        "the recipe no longer stages the manifest alone; update this test"
+    );
+    let stage = tempfile::tempdir().unwrap();
+    for f in ["Cargo.toml", "Cargo.lock"] {
+        std::fs::copy(path(f), stage.path().join(f)).unwrap();
+    }
+    std::fs::create_dir(stage.path().join("src")).unwrap();
+    std::fs::write(stage.path().join("src/main.rs"), "fn main() {}\n").unwrap();
+    std::fs::write(stage.path().join("src/lib.rs"), "").unwrap();
+    // `cargo fetch` loads every target of the manifest as the build would, without compiling;
+    // the dependencies are on this machine already (this test was built with them).
+    let rustc = std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .unwrap();
+    let host = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        .expect("rustc -vV names the host");
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["fetch", "--locked", "--offline", "--target", &host])
+        .current_dir(stage.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the dependency layer fails: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
