@@ -40,12 +40,56 @@ const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-diges
 const OCI_SUBJECT: HeaderName = HeaderName::from_static("oci-subject");
 const FILTERS_APPLIED: HeaderName = HeaderName::from_static("oci-filters-applied");
 
+/// Async locks by key, made on demand; an entry goes once nobody holds or waits for its lock.
+struct KeyedLocks<K> {
+    locks: Mutex<HashMap<K, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> KeyedLocks<K> {
+    fn new() -> Self {
+        KeyedLocks {
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn handle(&self, key: &K) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if locks.len() > 256 {
+            locks.retain(|_, w| w.strong_count() > 0);
+        }
+        match locks.get(key).and_then(Weak::upgrade) {
+            Some(m) => m,
+            None => {
+                let m = Arc::new(tokio::sync::Mutex::new(()));
+                locks.insert(key.clone(), Arc::downgrade(&m));
+                m
+            }
+        }
+    }
+
+    async fn lock(&self, key: &K) -> tokio::sync::OwnedMutexGuard<()> {
+        self.handle(key).lock_owned().await
+    }
+
+    /// The lock, unless someone holds it.
+    fn try_lock(&self, key: &K) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.handle(key).try_lock_owned().ok()
+    }
+}
+
 /// State of the private registry shared by all requests.
 pub struct Registry {
     pub store: PrivateStore,
     pub webhooks: Notifier,
     /// One lock per upload session in use, so chunks of one upload are written in order.
-    upload_locks: Mutex<HashMap<UploadId, Weak<tokio::sync::Mutex<()>>>>,
+    upload_locks: KeyedLocks<UploadId>,
+    /// One lock per repository, held across every change to its manifests, tags and blob links,
+    /// so that a tag push and a delete of the manifest it names cannot interleave (and leave a
+    /// tag naming a manifest the repository no longer has).
+    repo_locks: KeyedLocks<RepoName>,
 }
 
 impl Registry {
@@ -53,29 +97,19 @@ impl Registry {
         Registry {
             store: PrivateStore::new(store),
             webhooks: Notifier::new(&config.webhooks),
-            upload_locks: Mutex::new(HashMap::new()),
+            upload_locks: KeyedLocks::new(),
+            repo_locks: KeyedLocks::new(),
         }
     }
 
     async fn lock_upload(&self, id: &UploadId) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = {
-            let mut locks = self
-                .upload_locks
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if locks.len() > 256 {
-                locks.retain(|_, w| w.strong_count() > 0);
-            }
-            match locks.get(id).and_then(Weak::upgrade) {
-                Some(m) => m,
-                None => {
-                    let m = Arc::new(tokio::sync::Mutex::new(()));
-                    locks.insert(id.clone(), Arc::downgrade(&m));
-                    m
-                }
-            }
-        };
-        m.lock_owned().await
+        self.upload_locks.lock(id).await
+    }
+
+    /// The repository's lock. Callers move the guard into the blocking closure doing the
+    /// change, so it is held until the change is done even if the request is dropped meanwhile.
+    async fn lock_repo(&self, repo: &RepoName) -> tokio::sync::OwnedMutexGuard<()> {
+        self.repo_locks.lock(repo).await
     }
 }
 
@@ -556,7 +590,13 @@ async fn delete_blob(
     actor: Option<String>,
 ) -> Result<Response<Body>, RegistryError> {
     let (ps, n) = (app.private.store.clone(), name.clone());
-    if !blocking(move || ps.unlink_blob(&n, &digest)).await? {
+    // A manifest push checks that its blobs are linked, then links itself: not in between.
+    let guard = app.private.lock_repo(&name).await;
+    let unlinked = blocking(move || {
+        let _guard = guard;
+        ps.unlink_blob(&n, &digest)
+    });
+    if !unlinked.await? {
         return Err(RegistryError::BlobUnknown(format!("{name}@{digest}")));
     }
     app.private.webhooks.notify(Event {
@@ -747,7 +787,9 @@ async fn put_manifest(
         tag.clone(),
         media_type.clone(),
     );
+    let guard = app.private.lock_repo(&name).await;
     blocking(move || {
+        let _guard = guard;
         if let Err(e) = check_references(&ps, &n, &parsed)? {
             return Ok(Err(e));
         }
@@ -797,36 +839,42 @@ async fn delete_manifest(
     let n = name.clone();
     let r = reference.clone();
     let store = ps.store().clone();
+    let guard = app.private.lock_repo(&name).await;
     // (digest, media type) of what was deleted, or None when the reference names nothing here.
-    let deleted = blocking(move || match &r {
-        Reference::Tag(t) => {
-            let Some(d) = ps.resolve_tag(&n, t)? else {
-                return Ok(None);
-            };
-            ps.remove_tag(&n, t)?;
-            let mt = store.get_manifest(Area::Local, &d)?.map(|(_, mt)| mt);
-            Ok(Some((d, mt)))
-        }
-        Reference::Digest(d) => {
-            if !ps.manifest_in_repo(&n, d) {
-                return Ok(None);
+    let deleted = blocking(move || {
+        let _guard = guard;
+        match &r {
+            Reference::Tag(t) => {
+                let Some(d) = ps.resolve_tag(&n, t)? else {
+                    return Ok(None);
+                };
+                ps.remove_tag(&n, t)?;
+                let mt = store.get_manifest(Area::Local, &d)?.map(|(_, mt)| mt);
+                Ok(Some((d, mt)))
             }
-            let stored = store.get_manifest(Area::Local, d)?;
-            ps.unlink_manifest(&n, d)?;
-            for (t, target) in ps.tags(&n)? {
-                if target == *d {
-                    ps.remove_tag(&n, &t)?;
+            Reference::Digest(d) => {
+                if !ps.manifest_in_repo(&n, d) {
+                    return Ok(None);
                 }
-            }
-            let mt = stored.map(|(bytes, mt)| {
-                if let Ok(Some(subject)) = manifest::parse_stored(&mt, &bytes).map(|p| p.subject) {
-                    if let Err(e) = ps.remove_referrer(&n, &subject.digest, d) {
-                        tracing::warn!(error = %e, "cannot remove a referrer link");
+                let stored = store.get_manifest(Area::Local, d)?;
+                ps.unlink_manifest(&n, d)?;
+                for (t, target) in ps.tags(&n)? {
+                    if target == *d {
+                        ps.remove_tag(&n, &t)?;
                     }
                 }
-                mt
-            });
-            Ok(Some((*d, mt)))
+                let mt = stored.map(|(bytes, mt)| {
+                    if let Ok(Some(subject)) =
+                        manifest::parse_stored(&mt, &bytes).map(|p| p.subject)
+                    {
+                        if let Err(e) = ps.remove_referrer(&n, &subject.digest, d) {
+                            tracing::warn!(error = %e, "cannot remove a referrer link");
+                        }
+                    }
+                    mt
+                });
+                Ok(Some((*d, mt)))
+            }
         }
     })
     .await?

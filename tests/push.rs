@@ -873,6 +873,53 @@ async fn deletes_by_tag_by_digest_and_of_blobs() {
     );
 }
 
+/// A tag push racing a delete of the manifest it names: whichever wins, no tag may be left that
+/// `tags/list` shows but that does not resolve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_pushes_racing_manifest_deletes_leave_no_dangling_tag() {
+    let e = Env::start().await;
+    let img = Image::new(85, &[10]);
+    e.push_image("private/race", "v1", &img).await;
+    let by_digest = format!("/v2/private/race/manifests/{}", img.digest);
+    for round in 0..300 {
+        let r = e
+            .push_manifest("private/race", "v1", &img.manifest, img.media_type)
+            .await;
+        assert_eq!(r.status, 201, "round {round}: {:?}", r.body);
+        // The delete starts at a different point of the pushes' work in each round (a push
+        // takes a few milliseconds, mostly fsyncs), so the rounds sweep the interleavings.
+        let stagger = Duration::from_millis(round % 8);
+        let (put1, put2, del) = tokio::join!(
+            e.push_manifest("private/race", "v1", &img.manifest, img.media_type),
+            e.push_manifest("private/race", "v2", &img.manifest, img.media_type),
+            async {
+                tokio::time::sleep(stagger).await;
+                e.delete(&by_digest).await
+            },
+        );
+        assert_eq!(put1.status, 201, "round {round}: {:?}", put1.body);
+        assert_eq!(put2.status, 201, "round {round}: {:?}", put2.body);
+        assert_eq!(del.status, 202, "round {round}: {:?}", del.body);
+        let listed = e.get("/v2/private/race/tags/list").await.json();
+        let tags: Vec<String> = listed["tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect();
+        for tag in &tags {
+            let r = e.get(&format!("/v2/private/race/manifests/{tag}")).await;
+            assert_eq!(
+                r.status, 200,
+                "round {round}: tags/list shows {tag:?} ({tags:?}) but it does not resolve"
+            );
+        }
+        if !tags.is_empty() {
+            assert_eq!(e.get(&by_digest).await.status, 200, "round {round}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_and_deletes_outside_the_namespace_are_refused() {
     let e = Env::start().await;
