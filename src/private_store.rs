@@ -41,6 +41,14 @@ pub struct UploadInfo {
     pub started: u64,
 }
 
+/// What `fsck_tags` found.
+#[derive(Debug, Default)]
+pub struct TagCheck {
+    pub checked: u64,
+    /// Tags naming a manifest their repository does not hold (removed when repairing).
+    pub dangling: Vec<(RepoName, Tag, Digest)>,
+}
+
 #[derive(Clone)]
 pub struct PrivateStore {
     store: Store,
@@ -156,6 +164,36 @@ impl PrivateStore {
             .filter(|(_, variant, _)| variant.is_empty())
             .filter_map(|(tag, _, e)| Digest::parse(&e.digest).ok().map(|d| (tag, d)))
             .collect())
+    }
+
+    /// Whether a tag naming `digest` resolves: the manifest is linked into the repository and
+    /// stored intact.
+    fn tag_resolves(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool> {
+        Ok(self.manifest_in_repo(repo, digest)
+            && self.store.get_manifest(Area::Local, digest)?.is_some())
+    }
+
+    /// Finds tags that name a manifest the repository does not hold (`berth fsck`): pulls of
+    /// them fail though `tags/list` shows them. With `repair`, removes each one, unless a push
+    /// made it resolve (or pointed it elsewhere) since it was looked at.
+    pub fn fsck_tags(&self, repair: bool) -> io::Result<TagCheck> {
+        let mut check = TagCheck::default();
+        for repo in self.all_repos() {
+            for (tag, digest) in self.tags(&repo)? {
+                check.checked += 1;
+                if self.tag_resolves(&repo, &digest)? {
+                    continue;
+                }
+                if repair
+                    && self.resolve_tag(&repo, &tag)? == Some(digest)
+                    && !self.tag_resolves(&repo, &digest)?
+                {
+                    self.remove_tag(&repo, &tag)?;
+                }
+                check.dangling.push((repo.clone(), tag, digest));
+            }
+        }
+        Ok(check)
     }
 
     // --- referrers -------------------------------------------------------------------------
@@ -508,5 +546,46 @@ mod tests {
         assert_eq!(ps.list_repos().unwrap(), vec![repo.clone()]);
         assert_eq!(ps.resolve_tag(&repo, &tag).unwrap(), Some(good));
         assert_eq!(ps.tags(&repo).unwrap(), vec![(tag, good)]);
+    }
+
+    #[test]
+    fn fsck_finds_and_removes_dangling_tags() {
+        let (_dir, ps) = setup();
+        let repo = RepoName::parse("private/app").unwrap();
+        let (m, gone) = (b"{\"m\":1}".as_slice(), Digest::of(b"gone"));
+        let md = Digest::of(m);
+        ps.store().put_manifest(Area::Local, md, "x", m).unwrap();
+        ps.link_manifest(&repo, &md).unwrap();
+        let (good, unlinked, missing) = (
+            Tag::parse("good").unwrap(),
+            Tag::parse("unlinked").unwrap(),
+            Tag::parse("missing").unwrap(),
+        );
+        ps.set_tag(&repo, &good, &md, "x").unwrap();
+        // Linked but not stored, and stored but not linked here.
+        ps.link_manifest(&repo, &gone).unwrap();
+        ps.set_tag(&repo, &missing, &gone, "x").unwrap();
+        let other = RepoName::parse("private/other").unwrap();
+        ps.set_tag(&other, &unlinked, &md, "x").unwrap();
+
+        let check = ps.fsck_tags(false).unwrap();
+        assert_eq!(check.checked, 3);
+        assert_eq!(
+            check.dangling,
+            vec![
+                (repo.clone(), missing.clone(), gone),
+                (other.clone(), unlinked.clone(), md)
+            ]
+        );
+        assert_eq!(
+            ps.tags(&repo).unwrap().len(),
+            2,
+            "a check alone removes nothing"
+        );
+        assert_eq!(ps.fsck_tags(true).unwrap().dangling.len(), 2);
+        assert_eq!(ps.tags(&repo).unwrap(), vec![(good, md)]);
+        assert!(ps.tags(&other).unwrap().is_empty());
+        let check = ps.fsck_tags(false).unwrap();
+        assert_eq!((check.checked, check.dangling.len()), (1, 0));
     }
 }

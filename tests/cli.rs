@@ -105,3 +105,72 @@ async fn sigterm_stops_the_server_cleanly() {
         0
     );
 }
+
+#[test]
+fn fsck_reports_dangling_tags_and_repair_removes_them() {
+    use berth::names::{Digest, RepoName, Tag};
+    use berth::private_store::PrivateStore;
+    use berth::store::{Area, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let ps = PrivateStore::new(Store::open(dir.path()).unwrap());
+    let repo = RepoName::parse("private/app").unwrap();
+    let stored = |bytes: &[u8]| {
+        let d = Digest::of(bytes);
+        ps.store()
+            .put_manifest(Area::Local, d, OCI_MANIFEST, bytes)
+            .unwrap();
+        d
+    };
+    let (kept, deleted) = (
+        stored(br#"{"schemaVersion":2,"n":1}"#),
+        stored(br#"{"schemaVersion":2,"n":2}"#),
+    );
+    let (good, broken) = (Tag::parse("good").unwrap(), Tag::parse("broken").unwrap());
+    ps.link_manifest(&repo, &kept).unwrap();
+    ps.set_tag(&repo, &good, &kept, OCI_MANIFEST).unwrap();
+    // What the push/delete race used to leave: a tag naming a manifest deleted from the
+    // repository (its bytes are still stored).
+    ps.set_tag(&repo, &broken, &deleted, OCI_MANIFEST).unwrap();
+
+    let fsck = |repair: bool| {
+        let mut cmd = berth();
+        cmd.arg("fsck").arg("--data-dir").arg(dir.path());
+        if repair {
+            cmd.arg("--repair");
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, stdout) = fsck(false);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("dangling tag: private/app:broken -> {deleted}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("checked 2 private tags: 1 dangling"),
+        "{stdout}"
+    );
+    assert_eq!(
+        ps.tags(&repo).unwrap().len(),
+        2,
+        "a check alone removes nothing"
+    );
+
+    let (code, stdout) = fsck(true);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("removed dangling tag: private/app:broken"),
+        "{stdout}"
+    );
+    assert_eq!(ps.tags(&repo).unwrap(), vec![(good, kept)]);
+    let (code, stdout) = fsck(false);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("checked 1 private tags: 0 dangling"),
+        "{stdout}"
+    );
+}
