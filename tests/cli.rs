@@ -174,3 +174,59 @@ fn fsck_reports_dangling_tags_and_repair_removes_them() {
         "{stdout}"
     );
 }
+
+#[test]
+fn gc_grace_zero_reclaims_a_just_unreferenced_blob() {
+    use berth::names::Digest;
+    use berth::store::{Area, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // A layer whose manifest was just deleted: referenced by nothing, written a moment ago.
+    let layer = pseudo_random(7, 10_000);
+    let d = Digest::of(&layer);
+    store.put_blob(Area::Local, d, &layer).unwrap();
+    let gc = |extra: &[&str]| {
+        let out = berth()
+            .arg("gc")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, stdout) = gc(&[]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("1 recent unreferenced blob(s) (--grace 1h)"),
+        "{stdout}"
+    );
+    assert_eq!(store.blob_len(Area::Local, &d).unwrap(), Some(10_000));
+
+    let (code, stdout) = gc(&["--grace", "0s", "--dry-run"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains(&format!("would remove blob {d}")),
+        "{stdout}"
+    );
+    assert!(store.blob_len(Area::Local, &d).unwrap().is_some());
+
+    let (code, stdout) = gc(&["--grace", "0s"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains(&format!("removed blob {d} (10000 bytes)")),
+        "{stdout}"
+    );
+    assert_eq!(store.blob_len(Area::Local, &d).unwrap(), None);
+
+    let out = berth()
+        .args(["gc", "--grace", "soon", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--grace"));
+}
