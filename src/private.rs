@@ -1175,12 +1175,14 @@ async fn delete_manifest(
                     return Ok(None);
                 }
                 let stored = store.get_manifest(Area::Local, d)?;
-                ps.unlink_manifest(&n, d)?;
+                // Tags first: a delete cut short leaves a manifest without tags, not tags
+                // without their manifest.
                 for (t, target) in ps.tags(&n)? {
                     if target == *d {
                         ps.remove_tag(&n, &t)?;
                     }
                 }
+                ps.unlink_manifest(&n, d)?;
                 let mt = stored.map(|(bytes, mt)| {
                     if let Ok(Some(subject)) =
                         manifest::parse_stored(&mt, &bytes).map(|p| p.subject)
