@@ -1336,6 +1336,62 @@ async fn referrers(
 mod tests {
     use super::*;
 
+    /// Makes an upload session look idle since `ago`.
+    fn backdate(ps: &PrivateStore, id: &UploadId, ago: Duration) {
+        let then = SystemTime::now() - ago;
+        let dir = ps.upload_data_path(id).parent().unwrap().to_path_buf();
+        for f in ["data", "info"] {
+            let file = std::fs::File::options()
+                .write(true)
+                .open(dir.join(f))
+                .unwrap();
+            file.set_modified(then).unwrap();
+        }
+        std::fs::File::open(&dir)
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn expiry_removes_idle_sessions_but_not_one_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.upload_max_age = crate::config::Seconds(Duration::from_secs(3600));
+        let reg = Registry::new(&config, Store::open(dir.path()).unwrap());
+        let repo = RepoName::parse("private/app").unwrap();
+        let (idle, busy, fresh) = (UploadId::new(), UploadId::new(), UploadId::new());
+        for id in [&idle, &busy, &fresh] {
+            reg.reserve_upload("alice", id).unwrap();
+            reg.store.create_upload(&repo, id, Some("alice")).unwrap();
+            reg.upload_created(id);
+        }
+        backdate(&reg.store, &idle, Duration::from_secs(7200));
+        backdate(&reg.store, &busy, Duration::from_secs(7200));
+        // A chunk being written holds the session's lock, however old its files look.
+        let writing = reg.lock_upload(&busy).await;
+        assert_eq!(expire_uploads_once(&reg).await, 1);
+        assert!(!reg.store.upload_exists(&idle));
+        assert!(reg.store.upload_exists(&busy) && reg.store.upload_exists(&fresh));
+        assert_eq!(reg.uploads_open(), 2);
+        drop(writing);
+        assert_eq!(expire_uploads_once(&reg).await, 1);
+        assert_eq!(reg.uploads_open(), 1);
+        assert_eq!(reg.uploads_expired.load(Ordering::Relaxed), 2);
+        // A session removed behind the server's back (berth gc) stops counting.
+        reg.store.remove_upload(&fresh).unwrap();
+        assert_eq!(expire_uploads_once(&reg).await, 0);
+        assert_eq!(reg.uploads_open(), 0);
+        assert_eq!(
+            upload_expiry_interval(Duration::from_secs(24 * 3600)),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            upload_expiry_interval(Duration::from_millis(200)),
+            Duration::from_millis(50)
+        );
+    }
+
     #[test]
     fn content_ranges() {
         assert_eq!(parse_content_range("0-99"), Some((0, 99)));
