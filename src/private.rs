@@ -135,9 +135,10 @@ pub struct Registry {
     pub webhooks: Notifier,
     /// One lock per upload session in use, so chunks of one upload are written in order.
     upload_locks: KeyedLocks<UploadId>,
-    /// One lock per repository, held across every change to its manifests, tags and blob links,
-    /// so that a tag push and a delete of the manifest it names cannot interleave (and leave a
-    /// tag naming a manifest the repository no longer has).
+    /// One lock per repository, held across manifest pushes and deletes of manifests, tags and
+    /// blobs, so that a tag push and a delete of the manifest it names cannot interleave (and
+    /// leave a tag naming a manifest the repository no longer has). Adding a blob link needs
+    /// no lock: it cannot break what a manifest push checked.
     repo_locks: KeyedLocks<RepoName>,
     uploads: Mutex<OpenUploads>,
     max_uploads_per_user: usize,
@@ -647,15 +648,38 @@ async fn start_upload(
         );
         return too_many_uploads(user, open);
     }
+    let reservation = Reservation {
+        reg: &app.private,
+        id: Some(id.clone()),
+    };
     let (target, i, owner) = (name.clone(), id.clone(), user.to_owned());
-    match blocking(move || ps.create_upload(&target, &i, Some(&owner))).await {
-        Ok(()) => app.private.upload_created(&id),
-        Err(e) => {
-            app.private.forget_upload(&id);
-            return Err(e);
+    blocking(move || ps.create_upload(&target, &i, Some(&owner))).await?;
+    reservation.keep();
+    upload_accepted(StatusCode::ACCEPTED, &name, &id, 0)
+}
+
+/// A session counted against its user while it is being made. Unless kept, dropping it stops
+/// counting the session, so that a failed start, or a request dropped half-way because its
+/// client left, does not hold one of the user's places for good.
+struct Reservation<'a> {
+    reg: &'a Registry,
+    id: Option<UploadId>,
+}
+
+impl Reservation<'_> {
+    fn keep(mut self) {
+        if let Some(id) = self.id.take() {
+            self.reg.upload_created(&id);
         }
     }
-    upload_accepted(StatusCode::ACCEPTED, &name, &id, 0)
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.reg.forget_upload(&id);
+        }
+    }
 }
 
 /// Counts a new session against `user` (see `Registry::reserve_upload`). At the limit, first
