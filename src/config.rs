@@ -41,8 +41,11 @@ pub struct Config {
     /// How long in-flight responses may take to finish after a shutdown signal.
     pub shutdown_grace: Seconds,
     pub tls: Option<TlsConfig>,
-    /// Upload sessions idle for longer than this are removed by `berth gc`.
+    /// Upload sessions idle for longer than this are removed, by the running server (checking
+    /// every quarter of it, at most every 5 minutes) and by `berth gc`.
     pub upload_max_age: Seconds,
+    /// Upload sessions one user may have open at once; 0 for no limit.
+    pub max_uploads_per_user: usize,
     /// URLs that get a JSON event on every push and delete in the private namespace.
     pub webhooks: Vec<WebhookUrl>,
     /// Serve `/metrics` on its own listener (then not on the main one).
@@ -173,6 +176,7 @@ impl Default for Config {
             shutdown_grace: Seconds(Duration::from_secs(30)),
             tls: None,
             upload_max_age: Seconds(Duration::from_secs(24 * 3600)),
+            max_uploads_per_user: 100,
             webhooks: Vec::new(),
             metrics_listen: None,
             trusted_proxies: Vec::new(),
@@ -240,6 +244,12 @@ impl Config {
                     format!("{ns:?} is not a valid repository namespace"),
                 ));
             }
+        }
+        if self.upload_max_age.0.is_zero() {
+            return Err(err(
+                "upload_max_age",
+                "must be more than 0: every upload would expire as it starts",
+            ));
         }
         if self.auth_everything && self.htpasswd.is_none() {
             return Err(err(
@@ -575,5 +585,16 @@ mod tests {
         assert!(e.to_string().contains("webhooks"), "{e}");
         let c = Config::from_toml("auth_everything = true\n").unwrap();
         assert!(c.validate().is_err());
+        assert_eq!(Config::default().max_uploads_per_user, 100);
+        let c =
+            Config::from_toml("max_uploads_per_user = 3\nupload_max_age = \"200ms\"\n").unwrap();
+        assert_eq!(c.max_uploads_per_user, 3);
+        assert_eq!(c.upload_max_age.0, Duration::from_millis(200));
+        c.validate().unwrap();
+        let e = Config::from_toml("upload_max_age = \"0s\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("upload_max_age"), "{e}");
     }
 }

@@ -2,9 +2,9 @@
 //!
 //! Mark: every manifest linked into a private repository (and every tag's target) is kept, with
 //! the config, layers and child manifests it refers to. Sweep: any other blob in the local area
-//! is removed, unless it was written or linked less than `blob_min_age` ago (an hour by default),
-//! so blobs of a push in progress, whose manifest has not arrived yet, survive a collection
-//! running beside a live server. Links to removed blobs and upload sessions idle for longer than
+//! is removed, unless it was written or linked less than `blob_min_age` ago (`--grace`, an hour
+//! by default), so blobs of a push in progress, whose manifest has not arrived yet, survive a
+//! collection running beside a live server. Links to removed blobs and upload sessions idle for longer than
 //! `upload_max_age` go as well. Mirrored content is not touched: the cache bounds itself.
 
 use std::collections::HashSet;
@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use crate::config::{human_bytes, Config};
+use crate::config::{human_bytes, Config, Seconds};
 use crate::manifest;
 use crate::names::Digest;
 use crate::private_store::PrivateStore;
@@ -154,6 +154,20 @@ pub fn collect(store: &Store, opts: &GcOptions) -> io::Result<GcReport> {
     Ok(report)
 }
 
+/// `1h`, `90s`, `250ms`: the grace period as the user would write it.
+fn humantime(d: Duration) -> String {
+    let (secs, ms) = (d.as_secs(), d.subsec_millis());
+    if ms != 0 {
+        format!("{}ms", d.as_millis())
+    } else if secs != 0 && secs % 3600 == 0 {
+        format!("{}h", secs / 3600)
+    } else if secs != 0 && secs % 60 == 0 {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
 fn age(now: SystemTime, then: SystemTime) -> Duration {
     now.duration_since(then).unwrap_or(Duration::ZERO)
 }
@@ -178,6 +192,15 @@ pub struct GcArgs {
     /// Show what would be removed without removing anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// Keep unreferenced blobs written or linked less than this long ago (`0s`, `10m`, `1h`):
+    /// they may belong to a push whose manifest has not arrived yet. `0s` reclaims the space of
+    /// a delete at once, but is safe only while nobody pushes.
+    #[arg(long, value_parser = parse_grace, default_value = "1h")]
+    pub grace: Seconds,
+}
+
+fn parse_grace(s: &str) -> Result<Seconds, String> {
+    Seconds::parse(s)
 }
 
 impl GcArgs {
@@ -202,6 +225,7 @@ impl GcArgs {
         };
         let mut opts = GcOptions::new(config.upload_max_age.0);
         opts.dry_run = self.dry_run;
+        opts.blob_min_age = self.grace.0;
         let report = match collect(&store, &opts) {
             Ok(r) => r,
             Err(e) => {
@@ -221,7 +245,7 @@ impl GcArgs {
             println!("{verb} upload {id} ({size} bytes)");
         }
         println!(
-            "{verb} {} blob(s), {} abandoned upload(s), {} dangling link(s); {} {freed} ({} bytes); kept {} referenced and {} recent unreferenced blob(s)",
+            "{verb} {} blob(s), {} abandoned upload(s), {} dangling link(s); {} {freed} ({} bytes); kept {} referenced and {} recent unreferenced blob(s) (--grace {})",
             report.blobs.len(),
             report.uploads.len(),
             report.links,
@@ -229,6 +253,7 @@ impl GcArgs {
             report.bytes_freed,
             report.kept_referenced,
             report.kept_recent,
+            humantime(self.grace.0),
         );
         ExitCode::SUCCESS
     }
@@ -243,5 +268,15 @@ mod tests {
         assert_eq!(human_bytes(12), "12 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(5 << 30), "5.0 GiB");
+    }
+
+    #[test]
+    fn grace_periods_for_people() {
+        let d = |s| humantime(Seconds::parse(s).unwrap().0);
+        assert_eq!(d("1h"), "1h");
+        assert_eq!(d("0s"), "0s");
+        assert_eq!(d("90s"), "90s");
+        assert_eq!(d("10m"), "10m");
+        assert_eq!(d("250ms"), "250ms");
     }
 }

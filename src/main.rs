@@ -24,7 +24,8 @@ struct Cli {
 enum Command {
     /// Run the mirror.
     Serve(ServeArgs),
-    /// Re-hash every stored blob and report (or, with --repair, remove) corrupt ones.
+    /// Re-hash every stored blob and check private tags; report (or, with --repair, remove)
+    /// corrupt blobs and dangling tags.
     Fsck(FsckArgs),
     /// Generate a local CA and a server certificate signed by it, and print how to trust it.
     Certs(CertsArgs),
@@ -43,12 +44,13 @@ struct FsckArgs {
     /// Data dir to check [default: the config's, else ./berth-data]
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Remove corrupt blobs so the next pull fetches them again
+    /// Remove corrupt blobs (so the next pull fetches them again) and dangling tags
     #[arg(long)]
     repair: bool,
 }
 
-/// `berth fsck`: exit 0 when the store is sound (or was repaired), 1 when corruption remains.
+/// `berth fsck`: exit 0 when the store is sound (or was repaired), 1 when corruption or dangling
+/// tags remain.
 fn fsck(args: FsckArgs) -> ExitCode {
     let data_dir = match (&args.data_dir, &args.config) {
         (Some(d), _) => d.clone(),
@@ -68,33 +70,58 @@ fn fsck(args: FsckArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match store.fsck(args.repair) {
-        Ok(report) => {
-            for (_, path) in &report.corrupt {
-                let verb = if args.repair { "removed" } else { "corrupt" };
-                println!("{verb}: {}", path.display());
-            }
-            println!(
-                "checked {} blobs ({} bytes): {} corrupt{}",
-                report.checked,
-                report.bytes,
-                report.corrupt.len(),
-                if args.repair && !report.corrupt.is_empty() {
-                    ", removed"
-                } else {
-                    ""
-                }
-            );
-            if report.corrupt.is_empty() || args.repair {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+    let report = match store.fsck(args.repair) {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("berth: fsck: {e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    for (_, path) in &report.corrupt {
+        let verb = if args.repair { "removed" } else { "corrupt" };
+        println!("{verb}: {}", path.display());
+    }
+    println!(
+        "checked {} blobs ({} bytes): {} corrupt{}",
+        report.checked,
+        report.bytes,
+        report.corrupt.len(),
+        if args.repair && !report.corrupt.is_empty() {
+            ", removed"
+        } else {
+            ""
+        }
+    );
+    // After the blobs, so that with --repair tags of manifests just removed as corrupt go too.
+    let tags = match berth::private_store::PrivateStore::new(store).fsck_tags(args.repair) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("berth: fsck: tags: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for (repo, tag, digest) in &tags.dangling {
+        let verb = if args.repair {
+            "removed dangling tag"
+        } else {
+            "dangling tag"
+        };
+        println!("{verb}: {repo}:{tag} -> {digest} (the repository does not hold that manifest)");
+    }
+    println!(
+        "checked {} private tags: {} dangling{}",
+        tags.checked,
+        tags.dangling.len(),
+        if args.repair && !tags.dangling.is_empty() {
+            ", removed"
+        } else {
+            ""
+        }
+    );
+    if args.repair || (report.corrupt.is_empty() && tags.dangling.is_empty()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -360,6 +360,22 @@ impl Scraped {
             "Bytes evicted from the disk cache",
             n(mirror.disk.evicted_bytes.load(Ordering::Relaxed)),
         );
+        let private = &app.private;
+        s.gauge(
+            "berth_uploads_open",
+            "Blob upload sessions open in the private namespace",
+            private.uploads_open() as f64,
+        );
+        s.counter(
+            "berth_uploads_refused",
+            "Upload starts refused because the user had max_uploads_per_user sessions open",
+            n(private.uploads_refused.load(Ordering::Relaxed)),
+        );
+        s.counter(
+            "berth_uploads_expired",
+            "Upload sessions removed for being idle longer than upload_max_age",
+            n(private.uploads_expired.load(Ordering::Relaxed)),
+        );
         let mut remaining = Vec::new();
         let mut limit = Vec::new();
         let mut down = Vec::new();

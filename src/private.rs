@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{
@@ -40,43 +42,313 @@ const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-diges
 const OCI_SUBJECT: HeaderName = HeaderName::from_static("oci-subject");
 const FILTERS_APPLIED: HeaderName = HeaderName::from_static("oci-filters-applied");
 
+/// Async locks by key, made on demand; an entry goes once nobody holds or waits for its lock.
+struct KeyedLocks<K> {
+    locks: Mutex<HashMap<K, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> KeyedLocks<K> {
+    fn new() -> Self {
+        KeyedLocks {
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn handle(&self, key: &K) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if locks.len() > 256 {
+            locks.retain(|_, w| w.strong_count() > 0);
+        }
+        match locks.get(key).and_then(Weak::upgrade) {
+            Some(m) => m,
+            None => {
+                let m = Arc::new(tokio::sync::Mutex::new(()));
+                locks.insert(key.clone(), Arc::downgrade(&m));
+                m
+            }
+        }
+    }
+
+    async fn lock(&self, key: &K) -> tokio::sync::OwnedMutexGuard<()> {
+        self.handle(key).lock_owned().await
+    }
+
+    /// The lock, unless someone holds it.
+    fn try_lock(&self, key: &K) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.handle(key).try_lock_owned().ok()
+    }
+}
+
+/// An upload session the server counts against its owner.
+struct OpenUpload {
+    /// `None` for sessions started by versions that did not record one: they expire like any
+    /// other but count against nobody.
+    owner: Option<Arc<str>>,
+    /// When the session's directory was known to exist; `None` while it is being made.
+    created: Option<Instant>,
+}
+
+/// The open upload sessions, by id and by owner.
+#[derive(Default)]
+struct OpenUploads {
+    by_id: HashMap<UploadId, OpenUpload>,
+    per_user: HashMap<Arc<str>, usize>,
+}
+
+impl OpenUploads {
+    fn insert(&mut self, id: UploadId, upload: OpenUpload) {
+        if let Some(owner) = &upload.owner {
+            *self.per_user.entry(owner.clone()).or_default() += 1;
+        }
+        if let Some(old) = self.by_id.insert(id, upload) {
+            self.uncount(old.owner);
+        }
+    }
+
+    fn remove(&mut self, id: &UploadId) -> Option<OpenUpload> {
+        let upload = self.by_id.remove(id)?;
+        self.uncount(upload.owner.clone());
+        Some(upload)
+    }
+
+    fn uncount(&mut self, owner: Option<Arc<str>>) {
+        let Some(owner) = owner else { return };
+        if let Some(n) = self.per_user.get_mut(&owner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_user.remove(&owner);
+            }
+        }
+    }
+
+    fn count(&self, user: &str) -> usize {
+        self.per_user.get(user).copied().unwrap_or(0)
+    }
+}
+
 /// State of the private registry shared by all requests.
 pub struct Registry {
     pub store: PrivateStore,
     pub webhooks: Notifier,
     /// One lock per upload session in use, so chunks of one upload are written in order.
-    upload_locks: Mutex<HashMap<UploadId, Weak<tokio::sync::Mutex<()>>>>,
+    upload_locks: KeyedLocks<UploadId>,
+    /// One lock per repository, held across manifest pushes and deletes of manifests, tags and
+    /// blobs, so that a tag push and a delete of the manifest it names cannot interleave (and
+    /// leave a tag naming a manifest the repository no longer has). Adding a blob link needs
+    /// no lock: it cannot break what a manifest push checked.
+    repo_locks: KeyedLocks<RepoName>,
+    uploads: Mutex<OpenUploads>,
+    max_uploads_per_user: usize,
+    upload_max_age: Duration,
+    /// Upload starts refused by `max_uploads_per_user`.
+    pub uploads_refused: AtomicU64,
+    /// Upload sessions the server removed for being idle longer than `upload_max_age`.
+    pub uploads_expired: AtomicU64,
 }
 
 impl Registry {
+    /// Builds the registry and counts the upload sessions already on disk, so that a restart
+    /// changes nothing about who may start more.
     pub fn new(config: &Config, store: Store) -> Registry {
+        let store = PrivateStore::new(store);
+        let mut uploads = OpenUploads::default();
+        match store.upload_infos() {
+            Ok(infos) => {
+                let now = Instant::now();
+                for (id, info) in infos {
+                    let upload = OpenUpload {
+                        owner: info.owner.map(Arc::from),
+                        created: Some(now),
+                    };
+                    uploads.insert(id, upload);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list upload sessions; they count against nobody until they end")
+            }
+        }
         Registry {
-            store: PrivateStore::new(store),
+            store,
             webhooks: Notifier::new(&config.webhooks),
-            upload_locks: Mutex::new(HashMap::new()),
+            upload_locks: KeyedLocks::new(),
+            repo_locks: KeyedLocks::new(),
+            uploads: Mutex::new(uploads),
+            max_uploads_per_user: config.max_uploads_per_user,
+            upload_max_age: config.upload_max_age.0,
+            uploads_refused: AtomicU64::new(0),
+            uploads_expired: AtomicU64::new(0),
         }
     }
 
     async fn lock_upload(&self, id: &UploadId) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = {
-            let mut locks = self
-                .upload_locks
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if locks.len() > 256 {
-                locks.retain(|_, w| w.strong_count() > 0);
-            }
-            match locks.get(id).and_then(Weak::upgrade) {
-                Some(m) => m,
-                None => {
-                    let m = Arc::new(tokio::sync::Mutex::new(()));
-                    locks.insert(id.clone(), Arc::downgrade(&m));
-                    m
-                }
-            }
-        };
-        m.lock_owned().await
+        self.upload_locks.lock(id).await
     }
+
+    /// The repository's lock. Callers move the guard into the blocking closure doing the
+    /// change, so it is held until the change is done even if the request is dropped meanwhile.
+    async fn lock_repo(&self, repo: &RepoName) -> tokio::sync::OwnedMutexGuard<()> {
+        self.repo_locks.lock(repo).await
+    }
+
+    fn open_uploads(&self) -> std::sync::MutexGuard<'_, OpenUploads> {
+        self.uploads
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Upload sessions open now.
+    pub fn uploads_open(&self) -> usize {
+        self.open_uploads().by_id.len()
+    }
+
+    /// Counts session `id` against `user`, unless that would take them over
+    /// `max_uploads_per_user`; then returns how many they have open.
+    fn reserve_upload(&self, user: &str, id: &UploadId) -> Result<(), usize> {
+        let mut open = self.open_uploads();
+        let n = open.count(user);
+        if self.max_uploads_per_user > 0 && n >= self.max_uploads_per_user {
+            return Err(n);
+        }
+        open.insert(
+            id.clone(),
+            OpenUpload {
+                owner: Some(Arc::from(user)),
+                created: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn upload_created(&self, id: &UploadId) {
+        if let Some(u) = self.open_uploads().by_id.get_mut(id) {
+            u.created = Some(Instant::now());
+        }
+    }
+
+    /// The session ended (finished, cancelled, expired, or never made).
+    fn forget_upload(&self, id: &UploadId) -> Option<Arc<str>> {
+        self.open_uploads().remove(id).and_then(|u| u.owner)
+    }
+
+    /// Stops counting sessions made before `before` whose directory `exists` says is gone:
+    /// `berth gc` removes sessions behind the server's back.
+    fn forget_vanished(&self, before: Instant, exists: impl Fn(&UploadId) -> bool) -> usize {
+        let mut open = self.open_uploads();
+        let gone: Vec<UploadId> = open
+            .by_id
+            .iter()
+            .filter(|(id, u)| u.created.is_some_and(|c| c < before) && !exists(id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            open.remove(id);
+        }
+        gone.len()
+    }
+
+    /// The sessions counted against `user`, made before now.
+    fn sessions_of(&self, user: &str) -> Vec<UploadId> {
+        self.open_uploads()
+            .by_id
+            .iter()
+            .filter(|(_, u)| u.owner.as_deref() == Some(user) && u.created.is_some())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+}
+
+/// How often the server looks for idle upload sessions: a quarter of `upload_max_age`, so one
+/// is removed at most a quarter late, but at most every 5 minutes and at least every 10 ms.
+pub fn upload_expiry_interval(upload_max_age: Duration) -> Duration {
+    (upload_max_age / 4).clamp(Duration::from_millis(10), Duration::from_secs(300))
+}
+
+/// Removes upload sessions idle for longer than `upload_max_age`, every
+/// `upload_expiry_interval`, until `stopped` changes.
+pub async fn expire_uploads(app: Arc<App>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(upload_expiry_interval(app.private.upload_max_age));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        expire_uploads_once(&app.private).await;
+    }
+}
+
+fn idle(now: SystemTime, last: SystemTime) -> Duration {
+    now.duration_since(last).unwrap_or(Duration::ZERO)
+}
+
+/// One pass of `expire_uploads`; returns how many sessions it removed.
+pub async fn expire_uploads_once(reg: &Registry) -> usize {
+    let max_age = reg.upload_max_age;
+    let scanned_at = Instant::now();
+    let ps = reg.store.clone();
+    let sessions = match blocking(move || ps.uploads()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list upload sessions to expire idle ones");
+            return 0;
+        }
+    };
+    let on_disk: std::collections::HashSet<UploadId> =
+        sessions.iter().map(|(id, _, _)| id.clone()).collect();
+    let vanished = reg.forget_vanished(scanned_at, |id| on_disk.contains(id));
+    if vanished > 0 {
+        tracing::debug!(
+            sessions = vanished,
+            "upload sessions removed by someone else (berth gc) are no longer counted"
+        );
+    }
+    let now = SystemTime::now();
+    let mut expired = 0;
+    for (id, _, last) in sessions {
+        if idle(now, last) < max_age {
+            continue;
+        }
+        // A session whose lock is held is being written or finished: not idle.
+        let Some(guard) = reg.upload_locks.try_lock(&id) else {
+            continue;
+        };
+        let (ps, i) = (reg.store.clone(), id.clone());
+        let removed = blocking(move || {
+            let _guard = guard;
+            // Looked at again under the lock: a chunk may have arrived since the listing.
+            match ps.upload_activity(&i)? {
+                Some((size, last)) if idle(SystemTime::now(), last) >= max_age => {
+                    ps.remove_upload(&i)?;
+                    Ok(Some((size, last)))
+                }
+                _ => Ok(None),
+            }
+        })
+        .await;
+        match removed {
+            Ok(Some((size, last))) => {
+                let owner = reg.forget_upload(&id);
+                reg.uploads_expired.fetch_add(1, Ordering::Relaxed);
+                expired += 1;
+                tracing::info!(
+                    upload = %id,
+                    user = owner.as_deref().unwrap_or("-"),
+                    bytes = size,
+                    idle_s = idle(SystemTime::now(), last).as_secs(),
+                    max_age_s = max_age.as_secs_f64(),
+                    "removed an upload session idle for longer than upload_max_age"
+                );
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(upload = %id, error = %e, "cannot remove an idle upload session")
+            }
+        }
+    }
+    expired
 }
 
 /// The repository a route names, if any.
@@ -124,7 +396,9 @@ pub async fn dispatch(
         (Route::Referrers { name, digest }, Method::GET) => {
             referrers(app, name, digest, &query).await
         }
-        (Route::UploadStart { name }, Method::POST) => start_upload(app, name, &query, req).await,
+        (Route::UploadStart { name }, Method::POST) => {
+            start_upload(app, name, &query, req, actor.as_deref()).await
+        }
         (Route::Upload { name, id }, Method::GET) => upload_status(app, name, id).await,
         (Route::Upload { name, id }, Method::PATCH) => patch_upload(app, name, id, req).await,
         (Route::Upload { name, id }, Method::PUT) => {
@@ -318,6 +592,7 @@ async fn start_upload(
     name: RepoName,
     query: &Query,
     req: Request<Incoming>,
+    user: Option<&str>,
 ) -> Result<Response<Body>, RegistryError> {
     let ps = app.private.store.clone();
     if let Some(mount) = &query.mount {
@@ -357,9 +632,103 @@ async fn start_upload(
         blocking(move || ps2.link_blob(&target, &digest)).await?;
         return blob_created(&name, &digest);
     }
-    let target = name.clone();
-    let id = blocking(move || ps.create_upload(&target)).await?;
+    // Pushes always authenticate; "-" only stands in should that ever change.
+    let user = user.unwrap_or("-");
+    let id = UploadId::new();
+    if let Err(open) = reserve_upload(app, user, &id).await {
+        app.private.uploads_refused.fetch_add(1, Ordering::Relaxed);
+        let max = app.private.max_uploads_per_user;
+        tracing::warn!(
+            repository = %name,
+            user,
+            open,
+            max_uploads_per_user = max,
+            "upload refused: the user has too many upload sessions open"
+        );
+        return too_many_uploads(user, open);
+    }
+    let reservation = Reservation {
+        reg: &app.private,
+        id: Some(id.clone()),
+    };
+    let (target, i, owner) = (name.clone(), id.clone(), user.to_owned());
+    blocking(move || ps.create_upload(&target, &i, Some(&owner))).await?;
+    reservation.keep();
     upload_accepted(StatusCode::ACCEPTED, &name, &id, 0)
+}
+
+/// A session counted against its user while it is being made. Unless kept, dropping it stops
+/// counting the session, so that a failed start, or a request dropped half-way because its
+/// client left, does not hold one of the user's places for good.
+struct Reservation<'a> {
+    reg: &'a Registry,
+    id: Option<UploadId>,
+}
+
+impl Reservation<'_> {
+    fn keep(mut self) {
+        if let Some(id) = self.id.take() {
+            self.reg.upload_created(&id);
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.reg.forget_upload(&id);
+        }
+    }
+}
+
+/// Counts a new session against `user` (see `Registry::reserve_upload`). At the limit, first
+/// stops counting the user's sessions that `berth gc` removed behind the server's back.
+async fn reserve_upload(app: &App, user: &str, id: &UploadId) -> Result<(), usize> {
+    let reg = &app.private;
+    if reg.reserve_upload(user, id).is_ok() {
+        return Ok(());
+    }
+    let checked_at = Instant::now();
+    let (ps, ids) = (reg.store.clone(), reg.sessions_of(user));
+    if let Ok(gone) = blocking(move || {
+        Ok(ids
+            .into_iter()
+            .filter(|id| !ps.upload_exists(id))
+            .collect::<std::collections::HashSet<_>>())
+    })
+    .await
+    {
+        reg.forget_vanished(checked_at, |id| !gone.contains(id));
+    }
+    reg.reserve_upload(user, id)
+}
+
+/// 429 TOOMANYREQUESTS, in the registry's JSON error format, saying which limit was hit.
+fn too_many_uploads(user: &str, open: usize) -> Result<Response<Body>, RegistryError> {
+    // Sessions end when finished, cancelled or idle for upload_max_age: a minute is a guess
+    // that lets a client's own pushes finish meanwhile.
+    let e = RegistryError::TooManyRequests {
+        retry_after: Duration::from_secs(60),
+    };
+    let mut resp = error_response(&e, &Method::POST);
+    let body = serde_json::json!({
+        "errors": [{
+            "code": e.code(),
+            "message": e.to_string(),
+            "detail": format!(
+                "user {user} has {open} upload sessions open, the most allowed (max_uploads_per_user); finish or cancel some first"
+            ),
+        }]
+    })
+    .to_string();
+    if let Ok(len) = HeaderValue::from_str(&body.len().to_string()) {
+        resp.headers_mut().insert(CONTENT_LENGTH, len);
+    }
+    *resp.body_mut() = full(body);
+    resp.extensions_mut().insert(Served {
+        outcome: Outcome::Local,
+    });
+    Ok(resp)
 }
 
 async fn commit_blob(writer: crate::store::BlobWriter) -> Result<u64, RegistryError> {
@@ -503,10 +872,16 @@ async fn finish_upload(
         .await
         .map_err(|e| RegistryError::Internal(e.to_string()))?;
     match finished {
-        Ok(_) => blob_created(&name, &digest),
-        Err(StoreError::DigestMismatch { expected, actual }) => Err(RegistryError::DigestInvalid(
-            format!("the uploaded content has digest {actual}, not {expected}; the upload was discarded"),
-        )),
+        Ok(_) => {
+            app.private.forget_upload(&id);
+            blob_created(&name, &digest)
+        }
+        Err(StoreError::DigestMismatch { expected, actual }) => {
+            app.private.forget_upload(&id);
+            Err(RegistryError::DigestInvalid(format!(
+                "the uploaded content has digest {actual}, not {expected}; the upload was discarded"
+            )))
+        }
         Err(StoreError::Io(e)) => Err(RegistryError::Internal(format!("store: {e}"))),
     }
 }
@@ -520,6 +895,7 @@ async fn cancel_upload(
     upload_size(app, &name, &id).await?;
     let (ps, i) = (app.private.store.clone(), id.clone());
     blocking(move || ps.remove_upload(&i)).await?;
+    app.private.forget_upload(&id);
     respond(
         StatusCode::NO_CONTENT,
         vec![(CONTENT_LENGTH, "0".into())],
@@ -554,7 +930,13 @@ async fn delete_blob(
     actor: Option<String>,
 ) -> Result<Response<Body>, RegistryError> {
     let (ps, n) = (app.private.store.clone(), name.clone());
-    if !blocking(move || ps.unlink_blob(&n, &digest)).await? {
+    // A manifest push checks that its blobs are linked, then links itself: not in between.
+    let guard = app.private.lock_repo(&name).await;
+    let unlinked = blocking(move || {
+        let _guard = guard;
+        ps.unlink_blob(&n, &digest)
+    });
+    if !unlinked.await? {
         return Err(RegistryError::BlobUnknown(format!("{name}@{digest}")));
     }
     app.private.webhooks.notify(Event {
@@ -745,7 +1127,9 @@ async fn put_manifest(
         tag.clone(),
         media_type.clone(),
     );
+    let guard = app.private.lock_repo(&name).await;
     blocking(move || {
+        let _guard = guard;
         if let Err(e) = check_references(&ps, &n, &parsed)? {
             return Ok(Err(e));
         }
@@ -795,36 +1179,44 @@ async fn delete_manifest(
     let n = name.clone();
     let r = reference.clone();
     let store = ps.store().clone();
+    let guard = app.private.lock_repo(&name).await;
     // (digest, media type) of what was deleted, or None when the reference names nothing here.
-    let deleted = blocking(move || match &r {
-        Reference::Tag(t) => {
-            let Some(d) = ps.resolve_tag(&n, t)? else {
-                return Ok(None);
-            };
-            ps.remove_tag(&n, t)?;
-            let mt = store.get_manifest(Area::Local, &d)?.map(|(_, mt)| mt);
-            Ok(Some((d, mt)))
-        }
-        Reference::Digest(d) => {
-            if !ps.manifest_in_repo(&n, d) {
-                return Ok(None);
+    let deleted = blocking(move || {
+        let _guard = guard;
+        match &r {
+            Reference::Tag(t) => {
+                let Some(d) = ps.resolve_tag(&n, t)? else {
+                    return Ok(None);
+                };
+                ps.remove_tag(&n, t)?;
+                let mt = store.get_manifest(Area::Local, &d)?.map(|(_, mt)| mt);
+                Ok(Some((d, mt)))
             }
-            let stored = store.get_manifest(Area::Local, d)?;
-            ps.unlink_manifest(&n, d)?;
-            for (t, target) in ps.tags(&n)? {
-                if target == *d {
-                    ps.remove_tag(&n, &t)?;
+            Reference::Digest(d) => {
+                if !ps.manifest_in_repo(&n, d) {
+                    return Ok(None);
                 }
-            }
-            let mt = stored.map(|(bytes, mt)| {
-                if let Ok(Some(subject)) = manifest::parse_stored(&mt, &bytes).map(|p| p.subject) {
-                    if let Err(e) = ps.remove_referrer(&n, &subject.digest, d) {
-                        tracing::warn!(error = %e, "cannot remove a referrer link");
+                let stored = store.get_manifest(Area::Local, d)?;
+                // Tags first: a delete cut short leaves a manifest without tags, not tags
+                // without their manifest.
+                for (t, target) in ps.tags(&n)? {
+                    if target == *d {
+                        ps.remove_tag(&n, &t)?;
                     }
                 }
-                mt
-            });
-            Ok(Some((*d, mt)))
+                ps.unlink_manifest(&n, d)?;
+                let mt = stored.map(|(bytes, mt)| {
+                    if let Ok(Some(subject)) =
+                        manifest::parse_stored(&mt, &bytes).map(|p| p.subject)
+                    {
+                        if let Err(e) = ps.remove_referrer(&n, &subject.digest, d) {
+                            tracing::warn!(error = %e, "cannot remove a referrer link");
+                        }
+                    }
+                    mt
+                });
+                Ok(Some((*d, mt)))
+            }
         }
     })
     .await?
@@ -965,6 +1357,62 @@ async fn referrers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Makes an upload session look idle since `ago`.
+    fn backdate(ps: &PrivateStore, id: &UploadId, ago: Duration) {
+        let then = SystemTime::now() - ago;
+        let dir = ps.upload_data_path(id).parent().unwrap().to_path_buf();
+        for f in ["data", "info"] {
+            let file = std::fs::File::options()
+                .write(true)
+                .open(dir.join(f))
+                .unwrap();
+            file.set_modified(then).unwrap();
+        }
+        std::fs::File::open(&dir)
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn expiry_removes_idle_sessions_but_not_one_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.upload_max_age = crate::config::Seconds(Duration::from_secs(3600));
+        let reg = Registry::new(&config, Store::open(dir.path()).unwrap());
+        let repo = RepoName::parse("private/app").unwrap();
+        let (idle, busy, fresh) = (UploadId::new(), UploadId::new(), UploadId::new());
+        for id in [&idle, &busy, &fresh] {
+            reg.reserve_upload("alice", id).unwrap();
+            reg.store.create_upload(&repo, id, Some("alice")).unwrap();
+            reg.upload_created(id);
+        }
+        backdate(&reg.store, &idle, Duration::from_secs(7200));
+        backdate(&reg.store, &busy, Duration::from_secs(7200));
+        // A chunk being written holds the session's lock, however old its files look.
+        let writing = reg.lock_upload(&busy).await;
+        assert_eq!(expire_uploads_once(&reg).await, 1);
+        assert!(!reg.store.upload_exists(&idle));
+        assert!(reg.store.upload_exists(&busy) && reg.store.upload_exists(&fresh));
+        assert_eq!(reg.uploads_open(), 2);
+        drop(writing);
+        assert_eq!(expire_uploads_once(&reg).await, 1);
+        assert_eq!(reg.uploads_open(), 1);
+        assert_eq!(reg.uploads_expired.load(Ordering::Relaxed), 2);
+        // A session removed behind the server's back (berth gc) stops counting.
+        reg.store.remove_upload(&fresh).unwrap();
+        assert_eq!(expire_uploads_once(&reg).await, 0);
+        assert_eq!(reg.uploads_open(), 0);
+        assert_eq!(
+            upload_expiry_interval(Duration::from_secs(24 * 3600)),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            upload_expiry_interval(Duration::from_millis(200)),
+            Duration::from_millis(50)
+        );
+    }
 
     #[test]
     fn content_ranges() {

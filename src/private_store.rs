@@ -9,7 +9,7 @@
 //! local/repos/_local/<repo>/_manifests/<hex>                the manifest belongs to the repository
 //! local/repos/_local/<repo>/_referrers/<subject hex>/<hex>  descriptor of a manifest whose subject
 //!                                                           is <subject>
-//! local/uploads/<id>/info                                   {"repo": …, "started": secs}
+//! local/uploads/<id>/info                                   {"repo": …, "started": secs, "owner": user}
 //! local/uploads/<id>/data                                   the bytes received so far
 //! ```
 //! A link is what makes content visible in a repository: a blob pushed to `private/a` is not
@@ -39,6 +39,18 @@ pub struct UploadInfo {
     pub repo: String,
     /// Seconds since the epoch when the upload was started.
     pub started: u64,
+    /// The user who started it, so that a restarted server still counts each user's open
+    /// sessions against `max_uploads_per_user` (sessions of older versions have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// What `fsck_tags` found.
+#[derive(Debug, Default)]
+pub struct TagCheck {
+    pub checked: u64,
+    /// Tags naming a manifest their repository does not hold (removed when repairing).
+    pub dangling: Vec<(RepoName, Tag, Digest)>,
 }
 
 #[derive(Clone)]
@@ -158,6 +170,36 @@ impl PrivateStore {
             .collect())
     }
 
+    /// Whether a tag naming `digest` resolves: the manifest is linked into the repository and
+    /// stored intact.
+    fn tag_resolves(&self, repo: &RepoName, digest: &Digest) -> io::Result<bool> {
+        Ok(self.manifest_in_repo(repo, digest)
+            && self.store.get_manifest(Area::Local, digest)?.is_some())
+    }
+
+    /// Finds tags that name a manifest the repository does not hold (`berth fsck`): pulls of
+    /// them fail though `tags/list` shows them. With `repair`, removes each one, unless a push
+    /// made it resolve (or pointed it elsewhere) since it was looked at.
+    pub fn fsck_tags(&self, repair: bool) -> io::Result<TagCheck> {
+        let mut check = TagCheck::default();
+        for repo in self.all_repos() {
+            for (tag, digest) in self.tags(&repo)? {
+                check.checked += 1;
+                if self.tag_resolves(&repo, &digest)? {
+                    continue;
+                }
+                if repair
+                    && self.resolve_tag(&repo, &tag)? == Some(digest)
+                    && !self.tag_resolves(&repo, &digest)?
+                {
+                    self.remove_tag(&repo, &tag)?;
+                }
+                check.dangling.push((repo.clone(), tag, digest));
+            }
+        }
+        Ok(check)
+    }
+
     // --- referrers -------------------------------------------------------------------------
 
     /// Records that `referrer` (described by `descriptor`, an OCI descriptor as JSON) has
@@ -259,19 +301,72 @@ impl PrivateStore {
         self.upload_dir(id).join("data")
     }
 
-    /// Starts an upload session for a repository.
-    pub fn create_upload(&self, repo: &RepoName) -> io::Result<UploadId> {
-        let id = UploadId::new();
-        let dir = self.upload_dir(&id);
-        fs::create_dir_all(&dir)?;
-        let info = UploadInfo {
-            repo: repo.to_string(),
-            started: now_secs(),
+    /// Starts upload session `id` for a repository, on behalf of `owner`.
+    pub fn create_upload(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        owner: Option<&str>,
+    ) -> io::Result<()> {
+        let dir = self.upload_dir(id);
+        let result = (|| {
+            fs::create_dir_all(&dir)?;
+            let info = UploadInfo {
+                repo: repo.to_string(),
+                started: now_secs(),
+                owner: owner.map(str::to_owned),
+            };
+            let json = serde_json::to_vec(&info).map_err(io::Error::other)?;
+            fs::write(dir.join("info"), json)?;
+            File::create(dir.join("data"))?;
+            Ok(())
+        })();
+        if result.is_err() {
+            // A half-made session would only wait for expiry.
+            let _ = fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    /// Every upload session with what its `info` records (sessions whose `info` is unreadable
+    /// are left out; expiry still finds them through `uploads`).
+    pub fn upload_infos(&self) -> io::Result<Vec<(UploadId, UploadInfo)>> {
+        Ok(self
+            .upload_ids()?
+            .into_iter()
+            .filter_map(|id| {
+                let bytes = fs::read(self.upload_dir(&id).join("info")).ok()?;
+                let info = serde_json::from_slice(&bytes).ok()?;
+                Some((id, info))
+            })
+            .collect())
+    }
+
+    fn upload_ids(&self) -> io::Result<Vec<UploadId>> {
+        let entries = match fs::read_dir(self.store.uploads_dir()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
         };
-        let json = serde_json::to_vec(&info).map_err(io::Error::other)?;
-        fs::write(dir.join("info"), json)?;
-        File::create(dir.join("data"))?;
-        Ok(id)
+        Ok(entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str().and_then(|n| UploadId::parse(n).ok()))
+            .collect())
+    }
+
+    /// Whether the session's directory exists.
+    pub fn upload_exists(&self, id: &UploadId) -> bool {
+        self.upload_dir(id).is_dir()
+    }
+
+    /// The session's size and last activity, when it exists.
+    pub fn upload_activity(&self, id: &UploadId) -> io::Result<Option<(u64, SystemTime)>> {
+        let dir = self.upload_dir(id);
+        match fs::metadata(&dir) {
+            Ok(m) => Ok(Some(dir_activity(&dir, &m))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The bytes received so far, when the upload exists and belongs to `repo`.
@@ -353,34 +448,31 @@ impl PrivateStore {
     /// Every upload session with its size and last activity (for garbage collection).
     pub fn uploads(&self) -> io::Result<Vec<(UploadId, u64, SystemTime)>> {
         let mut out = Vec::new();
-        let entries = match fs::read_dir(self.store.uploads_dir()) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e),
-        };
-        for e in entries.filter_map(Result::ok) {
-            let Some(id) = e.file_name().to_str().and_then(|n| UploadId::parse(n).ok()) else {
-                continue;
-            };
-            let mut size = 0;
-            let mut last = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            if let Ok(files) = fs::read_dir(e.path()) {
-                for f in files.filter_map(Result::ok) {
-                    if let Ok(m) = f.metadata() {
-                        size += m.len();
-                        if let Ok(t) = m.modified() {
-                            last = last.max(t);
-                        }
-                    }
-                }
+        for id in self.upload_ids()? {
+            // Gone since the listing: finished or cancelled meanwhile.
+            if let Some((size, last)) = self.upload_activity(&id)? {
+                out.push((id, size, last));
             }
-            out.push((id, size, last));
         }
         Ok(out)
     }
+}
+
+/// The bytes an upload directory holds and when anything in it last changed.
+fn dir_activity(dir: &Path, meta: &fs::Metadata) -> (u64, SystemTime) {
+    let mut size = 0;
+    let mut last = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    if let Ok(files) = fs::read_dir(dir) {
+        for f in files.filter_map(Result::ok) {
+            if let Ok(m) = f.metadata() {
+                size += m.len();
+                if let Ok(t) = m.modified() {
+                    last = last.max(t);
+                }
+            }
+        }
+    }
+    (size, last)
 }
 
 /// The sha256 and length of a file, read in pieces.
@@ -480,8 +572,13 @@ mod tests {
         let (_dir, ps) = setup();
         let repo = RepoName::parse("private/app").unwrap();
         let other = RepoName::parse("private/other").unwrap();
-        let id = ps.create_upload(&repo).unwrap();
+        let id = UploadId::new();
+        ps.create_upload(&repo, &id, Some("alice")).unwrap();
         assert_eq!(ps.upload_size(&repo, &id).unwrap(), Some(0));
+        assert_eq!(
+            ps.upload_infos().unwrap()[0].1.owner.as_deref(),
+            Some("alice")
+        );
         assert_eq!(ps.upload_size(&other, &id).unwrap(), None);
         fs::write(ps.upload_data_path(&id), b"hello").unwrap();
         let wrong = Digest::of(b"jello");
@@ -492,7 +589,8 @@ mod tests {
         assert_eq!(ps.upload_size(&repo, &id).unwrap(), None);
         assert!(ps.store().blob_len(Area::Local, &wrong).unwrap().is_none());
 
-        let id = ps.create_upload(&repo).unwrap();
+        let id = UploadId::new();
+        ps.create_upload(&repo, &id, None).unwrap();
         fs::write(ps.upload_data_path(&id), b"hello").unwrap();
         let good = Digest::of(b"hello");
         assert_eq!(ps.finish_upload(&repo, &id, &good).unwrap(), 5);
@@ -508,5 +606,46 @@ mod tests {
         assert_eq!(ps.list_repos().unwrap(), vec![repo.clone()]);
         assert_eq!(ps.resolve_tag(&repo, &tag).unwrap(), Some(good));
         assert_eq!(ps.tags(&repo).unwrap(), vec![(tag, good)]);
+    }
+
+    #[test]
+    fn fsck_finds_and_removes_dangling_tags() {
+        let (_dir, ps) = setup();
+        let repo = RepoName::parse("private/app").unwrap();
+        let (m, gone) = (b"{\"m\":1}".as_slice(), Digest::of(b"gone"));
+        let md = Digest::of(m);
+        ps.store().put_manifest(Area::Local, md, "x", m).unwrap();
+        ps.link_manifest(&repo, &md).unwrap();
+        let (good, unlinked, missing) = (
+            Tag::parse("good").unwrap(),
+            Tag::parse("unlinked").unwrap(),
+            Tag::parse("missing").unwrap(),
+        );
+        ps.set_tag(&repo, &good, &md, "x").unwrap();
+        // Linked but not stored, and stored but not linked here.
+        ps.link_manifest(&repo, &gone).unwrap();
+        ps.set_tag(&repo, &missing, &gone, "x").unwrap();
+        let other = RepoName::parse("private/other").unwrap();
+        ps.set_tag(&other, &unlinked, &md, "x").unwrap();
+
+        let check = ps.fsck_tags(false).unwrap();
+        assert_eq!(check.checked, 3);
+        assert_eq!(
+            check.dangling,
+            vec![
+                (repo.clone(), missing.clone(), gone),
+                (other.clone(), unlinked.clone(), md)
+            ]
+        );
+        assert_eq!(
+            ps.tags(&repo).unwrap().len(),
+            2,
+            "a check alone removes nothing"
+        );
+        assert_eq!(ps.fsck_tags(true).unwrap().dangling.len(), 2);
+        assert_eq!(ps.tags(&repo).unwrap(), vec![(good, md)]);
+        assert!(ps.tags(&other).unwrap().is_empty());
+        let check = ps.fsck_tags(false).unwrap();
+        assert_eq!((check.checked, check.dangling.len()), (1, 0));
     }
 }

@@ -108,6 +108,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ),
         None => None,
     };
+    tokio::spawn(crate::private::expire_uploads(app.clone(), stopped.clone()));
     tracing::info!(%addr, "listening (plain HTTP)");
     let task = tokio::spawn(serve(listener, tls, app.clone(), stopped, grace));
     Ok(Running {

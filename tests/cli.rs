@@ -105,3 +105,128 @@ async fn sigterm_stops_the_server_cleanly() {
         0
     );
 }
+
+#[test]
+fn fsck_reports_dangling_tags_and_repair_removes_them() {
+    use berth::names::{Digest, RepoName, Tag};
+    use berth::private_store::PrivateStore;
+    use berth::store::{Area, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let ps = PrivateStore::new(Store::open(dir.path()).unwrap());
+    let repo = RepoName::parse("private/app").unwrap();
+    let stored = |bytes: &[u8]| {
+        let d = Digest::of(bytes);
+        ps.store()
+            .put_manifest(Area::Local, d, OCI_MANIFEST, bytes)
+            .unwrap();
+        d
+    };
+    let (kept, deleted) = (
+        stored(br#"{"schemaVersion":2,"n":1}"#),
+        stored(br#"{"schemaVersion":2,"n":2}"#),
+    );
+    let (good, broken) = (Tag::parse("good").unwrap(), Tag::parse("broken").unwrap());
+    ps.link_manifest(&repo, &kept).unwrap();
+    ps.set_tag(&repo, &good, &kept, OCI_MANIFEST).unwrap();
+    // What the push/delete race used to leave: a tag naming a manifest deleted from the
+    // repository (its bytes are still stored).
+    ps.set_tag(&repo, &broken, &deleted, OCI_MANIFEST).unwrap();
+
+    let fsck = |repair: bool| {
+        let mut cmd = berth();
+        cmd.arg("fsck").arg("--data-dir").arg(dir.path());
+        if repair {
+            cmd.arg("--repair");
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, stdout) = fsck(false);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("dangling tag: private/app:broken -> {deleted}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("checked 2 private tags: 1 dangling"),
+        "{stdout}"
+    );
+    assert_eq!(
+        ps.tags(&repo).unwrap().len(),
+        2,
+        "a check alone removes nothing"
+    );
+
+    let (code, stdout) = fsck(true);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("removed dangling tag: private/app:broken"),
+        "{stdout}"
+    );
+    assert_eq!(ps.tags(&repo).unwrap(), vec![(good, kept)]);
+    let (code, stdout) = fsck(false);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("checked 1 private tags: 0 dangling"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn gc_grace_zero_reclaims_a_just_unreferenced_blob() {
+    use berth::names::Digest;
+    use berth::store::{Area, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // A layer whose manifest was just deleted: referenced by nothing, written a moment ago.
+    let layer = pseudo_random(7, 10_000);
+    let d = Digest::of(&layer);
+    store.put_blob(Area::Local, d, &layer).unwrap();
+    let gc = |extra: &[&str]| {
+        let out = berth()
+            .arg("gc")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, stdout) = gc(&[]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("1 recent unreferenced blob(s) (--grace 1h)"),
+        "{stdout}"
+    );
+    assert_eq!(store.blob_len(Area::Local, &d).unwrap(), Some(10_000));
+
+    let (code, stdout) = gc(&["--grace", "0s", "--dry-run"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains(&format!("would remove blob {d}")),
+        "{stdout}"
+    );
+    assert!(store.blob_len(Area::Local, &d).unwrap().is_some());
+
+    let (code, stdout) = gc(&["--grace", "0s"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains(&format!("removed blob {d} (10000 bytes)")),
+        "{stdout}"
+    );
+    assert_eq!(store.blob_len(Area::Local, &d).unwrap(), None);
+
+    let out = berth()
+        .args(["gc", "--grace", "soon", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--grace"));
+}

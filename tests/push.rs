@@ -873,6 +873,53 @@ async fn deletes_by_tag_by_digest_and_of_blobs() {
     );
 }
 
+/// A tag push racing a delete of the manifest it names: whichever wins, no tag may be left that
+/// `tags/list` shows but that does not resolve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_pushes_racing_manifest_deletes_leave_no_dangling_tag() {
+    let e = Env::start().await;
+    let img = Image::new(85, &[10]);
+    e.push_image("private/race", "v1", &img).await;
+    let by_digest = format!("/v2/private/race/manifests/{}", img.digest);
+    for round in 0..300 {
+        let r = e
+            .push_manifest("private/race", "v1", &img.manifest, img.media_type)
+            .await;
+        assert_eq!(r.status, 201, "round {round}: {:?}", r.body);
+        // The delete starts at a different point of the pushes' work in each round (a push
+        // takes a few milliseconds, mostly fsyncs), so the rounds sweep the interleavings.
+        let stagger = Duration::from_millis(round % 8);
+        let (put1, put2, del) = tokio::join!(
+            e.push_manifest("private/race", "v1", &img.manifest, img.media_type),
+            e.push_manifest("private/race", "v2", &img.manifest, img.media_type),
+            async {
+                tokio::time::sleep(stagger).await;
+                e.delete(&by_digest).await
+            },
+        );
+        assert_eq!(put1.status, 201, "round {round}: {:?}", put1.body);
+        assert_eq!(put2.status, 201, "round {round}: {:?}", put2.body);
+        assert_eq!(del.status, 202, "round {round}: {:?}", del.body);
+        let listed = e.get("/v2/private/race/tags/list").await.json();
+        let tags: Vec<String> = listed["tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect();
+        for tag in &tags {
+            let r = e.get(&format!("/v2/private/race/manifests/{tag}")).await;
+            assert_eq!(
+                r.status, 200,
+                "round {round}: tags/list shows {tag:?} ({tags:?}) but it does not resolve"
+            );
+        }
+        if !tags.is_empty() {
+            assert_eq!(e.get(&by_digest).await.status, 200, "round {round}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_and_deletes_outside_the_namespace_are_refused() {
     let e = Env::start().await;
@@ -993,6 +1040,135 @@ async fn gc_keeps_referenced_and_recent_blobs_and_removes_the_rest() {
     assert!(report.uploads[0].1 > 500);
     let r = send(Method::GET, &e.b.url(&location), &e.h()).await;
     assert_eq!(r.status, 404);
+}
+
+fn upload_dirs(e: &Env) -> usize {
+    std::fs::read_dir(e.b.dir.path().join("local/uploads"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+async fn metric(e: &Env, name: &str) -> f64 {
+    berth::metrics::sample(
+        &String::from_utf8_lossy(&e.b.get("/metrics").await.bytes()),
+        name,
+        &[],
+    )
+}
+
+/// Starts an upload as whoever `auth` names; returns the reply.
+async fn try_start_upload(e: &Env, auth: &str) -> Reply {
+    send(
+        Method::POST,
+        &e.b.url("/v2/private/app/blobs/uploads/"),
+        &[("authorization", auth)],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_uploads_are_capped_per_user_across_restarts() {
+    let cap = |c: &mut berth::config::Config| c.max_uploads_per_user = 3;
+    let e = Env::start_with(cap).await;
+    let htpasswd = e._users.path().join("htpasswd");
+    berth::auth::add_user(&htpasswd, "bob", "battery staple", 4).unwrap();
+    let bob = basic("bob", "battery staple");
+    let mut alices = Vec::new();
+    for _ in 0..3 {
+        alices.push(e.start_upload("private/app").await);
+    }
+    let r = try_start_upload(&e, &e.auth).await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert_eq!(r.error_code(), "TOOMANYREQUESTS");
+    assert!(
+        r.json()["errors"][0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("alice") && d.contains("max_uploads_per_user")),
+        "{:?}",
+        r.body
+    );
+    assert!(!r.header("retry-after").is_empty());
+    assert_eq!(upload_dirs(&e), 3, "a refused start leaves nothing behind");
+    // Another user is not held back by alice's sessions.
+    let r = try_start_upload(&e, &bob).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    // Nor is a blob pushed whole in one request, which opens no session.
+    e.push_blob("private/app", &pseudo_random(110, 100)).await;
+    assert_eq!(metric(&e, "berth_uploads_refused_total").await, 1.0);
+    assert_eq!(metric(&e, "berth_uploads_open").await, 4.0);
+
+    // A finished and a cancelled session each make room for one more.
+    let blob = pseudo_random(111, 1000);
+    let url = e.b.url(&with_query(
+        &alices[0],
+        &format!("digest={}", sha256(&blob)),
+    ));
+    assert_eq!(send_body(Method::PUT, &url, &e.h(), blob).await.status, 201);
+    let r = send(Method::DELETE, &e.b.url(&alices[1]), &e.h()).await;
+    assert_eq!(r.status, 204);
+    e.start_upload("private/app").await;
+    e.start_upload("private/app").await;
+    assert_eq!(try_start_upload(&e, &e.auth).await.status, 429);
+
+    // A restarted server knows whose sessions are open.
+    let Env {
+        b,
+        up,
+        auth,
+        _users,
+    } = e;
+    let dir = b.stop().await;
+    let b = Berth::start_in(dir, &up, |c| {
+        c.private_ns = vec!["private".into()];
+        c.htpasswd = Some(htpasswd);
+        cap(c);
+    })
+    .await;
+    let e = Env {
+        b,
+        up,
+        auth,
+        _users,
+    };
+    let r = try_start_upload(&e, &e.auth).await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert_eq!(try_start_upload(&e, &bob).await.status, 202);
+    assert_eq!(metric(&e, "berth_uploads_open").await, 5.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_uploads_expire_in_the_running_server() {
+    let e = Env::start_with(|c| {
+        c.upload_max_age = berth::config::Seconds(Duration::from_millis(200));
+        c.max_uploads_per_user = 1;
+    })
+    .await;
+    // No chunk is sent before the wait: on a loaded machine it could arrive after the session
+    // expired. That the session's files go is checked on disk below.
+    let location = e.start_upload("private/app").await;
+    let url = e.b.url(&location);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = send(Method::GET, &url, &e.h()).await;
+        if r.status == 404 {
+            assert_eq!(r.error_code(), "BLOB_UPLOAD_UNKNOWN");
+            break;
+        }
+        assert_eq!(r.status, 204, "{:?}", r.body);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle upload was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = send_body(Method::PATCH, &url, &e.h(), Bytes::from_static(b"late")).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_code(), "BLOB_UPLOAD_UNKNOWN");
+    assert_eq!(upload_dirs(&e), 0, "its bytes are gone from disk");
+    assert_eq!(metric(&e, "berth_uploads_expired_total").await, 1.0);
+    assert_eq!(metric(&e, "berth_uploads_open").await, 0.0);
+    // The expired session no longer counts against its user.
+    e.start_upload("private/app").await;
 }
 
 /// A webhook receiver: a tiny HTTP server that records the JSON it is sent. It fails the first
