@@ -37,6 +37,9 @@ use crate::upstream::{content_length, Upstream, UpstreamError};
 /// Reads of a cached blob go in pieces of this size: large enough that the hand-off to a
 /// blocking thread and the mapping are a small part of each piece.
 const READ_CHUNK: usize = 1 << 20;
+/// Copied reads go in pieces of this size: a piece is encrypted moments after it is read, while
+/// it is still in the CPU's cache, and its buffer is then reused for the next one.
+const COPY_CHUNK: usize = 256 << 10;
 /// Readers following a download share mappings of it in windows of this size. They read the
 /// same region at about the same time, so the eight clients of one cold blob cost one mapping
 /// (and one unmap, with its cross-CPU TLB flush) per window rather than eight per piece.
@@ -563,8 +566,8 @@ impl Download {
         let guard = ReaderGuard(self.clone());
         let rx = self.progress.subscribe();
         futures_util::stream::try_unfold(
-            (guard, rx, start),
-            move |(guard, mut rx, pos)| async move {
+            (guard, rx, start, BytesMut::new()),
+            move |(guard, mut rx, pos, mut buf)| async move {
                 loop {
                     let p = rx.borrow_and_update().clone();
                     if let State::Failed(e) = &p.state {
@@ -589,10 +592,12 @@ impl Download {
                         let chunk = match pages {
                             Pages::Mapped => guard.0.follow_piece(pos, len)?,
                             // Written moments ago, so in memory: read on this thread.
-                            Pages::Copied => read_now(&guard.0.file, pos, len)?,
+                            Pages::Copied => {
+                                read_into(&guard.0.file, pos, len.min(COPY_CHUNK), &mut buf)?
+                            }
                         };
                         let next = pos + chunk.len() as u64;
-                        return Ok(Some((chunk, (guard, rx, next))));
+                        return Ok(Some((chunk, (guard, rx, next, buf))));
                     }
                     if verified || end.is_some_and(|e| pos >= e) {
                         return Ok(None);
@@ -622,7 +627,7 @@ pub fn file_reader(
     pages: Pages,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     let file = Arc::new(file);
-    futures_util::stream::try_unfold(start, move |pos| {
+    futures_util::stream::try_unfold((start, BytesMut::new()), move |(pos, mut buf)| {
         let file = file.clone();
         async move {
             if pos >= end {
@@ -630,9 +635,16 @@ pub fn file_reader(
             }
             let len = (end - pos).min(READ_CHUNK as u64) as usize;
             let chunk = match pages {
-                Pages::Copied => tokio::task::spawn_blocking(move || read_now(&file, pos, len))
+                Pages::Copied => {
+                    let len = len.min(COPY_CHUNK);
+                    let (chunk, back) = tokio::task::spawn_blocking(move || {
+                        read_into(&file, pos, len, &mut buf).map(|c| (c, buf))
+                    })
                     .await
-                    .map_err(io::Error::other)??,
+                    .map_err(io::Error::other)??;
+                    buf = back;
+                    chunk
+                }
                 Pages::Mapped => match map_if_resident(&file, pos, len)? {
                     Some(chunk) => chunk,
                     None => map_at(file, pos, len).await?,
@@ -645,7 +657,7 @@ pub fn file_reader(
                 ));
             }
             let next = pos + chunk.len() as u64;
-            Ok(Some((chunk, next)))
+            Ok(Some((chunk, (next, buf))))
         }
     })
 }
@@ -751,6 +763,39 @@ fn read_now(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
         ));
     }
     Ok(Bytes::from(buf))
+}
+
+/// Bytes `pos..pos + len` of `file` read with `pread` into `buf`'s free space, without zeroing
+/// it first. The piece is split off as `Bytes`; once the connection has dropped it, the next
+/// read reuses the same memory, so a long body costs no allocation (and no page faults) per
+/// piece.
+fn read_into(file: &File, pos: u64, len: usize, buf: &mut BytesMut) -> io::Result<Bytes> {
+    buf.clear();
+    buf.reserve(len);
+    let spare = buf.spare_capacity_mut();
+    let len = len.min(spare.len());
+    // SAFETY: `spare` is `len` or more writable bytes that `buf` owns; pread writes at most
+    // `len` of them and reports how many, and only that many are marked initialised below.
+    let n = unsafe {
+        libc::pread(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            spare.as_mut_ptr().cast(),
+            len,
+            pos as libc::off_t,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "blob file shorter than expected",
+        ));
+    }
+    // SAFETY: pread initialised the first `n` (<= `len`) bytes of the spare capacity.
+    unsafe { buf.set_len(n as usize) };
+    Ok(buf.split().freeze())
 }
 
 /// A piece of a mapping (shared by several readers, or aligned below the piece), as the owner
