@@ -21,9 +21,10 @@ use hyper::body::{Frame, Incoming};
 
 use crate::config::Config;
 use crate::error::RegistryError;
-use crate::fetch::{file_reader, Attach, Pages};
+use crate::fetch::Attach;
 use crate::mirror::{blocking, upstream_error, AcceptSet, Mirror, Outcome, TagList};
 use crate::names::{Digest, Reference, RepoName};
+use crate::pages::{file_reader, Pages};
 use crate::routes::{Query, Route};
 use crate::store::Area;
 use crate::upstream::Upstream;

@@ -20,6 +20,8 @@
 //! pushed manifests with [`manifest`]; [`auth`] decides who may do what; [`webhook`] tells
 //! receivers about pushes and deletes; [`gc`] removes what no manifest refers to.
 
+#![deny(unsafe_code)]
+
 pub mod auth;
 pub mod cache;
 pub mod certs;
@@ -34,11 +36,13 @@ pub mod metrics;
 pub mod mirror;
 pub mod names;
 pub mod ops;
+pub mod pages;
 pub mod private;
 pub mod private_store;
 pub mod ratelimit;
 pub mod routes;
 pub mod server;
+pub mod singleflight;
 pub mod status;
 pub mod store;
 pub mod tls;

@@ -18,9 +18,10 @@ use http_body_util::BodyExt;
 use crate::cache::{manifest_cache, CachedManifest, DiskCache, ManifestCache};
 use crate::config::Config;
 use crate::error::RegistryError;
-use crate::fetch::{Attach, Fetches, SingleFlight};
+use crate::fetch::{Attach, Fetches};
 use crate::names::{Digest, Reference, RepoName, Tag};
 use crate::ratelimit::UpstreamSlots;
+use crate::singleflight::SingleFlight;
 use crate::store::{now_secs, Area, Store, TagEntry};
 use crate::upstream::{Upstream, UpstreamError, UpstreamSetupError};
 
