@@ -52,6 +52,11 @@ pub struct Config {
     /// Browser origins allowed to call the registry API, or `["*"]`; none by default.
     pub cors_origins: Vec<String>,
     pub rate_limit: RateLimitConfig,
+    /// The URL clients reach berth at (behind a proxy, or by a name): the token realm in
+    /// challenges. Without it, the address of the listener the request came in on.
+    pub public_url: Option<PublicUrl>,
+    /// bcrypt checks of passwords running at once [default: the number of CPUs].
+    pub password_check_concurrency: Option<usize>,
 }
 
 /// Client and upstream rate limits; every limit is off unless configured.
@@ -156,6 +161,8 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             cors_origins: Vec::new(),
             rate_limit: RateLimitConfig::default(),
+            public_url: None,
+            password_check_concurrency: None,
         }
     }
 }
@@ -219,6 +226,16 @@ impl Config {
                 ));
             }
         }
+        if let Some(path) = &self.htpasswd {
+            // Checked here, not at the first login: a typo in the path would otherwise refuse
+            // every push with nothing but a log line to say why.
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(err("htpasswd", format!("{}: {e}", path.display())));
+            }
+        }
+        if self.password_check_concurrency == Some(0) {
+            return Err(err("password_check_concurrency", "must be at least 1"));
+        }
         if self.auth_everything && self.htpasswd.is_none() {
             return Err(err(
                 "auth_everything",
@@ -235,6 +252,13 @@ impl Config {
         }
         crate::ops::validate(self)?;
         Ok(())
+    }
+
+    /// How many password checks may run at once.
+    pub fn password_check_concurrency(&self) -> usize {
+        self.password_check_concurrency.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
     }
 
     pub fn default_upstream_config_mut(&mut self) -> &mut UpstreamConfig {
@@ -438,6 +462,38 @@ impl<'de> Deserialize<'de> for UpstreamUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         UpstreamUrl::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The URL clients reach berth at: http or https, a host, an optional port, no path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicUrl(pub UpstreamUrl);
+
+impl PublicUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.trim_end_matches('/').contains("://")
+            && s.trim_end_matches('/')
+                .split_once("://")
+                .is_some_and(|(_, rest)| rest.contains('/'))
+        {
+            return Err(format!(
+                "{s:?}: berth serves the registry API at the root; give the URL without a path"
+            ));
+        }
+        UpstreamUrl::parse(s).map(PublicUrl)
+    }
+}
+
+impl fmt::Display for PublicUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        PublicUrl::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 

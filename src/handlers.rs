@@ -19,6 +19,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 
+use crate::auth::Need;
 use crate::config::Config;
 use crate::error::RegistryError;
 use crate::fetch::{file_reader, Attach};
@@ -45,6 +46,10 @@ pub struct App {
 /// Marks a request that arrived over TLS (set by the TLS listener).
 #[derive(Debug, Clone, Copy)]
 pub struct OverTls;
+
+/// The local address of the connection a request came in on (set by the listeners).
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddr(pub SocketAddr);
 
 /// Facts about a response that the request log wants, carried in response extensions.
 #[derive(Debug, Clone, Copy)]
@@ -75,7 +80,8 @@ impl App {
         let route = Route::parse(req.uri().path());
         let info = crate::ops::begin(&self, &req, peer, route.as_ref().ok());
         let client_ip = info.client.ip;
-        let challenge = self.challenge(&req);
+        let need = route.as_ref().ok().and_then(|r| Need::of(r, req.method()));
+        let challenge = self.challenge(&req, need.as_ref());
         let mut resp = match crate::ops::intercept(&self, &info, &req) {
             Some(resp) => resp,
             None => {
@@ -83,7 +89,7 @@ impl App {
                 let served = async {
                     match route {
                         Ok(route) => self
-                            .dispatch(route, req, client_ip)
+                            .dispatch(route, req, client_ip, need.as_ref())
                             .await
                             .unwrap_or_else(|e| error_response(&e, &method)),
                         Err(e) => error_response(&e, &method),
@@ -102,30 +108,29 @@ impl App {
     }
 
     /// The Bearer challenge for this request: Docker's token flow, with berth's own token
-    /// endpoint on the address the client used. None without users, or when the Host header
-    /// is not a plain host (then the Basic challenge stands).
-    fn challenge<B>(&self, req: &Request<B>) -> Option<HeaderValue> {
+    /// endpoint at `public_url`, else at the address the connection came in on, never at what
+    /// the Host header says (a client could send anyone's there). The scope names what the
+    /// route needs. None without users (then the Basic challenge stands).
+    fn challenge<B>(&self, req: &Request<B>, need: Option<&Need>) -> Option<HeaderValue> {
         self.config.htpasswd.as_ref()?;
-        let host = req
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
-        let plain = host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
-        if !plain || host.is_empty() {
-            return None;
-        }
-        let scheme = if req.extensions().get::<OverTls>().is_some() {
-            "https"
-        } else {
-            "http"
+        let base = match &self.config.public_url {
+            Some(url) => url.to_string(),
+            None => {
+                let local = req.extensions().get::<LocalAddr>()?.0;
+                let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+                let scheme = if req.extensions().get::<OverTls>().is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{local}")
+            }
         };
-        HeaderValue::from_str(&format!(
-            "Bearer realm=\"{scheme}://{host}/auth/token\",service=\"berth\""
-        ))
-        .ok()
+        let mut value = format!("Bearer realm=\"{base}/auth/token\",service=\"berth\"");
+        if let Some(need) = need {
+            value.push_str(&format!(",scope=\"{}\"", need.scope()));
+        }
+        HeaderValue::from_str(&value).ok()
     }
 
     async fn dispatch(
@@ -133,6 +138,7 @@ impl App {
         route: Route,
         req: Request<Incoming>,
         client: std::net::IpAddr,
+        need: Option<&Need>,
     ) -> Result<Response<Body>, RegistryError> {
         let query = Query::parse(req.uri().query());
         let method = req.method().clone();
@@ -143,7 +149,7 @@ impl App {
             crate::auth::Access::of(&route, &method, private, !self.config.private_ns.is_empty());
         let user = self
             .auth
-            .authorize(&self.config, access, req.headers(), client)
+            .authorize(&self.config, access, need, req.headers(), client)
             .await?;
         if private || route == Route::Catalog {
             return crate::private::dispatch(self, route, req, query, user).await;
@@ -154,7 +160,10 @@ impl App {
             }
             (Route::Healthz, Method::GET | Method::HEAD) => Ok(text(StatusCode::OK, "ok\n")),
             (Route::Token, Method::GET) => {
-                let token = self.auth.issue_token(req.headers(), client).await?;
+                let token = self
+                    .auth
+                    .issue_token(&self.config, req.headers(), req.uri().query(), client)
+                    .await?;
                 let body = serde_json::json!({
                     "token": token,
                     "access_token": token,

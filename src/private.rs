@@ -102,7 +102,7 @@ pub async fn dispatch(
 ) -> Result<Response<Body>, RegistryError> {
     let method = req.method().clone();
     let head = method == Method::HEAD;
-    let actor = user.map(|u| u.name().to_owned());
+    let actor = user.as_ref().map(|u| u.name().to_owned());
     match (route, method) {
         (Route::Catalog, Method::GET) => catalog(app, &query).await,
         (Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
@@ -125,7 +125,9 @@ pub async fn dispatch(
         (Route::Referrers { name, digest }, Method::GET) => {
             referrers(app, name, digest, &query).await
         }
-        (Route::UploadStart { name }, Method::POST) => start_upload(app, name, &query, req).await,
+        (Route::UploadStart { name }, Method::POST) => {
+            start_upload(app, name, &query, req, user.as_ref()).await
+        }
         (Route::Upload { name, id }, Method::GET) => upload_status(app, name, id).await,
         (Route::Upload { name, id }, Method::PATCH) => patch_upload(app, name, id, req).await,
         (Route::Upload { name, id }, Method::PUT) => {
@@ -319,15 +321,30 @@ async fn start_upload(
     name: RepoName,
     query: &Query,
     req: Request<Incoming>,
+    user: Option<&User>,
 ) -> Result<Response<Body>, RegistryError> {
     let ps = app.private.store.clone();
     if let Some(mount) = &query.mount {
         let digest = Digest::parse(mount)?;
+        // Mounting reads the source repository: a token must grant pulling it.
+        let readable = |f: &RepoName| {
+            user.map_or(true, |u| {
+                u.may(&crate::auth::Need {
+                    resource: format!("repository:{f}"),
+                    actions: crate::auth::Actions::PULL,
+                })
+            })
+        };
         let from = match &query.from {
-            Some(f) => Some(RepoName::parse(f)?).filter(|f| app.is_private(f)),
+            Some(f) => Some(RepoName::parse(f)?).filter(|f| app.is_private(f) && readable(f)),
             None => None,
         };
-        let mountable = query.from.is_none() || from.is_some();
+        // Without `from` the blob may come from any repository, which a token scoped to
+        // repositories cannot vouch for: its holder uploads instead.
+        let mountable = match &query.from {
+            None => user.map_or(true, |u| !u.is_scoped()),
+            Some(_) => from.is_some(),
+        };
         let (ps2, target) = (ps.clone(), name.clone());
         let mounted = mountable
             && blocking(move || {
