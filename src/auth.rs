@@ -1138,6 +1138,72 @@ mod tests {
     }
 
     #[test]
+    fn token_scopes() {
+        let asked = requested_scopes(Some(
+            "service=berth&scope=repository:private/a:pull,push%20repository:localhost:5000/x:pull&scope=registry:catalog:*&scope=junk",
+        ));
+        assert_eq!(
+            asked,
+            vec![
+                (
+                    "repository:private/a".to_owned(),
+                    Actions::PULL.union(Actions::PUSH)
+                ),
+                ("repository:localhost:5000/x".to_owned(), Actions::PULL),
+                ("registry:catalog".to_owned(), Actions::ALL),
+            ]
+        );
+        let mut config = Config::default();
+        config.private_ns = vec!["private".into()];
+        assert_eq!(rights(&config, true, "repository:private/a"), Actions::ALL);
+        assert_eq!(rights(&config, true, "repository:library/a"), Actions::PULL);
+        assert_eq!(
+            rights(&config, false, "repository:private/a"),
+            Actions::NONE
+        );
+        assert_eq!(
+            rights(&config, false, "repository:library/a"),
+            Actions::PULL
+        );
+        assert_eq!(rights(&config, true, "repository:../x"), Actions::NONE);
+        let m = Route::Manifest {
+            name: RepoName::parse("private/a").unwrap(),
+            reference: crate::names::Reference::parse("v1").unwrap(),
+        };
+        let need = Need::of(&m, &Method::PUT).unwrap();
+        assert_eq!(need.scope(), "repository:private/a:pull,push");
+        let grants = Grants(asked.into_iter().collect());
+        assert!(grants.allows(&need));
+        assert!(!grants.allows(&Need::of(&m, &Method::DELETE).unwrap()));
+    }
+
+    #[test]
+    fn failure_limit_counts_failures_and_checks_under_way() {
+        let limit = FailureLimit::new(2);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = limit.begin(ip, [1; 32]).unwrap();
+        // The same credentials join the check under way; others need room.
+        let a2 = limit.begin(ip, [1; 32]).unwrap();
+        let b = limit.begin(ip, [2; 32]).unwrap();
+        assert!(limit.begin(ip, [3; 32]).is_err());
+        drop((a, a2));
+        limit.failed(ip);
+        drop(b);
+        limit.failed(ip);
+        let wait = limit.check(ip).unwrap_err();
+        assert!(
+            wait > Duration::from_secs(50) && wait <= FAILURE_WINDOW,
+            "{wait:?}"
+        );
+        // One IPv6 client is its /64.
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        limit.failed(v6);
+        limit.failed("2001:db8::2".parse().unwrap());
+        assert!(limit.check("2001:db8::ffff".parse().unwrap()).is_err());
+        assert!(limit.check("2001:db8:0:1::1".parse().unwrap()).is_ok());
+    }
+
+    #[test]
     fn access_policy() {
         let private = RepoName::parse("private/app").unwrap();
         let m = Route::Manifest {
