@@ -1498,3 +1498,59 @@ async fn the_token_realm_is_never_taken_from_the_host_header() {
         "{r}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_pages_are_complete_and_bounded_over_many_repositories() {
+    let e = Env::start().await;
+    let img = Image::new(83, &[10]);
+    e.push_image("private/app", "v1", &img).await;
+    // A name cached from two upstreams is listed once.
+    let other =
+        e.b.dir
+            .path()
+            .join("cache/repos/ghcr.io/library/img0/_tags");
+    std::fs::create_dir_all(other).unwrap();
+    // Mirrored repositories as the cache files them, in nested namespaces, 2,500 of them.
+    let cache = e.b.dir.path().join("cache/repos/docker.io");
+    let mut expected = vec!["private/app".to_owned()];
+    for i in 0..2500 {
+        let name = match i % 3 {
+            0 => format!("library/img{i}"),
+            1 => format!("team-{}/svc{i}", i % 7),
+            _ => format!("team-{}/svc/sub{i}", i % 7),
+        };
+        std::fs::create_dir_all(cache.join(&name).join("_tags")).unwrap();
+        expected.push(name);
+    }
+    expected.sort();
+    // Without a page size: the first 1000, and a Link to the rest.
+    let r = e.get("/v2/_catalog").await;
+    let first = r.json()["repositories"].as_array().unwrap().len();
+    assert_eq!(first, berth::private::MAX_CATALOG_PAGE);
+    assert!(r.header("link").contains("rel=\"next\""));
+    // Following the Links with n=97 lists every repository once, in order.
+    let mut listed: Vec<String> = Vec::new();
+    let mut next = "/v2/_catalog?n=97".to_owned();
+    loop {
+        let r = e.get(&next).await;
+        assert_eq!(r.status, 200);
+        let page: Vec<String> = r.json()["repositories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        assert!(page.len() <= 97);
+        listed.extend(page);
+        let link = r.header("link").to_owned();
+        if link.is_empty() {
+            break;
+        }
+        next = link
+            .strip_prefix('<')
+            .and_then(|l| l.split_once('>'))
+            .map(|(url, _)| url.to_owned())
+            .unwrap();
+    }
+    assert_eq!(listed, expected);
+}
