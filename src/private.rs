@@ -1044,18 +1044,54 @@ fn repos_after(
     }
 }
 
+/// Referrers listed per page unless the client asks for fewer; more follow through `Link`.
+pub const MAX_REFERRERS_PAGE: usize = 100;
+
 async fn referrers(
     app: &App,
     name: RepoName,
     subject: Digest,
     query: &Query,
 ) -> Result<Response<Body>, RegistryError> {
-    let (ps, n) = (app.private.store.clone(), name.clone());
-    let mut list = blocking(move || ps.referrers(&n, &subject)).await?;
+    let n = query
+        .page_size()?
+        .unwrap_or(MAX_REFERRERS_PAGE)
+        .clamp(1, MAX_REFERRERS_PAGE);
+    let after = query.last.as_deref().map(Digest::parse).transpose()?;
+    let artifact_type = query.artifact_type.clone();
+    let (ps, n2, t) = (
+        app.private.store.clone(),
+        name.clone(),
+        artifact_type.clone(),
+    );
+    // A filtered page may come back short (even empty) with a Link: reading stops after a few
+    // pages' worth of referrers, matching or not.
+    let (list, next) = blocking(move || {
+        ps.referrers_page(&n2, &subject, after.as_ref(), n, 4 * n, &|d| {
+            t.as_ref().map_or(true, |t| {
+                d.get("artifactType").and_then(|v| v.as_str()) == Some(t.as_str())
+            })
+        })
+    })
+    .await?;
     let mut extra = Vec::new();
-    if let Some(t) = &query.artifact_type {
-        list.retain(|d| d.get("artifactType").and_then(|v| v.as_str()) == Some(t.as_str()));
+    if artifact_type.is_some() {
         extra.push((FILTERS_APPLIED, "artifactType".to_owned()));
+    }
+    if let Some(next) = next {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.append_pair("n", &n.to_string());
+        q.append_pair("last", &next.to_string());
+        if let Some(t) = &artifact_type {
+            q.append_pair("artifactType", t);
+        }
+        extra.push((
+            LINK,
+            format!(
+                "</v2/{name}/referrers/{subject}?{}>; rel=\"next\"",
+                q.finish()
+            ),
+        ));
     }
     json_response(
         OCI_INDEX,

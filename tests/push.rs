@@ -1554,3 +1554,78 @@ async fn catalog_pages_are_complete_and_bounded_over_many_repositories() {
     }
     assert_eq!(listed, expected);
 }
+
+/// Follows `Link: <…>; rel="next"` from `path`, collecting a JSON array field of every page.
+async fn all_pages(e: &Env, path: &str, field: &str, max_page: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut next = path.to_owned();
+    for _ in 0..1000 {
+        let r = e.get(&next).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let page = r.json()[field].as_array().unwrap().clone();
+        assert!(page.len() <= max_page, "{} > {max_page}", page.len());
+        out.extend(page);
+        let link = r.header("link").to_owned();
+        if link.is_empty() {
+            return out;
+        }
+        next = link
+            .strip_prefix('<')
+            .and_then(|l| l.split_once('>'))
+            .map(|(url, _)| url.to_owned())
+            .unwrap();
+    }
+    panic!("more than 1000 pages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrers_are_paged_with_link() {
+    let e = Env::start().await;
+    let img = Image::new(84, &[100]);
+    e.push_image("private/app", "v1", &img).await;
+    e.push_blob("private/app", &Bytes::from_static(b"{}")).await;
+    let mut sigs = Vec::new();
+    let mut all = Vec::new();
+    for i in 0..230 {
+        let kind = if i % 3 == 0 {
+            "application/vnd.example.signature"
+        } else {
+            "application/vnd.example.sbom"
+        };
+        let a = artifact(&img, kind, &format!("n{i}"));
+        let r = e
+            .push_manifest("private/app", &sha256(&a), &a, OCI_MANIFEST)
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        if i % 3 == 0 {
+            sigs.push(sha256(&a));
+        }
+        all.push(sha256(&a));
+    }
+    all.sort();
+    sigs.sort();
+    let path = format!("/v2/private/app/referrers/{}", img.digest);
+    let r = e.get(&path).await;
+    assert_eq!(
+        r.json()["manifests"].as_array().unwrap().len(),
+        berth::private::MAX_REFERRERS_PAGE
+    );
+    assert!(r.header("link").contains("rel=\"next\""));
+    let digests = |v: Vec<Value>| -> Vec<String> {
+        v.iter()
+            .map(|d| d["digest"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let listed =
+        digests(all_pages(&e, &path, "manifests", berth::private::MAX_REFERRERS_PAGE).await);
+    assert_eq!(listed, all);
+    let listed = digests(all_pages(&e, &format!("{path}?n=7"), "manifests", 7).await);
+    assert_eq!(listed, all);
+    // Filtered pages keep the filter in their Links.
+    let filtered = format!("{path}?n=5&artifactType=application/vnd.example.signature");
+    let listed = all_pages(&e, &filtered, "manifests", 5).await;
+    assert!(listed
+        .iter()
+        .all(|d| d["artifactType"] == "application/vnd.example.signature"));
+    assert_eq!(digests(listed), sigs);
+}
