@@ -41,6 +41,8 @@ pub struct App {
     /// The private namespace's registry (see `private`).
     pub private: crate::private::Registry,
     pub ops: crate::ops::Ops,
+    /// What keeps the status pages cheap (see `status`).
+    pub pages: crate::status::Pages,
 }
 
 /// Marks a request that arrived over TLS (set by the TLS listener).
@@ -67,6 +69,7 @@ impl App {
             mirror: Arc::new(mirror),
             started: Instant::now(),
             ops,
+            pages: crate::status::Pages::new(),
         }
     }
 
@@ -82,6 +85,7 @@ impl App {
         let client_ip = info.client.ip;
         let need = route.as_ref().ok().and_then(|r| Need::of(r, req.method()));
         let challenge = self.challenge(&req, need.as_ref());
+        let write = !matches!(*req.method(), Method::GET | Method::HEAD);
         let mut resp = match crate::ops::intercept(&self, &info, &req) {
             Some(resp) => resp,
             None => {
@@ -98,6 +102,15 @@ impl App {
                 self.ops.limits.scope(info.client.ip, served).await
             }
         };
+        // What the status pages list changes when a tag comes from upstream, or with a push
+        // or delete; their listings are made anew then.
+        if let Some(served) = resp.extensions().get::<Served>() {
+            if served.outcome == Outcome::Miss
+                || (served.outcome == Outcome::Local && write && resp.status().is_success())
+            {
+                self.pages.changed();
+            }
+        }
         if resp.status() == StatusCode::UNAUTHORIZED {
             if let Some(challenge) = challenge {
                 resp.headers_mut()

@@ -432,6 +432,16 @@ impl Scraped {
             "bcrypt checks running now (at most password_check_concurrency)",
             app.auth.checks_running() as f64,
         );
+        s.counter(
+            "berth_status_manifest_reads",
+            "Manifests the status pages read from the store (each summary is read once)",
+            n(app.pages.manifest_reads()),
+        );
+        s.counter(
+            "berth_status_busy_refusals",
+            "Status page visits refused because too many listings were being computed",
+            load(&app.pages.busy_refusals),
+        );
         s.push(
             "berth_auth_refused",
             "Requests refused by authentication limits: failed_logins (address over its limit, \

@@ -997,7 +997,7 @@ fn non_empty(dir: &std::path::Path) -> bool {
 /// A directory `c` stands for its own name `c` and for the names under `c/`; ordering the
 /// children by those two keys visits the names in byte order (`a` < `a-b` < `a/x`), which a
 /// plain walk of sorted children does not.
-fn repos_after(
+pub(crate) fn repos_after(
     dir: &std::path::Path,
     prefix: &str,
     last: Option<&str>,
