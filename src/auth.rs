@@ -1153,8 +1153,10 @@ mod tests {
                 ("registry:catalog".to_owned(), Actions::ALL),
             ]
         );
-        let mut config = Config::default();
-        config.private_ns = vec!["private".into()];
+        let config = Config {
+            private_ns: vec!["private".into()],
+            ..Config::default()
+        };
         assert_eq!(rights(&config, true, "repository:private/a"), Actions::ALL);
         assert_eq!(rights(&config, true, "repository:library/a"), Actions::PULL);
         assert_eq!(

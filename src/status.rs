@@ -304,10 +304,13 @@ struct Summary {
     complete: bool,
 }
 
+/// A remembered summary (None: not a manifest the page understands), and when it expires if it
+/// is incomplete.
+type Remembered = (Option<Arc<Summary>>, Option<Instant>);
+
 #[derive(Default)]
 struct Summaries {
-    /// None: not a manifest the page understands. The instant: when an incomplete one expires.
-    map: HashMap<(Area, Digest), (Option<Arc<Summary>>, Option<Instant>)>,
+    map: HashMap<(Area, Digest), Remembered>,
     weight: usize,
 }
 
@@ -537,13 +540,11 @@ fn read_repo(
     let mut repo_blobs: HashMap<Digest, u64> = HashMap::new();
     let mut size_complete = true;
     let mut tags = Vec::new();
-    let mut read = 0;
-    for (tag, variant) in &files {
+    for (read, (tag, variant)) in files.iter().enumerate() {
         if read >= max_tags || !budget.take() {
             size_complete = false;
             break;
         }
-        read += 1;
         let Some(entry) = store.get_tag(area, &upstream, &name, tag, variant)? else {
             continue;
         };
