@@ -86,6 +86,7 @@ impl App {
         let need = route.as_ref().ok().and_then(|r| Need::of(r, req.method()));
         let challenge = self.challenge(&req, need.as_ref());
         let write = !matches!(*req.method(), Method::GET | Method::HEAD);
+        let manifest = matches!(route, Ok(Route::Manifest { .. }));
         let mut resp = match crate::ops::intercept(&self, &info, &req) {
             Some(resp) => resp,
             None => {
@@ -105,7 +106,7 @@ impl App {
         // What the status pages list changes when a tag comes from upstream, or with a push
         // or delete; their listings are made anew then.
         if let Some(served) = resp.extensions().get::<Served>() {
-            if served.outcome == Outcome::Miss
+            if (manifest && served.outcome == Outcome::Miss)
                 || (served.outcome == Outcome::Local && write && resp.status().is_success())
             {
                 self.pages.changed();

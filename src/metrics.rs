@@ -438,6 +438,16 @@ impl Scraped {
             n(app.pages.manifest_reads()),
         );
         s.counter(
+            "berth_status_truncated_indexes",
+            "Indexes whose size on the status page counts only their first 128 children",
+            n(app.pages.truncated_indexes()),
+        );
+        s.counter(
+            "berth_status_spent_budgets",
+            "Status listings that stopped at their read budget (sizes shown as unknown)",
+            n(app.pages.spent_budgets()),
+        );
+        s.counter(
             "berth_status_busy_refusals",
             "Status page visits refused because too many listings were being computed",
             load(&app.pages.busy_refusals),

@@ -332,6 +332,10 @@ impl Budget {
 struct Memo {
     summaries: Arc<Mutex<Summaries>>,
     reads: Arc<AtomicU64>,
+    /// Indexes with more children than are looked at.
+    truncated_indexes: Arc<AtomicU64>,
+    /// Listings that spent their read budget.
+    spent_budgets: Arc<AtomicU64>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -397,6 +401,16 @@ impl Pages {
         self.memo.reads.load(Ordering::Relaxed)
     }
 
+    /// Indexes whose size counted only their first [`MAX_CHILDREN`] children.
+    pub fn truncated_indexes(&self) -> u64 {
+        self.memo.truncated_indexes.load(Ordering::Relaxed)
+    }
+
+    /// Listings that stopped reading at [`READS_PER_LISTING`].
+    pub fn spent_budgets(&self) -> u64 {
+        self.memo.spent_budgets.load(Ordering::Relaxed)
+    }
+
     /// The listing for `key`: reused, or computed on the blocking pool by one visitor while
     /// the others wait for it.
     async fn listing(
@@ -419,9 +433,20 @@ impl Pages {
                         "the status page is busy; try again shortly".into(),
                     ));
                 };
-                blocking(move || compute(&memo, &mut Budget(READS_PER_LISTING)))
-                    .await
-                    .map(Arc::new)
+                blocking(move || {
+                    let mut budget = Budget(READS_PER_LISTING);
+                    let listing = compute(&memo, &mut budget);
+                    if budget.0 == 0 {
+                        memo.spent_budgets.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            reads = READS_PER_LISTING,
+                            "status listing stopped at its read budget; some sizes show as unknown"
+                        );
+                    }
+                    listing
+                })
+                .await
+                .map(Arc::new)
             })
             .await
             .map_err(|e| (*e).clone())
@@ -473,6 +498,10 @@ impl Memo {
             }
             let mut blobs = vec![own];
             let mut complete = list.len() <= MAX_CHILDREN;
+            if !complete {
+                self.truncated_indexes.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%d, children = list.len(), looked_at = MAX_CHILDREN, "status page: an index with more children than are looked at; its size is a lower bound");
+            }
             for (child, _) in list.iter().take(MAX_CHILDREN).filter_map(desc) {
                 match self.summary(store, area, &child.to_string(), budget, true) {
                     Some(s) => {

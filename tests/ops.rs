@@ -857,6 +857,7 @@ async fn a_crafted_index_costs_the_status_page_a_bounded_number_of_reads() {
     assert!(html(&r).contains(&img.digest[7..19]));
     // Only the new image's manifest was read since.
     assert_eq!(app.pages.manifest_reads() - before, reads + 1);
+    assert_eq!(app.pages.truncated_indexes(), 1);
     let text = scrape(&b).await;
     assert!(
         sample(&text, "berth_status_manifest_reads_total", &[]) >= (reads + 1) as f64,
