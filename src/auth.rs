@@ -635,7 +635,11 @@ impl Authenticator {
         };
         let mut grants = Grants::default();
         for (resource, asked) in requested_scopes(query) {
-            let granted = asked.intersection(rights(config, user.is_some(), &resource));
+            let mut granted = asked.intersection(rights(config, user.is_some(), &resource));
+            // A token traded for another grants no more than it did itself.
+            if let Some(held) = user.as_ref().and_then(|u| u.grants.as_ref()) {
+                granted = granted.intersection(held.0.get(&resource).copied().unwrap_or_default());
+            }
             if !granted.is_empty() {
                 let e = grants.0.entry(resource).or_default();
                 *e = e.union(granted);

@@ -1452,13 +1452,24 @@ async fn tokens_grant_only_their_scopes() {
         200
     );
 
+    // A token traded at the token endpoint grants no more than it did.
+    let r =
+        e.b.get_with(
+            "/auth/token?service=berth&scope=repository:private/b:pull,push",
+            &[("authorization", &push_a)],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let traded = format!("Bearer {}", r.json()["token"].as_str().unwrap());
+    assert_eq!(post(uploads("private/b"), traded).await.status, 401);
+
     assert_eq!(delete(delete_b).await.status, 202);
     let refused = app_of(&e.b)
         .auth
         .stats
         .refused_scope
         .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(refused, 7);
+    assert_eq!(refused, 8);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
