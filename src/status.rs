@@ -8,6 +8,9 @@
 //! [`App::may_see_private`].
 //!
 //! Pull counts and traffic are kept in memory: they start again at zero with the process.
+//!
+//! Anyone can make the cache hold what they like (a pull through the mirror is enough), so what
+//! a page costs must not grow with it: see [`Pages`] for the bounds.
 
 use crate::config::human_bytes;
 use crate::lock;
