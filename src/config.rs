@@ -229,8 +229,10 @@ impl Config {
         if let Some(path) = &self.htpasswd {
             // Checked here, not at the first login: a typo in the path would otherwise refuse
             // every push with nothing but a log line to say why.
-            if let Err(e) = std::fs::metadata(path) {
-                return Err(err("htpasswd", format!("{}: {e}", path.display())));
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => return Err(err("htpasswd", format!("{}: not a file", path.display()))),
+                Err(e) => return Err(err("htpasswd", format!("{}: {e}", path.display()))),
             }
         }
         if self.password_check_concurrency == Some(0) {
@@ -471,11 +473,8 @@ pub struct PublicUrl(pub UpstreamUrl);
 
 impl PublicUrl {
     pub fn parse(s: &str) -> Result<Self, String> {
-        if s.trim_end_matches('/').contains("://")
-            && s.trim_end_matches('/')
-                .split_once("://")
-                .is_some_and(|(_, rest)| rest.contains('/'))
-        {
+        let rest = s.trim_end_matches('/').split_once("://").map(|(_, r)| r);
+        if rest.is_some_and(|r| r.contains(['/', '?', '#'])) {
             return Err(format!(
                 "{s:?}: berth serves the registry API at the root; give the URL without a path"
             ));
@@ -585,5 +584,19 @@ mod tests {
         assert!(e.to_string().contains("webhooks"), "{e}");
         let c = Config::from_toml("auth_everything = true\n").unwrap();
         assert!(c.validate().is_err());
+        let c = Config::from_toml("public_url = \"https://mirror.office:5443/\"\n").unwrap();
+        assert_eq!(
+            c.public_url.unwrap().to_string(),
+            "https://mirror.office:5443"
+        );
+        for bad in ["mirror.office", "https://m/v2", "https://m?x", "ftp://m"] {
+            let e = Config::from_toml(&format!("public_url = \"{bad}\"\n")).unwrap_err();
+            assert!(e.to_string().contains("public_url"), "{e}");
+        }
+        let e = Config::from_toml("htpasswd = \"/nonexistent/htpasswd\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/htpasswd"), "{e}");
     }
 }
