@@ -369,6 +369,7 @@ pub struct Pages {
     memo: Memo,
     listings: moka::future::Cache<ListingKey, Arc<Listing>>,
     renders: tokio::sync::Semaphore,
+    render_wait: Duration,
     generation: AtomicU64,
     /// Visitors refused because too many listings were being computed.
     pub busy_refusals: AtomicU64,
@@ -389,6 +390,7 @@ impl Pages {
                 .time_to_live(LISTING_TTL)
                 .build(),
             renders: tokio::sync::Semaphore::new(MAX_RENDERS),
+            render_wait: RENDER_WAIT,
             generation: AtomicU64::new(0),
             busy_refusals: AtomicU64::new(0),
         }
@@ -424,12 +426,13 @@ impl Pages {
         let memo = self.memo.clone();
         self.listings
             .try_get_with(key, async move {
-                let Ok(Ok(_turn)) = tokio::time::timeout(RENDER_WAIT, self.renders.acquire()).await
+                let Ok(Ok(_turn)) =
+                    tokio::time::timeout(self.render_wait, self.renders.acquire()).await
                 else {
                     self.busy_refusals.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         renders = MAX_RENDERS,
-                        wait_s = RENDER_WAIT.as_secs(),
+                        wait_s = self.render_wait.as_secs(),
                         "status page refused: too many listings being computed"
                     );
                     return Err(RegistryError::Unavailable(
@@ -1149,6 +1152,63 @@ mod tests {
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_duration(Duration::from_secs(3725)), "1h 2m");
         assert_eq!(short_digest("sha256:0123456789abcdef"), "0123456789ab");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listings_are_shared_and_at_most_two_computed_at_once() {
+        let pages = Arc::new(Pages {
+            render_wait: Duration::from_millis(200),
+            ..Pages::new()
+        });
+        let computed = Arc::new(AtomicU64::new(0));
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new(Mutex::new(gate));
+        let key = |n: u64| ListingKey::Overview {
+            generation: n,
+            private: false,
+        };
+        // Visitors of one listing share one computation, which holds one of the two turns.
+        let slow = |n: u64| {
+            let (pages, computed, gate) = (pages.clone(), computed.clone(), gate.clone());
+            tokio::spawn(async move {
+                pages
+                    .listing(key(n), move |_, _| {
+                        computed.fetch_add(1, Ordering::Relaxed);
+                        let _ = lock(&gate).recv();
+                        Ok(Listing {
+                            repos: Vec::new(),
+                            more: false,
+                        })
+                    })
+                    .await
+                    .is_ok()
+            })
+        };
+        let visits: Vec<_> = (0..10).map(|_| slow(1)).collect();
+        let other = slow(2);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pages.renders.available_permits() > 0 {
+            assert!(Instant::now() < deadline, "two listings never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A third listing finds no turn within the wait: 503, counted.
+        let refused = pages
+            .listing(key(3), |_, _| {
+                Ok(Listing {
+                    repos: Vec::new(),
+                    more: false,
+                })
+            })
+            .await;
+        assert!(matches!(refused, Err(RegistryError::Unavailable(_))));
+        assert_eq!(pages.busy_refusals.load(Ordering::Relaxed), 1);
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        for v in visits {
+            assert!(v.await.unwrap());
+        }
+        assert!(other.await.unwrap());
+        assert_eq!(computed.load(Ordering::Relaxed), 2);
     }
 
     #[test]
