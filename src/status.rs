@@ -254,8 +254,10 @@ struct Repo {
     area: Area,
     upstream: String,
     name: RepoName,
-    /// Every tag name, sorted, whether or not its entry was read.
+    /// The first tag names, sorted, whether or not their entries were read.
     tag_names: Vec<String>,
+    /// How many tags the repository has.
+    tag_count: usize,
     /// The tags whose entries were read.
     tags: Vec<TagRow>,
     /// Compressed size of the unique blobs the read tags reference (known ones).
@@ -385,8 +387,13 @@ impl Pages {
     pub fn new() -> Pages {
         Pages {
             memo: Memo::default(),
+            // Weighed by rows, a few hundred bytes each: some tens of MiB at most.
             listings: moka::future::Cache::builder()
-                .max_capacity(1_000)
+                .weigher(|_, l: &Arc<Listing>| {
+                    let rows: usize = l.repos.iter().map(|r| 1 + r.tags.len()).sum();
+                    u32::try_from(rows).unwrap_or(u32::MAX)
+                })
+                .max_capacity(100_000)
                 .time_to_live(LISTING_TTL)
                 .build(),
             renders: tokio::sync::Semaphore::new(MAX_RENDERS),
@@ -571,6 +578,8 @@ fn read_repo(
     };
     let mut tag_names: Vec<String> = files.iter().map(|(t, _)| t.to_string()).collect();
     tag_names.dedup();
+    let tag_count = tag_names.len();
+    tag_names.truncate(TAGS_PER_ROW);
     let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
     let mut repo_blobs: HashMap<Digest, u64> = HashMap::new();
     let mut size_complete = true;
@@ -611,6 +620,7 @@ fn read_repo(
         upstream,
         name,
         tag_names,
+        tag_count,
         tags,
         size: repo_blobs.values().sum(),
         size_complete,
@@ -789,9 +799,8 @@ async fn overview(app: &App, private: bool) -> Result<String, RegistryError> {
         );
         for r in repos {
             let pulls = app.ops.pulls.get(pull_key(r), r.name.as_str());
-            let tags: Vec<&str> = r.tag_names.iter().map(String::as_str).collect();
-            let more = tags.len().saturating_sub(TAGS_PER_ROW);
-            let shown: Vec<String> = tags.iter().take(TAGS_PER_ROW).map(|t| esc(t)).collect();
+            let more = r.tag_count.saturating_sub(r.tag_names.len());
+            let shown: Vec<String> = r.tag_names.iter().map(|t| esc(t)).collect();
             let _ = write!(
                 h,
                 "<tr><td><a href=\"{}\">{}</a></td><td>{}</td><td>{}{}</td>\
@@ -982,7 +991,7 @@ async fn repo_page(app: &App, rest: &str, private: bool) -> Result<Option<String
         );
     }
     h.push_str("</table>");
-    let unread = repo.tag_names.len().saturating_sub(repo.tags.len());
+    let unread = repo.tag_count.saturating_sub(repo.tags.len());
     if unread > 0 {
         let _ = write!(h, "<p class=\"muted\">{unread} more tags not shown.</p>");
     }
