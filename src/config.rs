@@ -55,6 +55,11 @@ pub struct Config {
     /// Browser origins allowed to call the registry API, or `["*"]`; none by default.
     pub cors_origins: Vec<String>,
     pub rate_limit: RateLimitConfig,
+    /// The URL clients reach berth at (behind a proxy, or by a name): the token realm in
+    /// challenges. Without it, the address of the listener the request came in on.
+    pub public_url: Option<PublicUrl>,
+    /// bcrypt checks of passwords running at once [default: the number of CPUs].
+    pub password_check_concurrency: Option<usize>,
 }
 
 /// Client and upstream rate limits; every limit is off unless configured.
@@ -182,6 +187,8 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             cors_origins: Vec::new(),
             rate_limit: RateLimitConfig::default(),
+            public_url: None,
+            password_check_concurrency: None,
         }
     }
 }
@@ -251,6 +258,18 @@ impl Config {
                 "must be more than 0: every upload would expire as it starts",
             ));
         }
+        if let Some(path) = &self.htpasswd {
+            // Checked here, not at the first login: a typo in the path would otherwise refuse
+            // every push with nothing but a log line to say why.
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => return Err(err("htpasswd", format!("{}: not a file", path.display()))),
+                Err(e) => return Err(err("htpasswd", format!("{}: {e}", path.display()))),
+            }
+        }
+        if self.password_check_concurrency == Some(0) {
+            return Err(err("password_check_concurrency", "must be at least 1"));
+        }
         if self.auth_everything && self.htpasswd.is_none() {
             return Err(err(
                 "auth_everything",
@@ -267,6 +286,13 @@ impl Config {
         }
         crate::ops::validate(self)?;
         Ok(())
+    }
+
+    /// How many password checks may run at once.
+    pub fn password_check_concurrency(&self) -> usize {
+        self.password_check_concurrency.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
     }
 
     pub fn default_upstream_config_mut(&mut self) -> &mut UpstreamConfig {
@@ -480,6 +506,35 @@ impl<'de> Deserialize<'de> for UpstreamUrl {
     }
 }
 
+/// The URL clients reach berth at: http or https, a host, an optional port, no path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicUrl(pub UpstreamUrl);
+
+impl PublicUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let rest = s.trim_end_matches('/').split_once("://").map(|(_, r)| r);
+        if rest.is_some_and(|r| r.contains(['/', '?', '#'])) {
+            return Err(format!(
+                "{s:?}: berth serves the registry API at the root; give the URL without a path"
+            ));
+        }
+        UpstreamUrl::parse(s).map(PublicUrl)
+    }
+}
+
+impl fmt::Display for PublicUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        PublicUrl::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A webhook receiver's URL: http or https, with a host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookUrl(pub http::Uri);
@@ -596,5 +651,19 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("upload_max_age"), "{e}");
+        let c = Config::from_toml("public_url = \"https://mirror.office:5443/\"\n").unwrap();
+        assert_eq!(
+            c.public_url.unwrap().to_string(),
+            "https://mirror.office:5443"
+        );
+        for bad in ["mirror.office", "https://m/v2", "https://m?x", "ftp://m"] {
+            let e = Config::from_toml(&format!("public_url = \"{bad}\"\n")).unwrap_err();
+            assert!(e.to_string().contains("public_url"), "{e}");
+        }
+        let e = Config::from_toml("htpasswd = \"/nonexistent/htpasswd\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/htpasswd"), "{e}");
     }
 }

@@ -19,6 +19,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 
+use crate::auth::Need;
 use crate::config::Config;
 use crate::error::RegistryError;
 use crate::fetch::Attach;
@@ -41,11 +42,17 @@ pub struct App {
     /// The private namespace's registry (see `private`).
     pub private: crate::private::Registry,
     pub ops: crate::ops::Ops,
+    /// What keeps the status pages cheap (see `status`).
+    pub pages: crate::status::Pages,
 }
 
 /// Marks a request that arrived over TLS (set by the TLS listener).
 #[derive(Debug, Clone, Copy)]
 pub struct OverTls;
+
+/// The local address of the connection a request came in on (set by the listeners).
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddr(pub SocketAddr);
 
 /// Facts about a response that the request log wants, carried in response extensions.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +70,7 @@ impl App {
             mirror: Arc::new(mirror),
             started: Instant::now(),
             ops,
+            pages: crate::status::Pages::new(),
         }
     }
 
@@ -76,7 +84,10 @@ impl App {
         let route = Route::parse(req.uri().path());
         let info = crate::ops::begin(&self, &req, peer, route.as_ref().ok());
         let client_ip = info.client.ip;
-        let challenge = self.challenge(&req);
+        let need = route.as_ref().ok().and_then(|r| Need::of(r, req.method()));
+        let challenge = self.challenge(&req, need.as_ref());
+        let write = !matches!(*req.method(), Method::GET | Method::HEAD);
+        let manifest = matches!(route, Ok(Route::Manifest { .. }));
         let mut resp = match crate::ops::intercept(&self, &info, &req) {
             Some(resp) => resp,
             None => {
@@ -85,7 +96,7 @@ impl App {
                 let served = async {
                     match route {
                         Ok(route) => self
-                            .dispatch(route, req, client_ip)
+                            .dispatch(route, req, client_ip, need.as_ref())
                             .await
                             .unwrap_or_else(|e| {
                                 if let RegistryError::Unavailable(why) = &e {
@@ -106,6 +117,15 @@ impl App {
                 self.ops.limits.scope(info.client.ip, served).await
             }
         };
+        // What the status pages list changes when a tag comes from upstream, or with a push
+        // or delete; their listings are made anew then.
+        if let Some(served) = resp.extensions().get::<Served>() {
+            if (manifest && served.outcome == Outcome::Miss)
+                || (served.outcome == Outcome::Local && write && resp.status().is_success())
+            {
+                self.pages.changed();
+            }
+        }
         if resp.status() == StatusCode::UNAUTHORIZED {
             if let Some(challenge) = challenge {
                 resp.headers_mut()
@@ -116,30 +136,29 @@ impl App {
     }
 
     /// The Bearer challenge for this request: Docker's token flow, with berth's own token
-    /// endpoint on the address the client used. None without users, or when the Host header
-    /// is not a plain host (then the Basic challenge stands).
-    fn challenge<B>(&self, req: &Request<B>) -> Option<HeaderValue> {
+    /// endpoint at `public_url`, else at the address the connection came in on, never at what
+    /// the Host header says (a client could send anyone's there). The scope names what the
+    /// route needs. None without users (then the Basic challenge stands).
+    fn challenge<B>(&self, req: &Request<B>, need: Option<&Need>) -> Option<HeaderValue> {
         self.config.htpasswd.as_ref()?;
-        let host = req
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
-        let plain = host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
-        if !plain || host.is_empty() {
-            return None;
-        }
-        let scheme = if req.extensions().get::<OverTls>().is_some() {
-            "https"
-        } else {
-            "http"
+        let base = match &self.config.public_url {
+            Some(url) => url.to_string(),
+            None => {
+                let local = req.extensions().get::<LocalAddr>()?.0;
+                let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+                let scheme = if req.extensions().get::<OverTls>().is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{local}")
+            }
         };
-        HeaderValue::from_str(&format!(
-            "Bearer realm=\"{scheme}://{host}/auth/token\",service=\"berth\""
-        ))
-        .ok()
+        let mut value = format!("Bearer realm=\"{base}/auth/token\",service=\"berth\"");
+        if let Some(need) = need {
+            value.push_str(&format!(",scope=\"{}\"", need.scope()));
+        }
+        HeaderValue::from_str(&value).ok()
     }
 
     async fn dispatch(
@@ -147,6 +166,7 @@ impl App {
         route: Route,
         req: Request<Incoming>,
         client: std::net::IpAddr,
+        need: Option<&Need>,
     ) -> Result<Response<Body>, RegistryError> {
         let query = Query::parse(req.uri().query());
         let method = req.method().clone();
@@ -157,7 +177,7 @@ impl App {
             crate::auth::Access::of(&route, &method, private, !self.config.private_ns.is_empty());
         let user = self
             .auth
-            .authorize(&self.config, access, req.headers(), client)
+            .authorize(&self.config, access, need, req.headers(), client)
             .await?;
         if private || route == Route::Catalog {
             return crate::private::dispatch(self, route, req, query, user).await;
@@ -168,7 +188,10 @@ impl App {
             }
             (Route::Healthz, Method::GET | Method::HEAD) => Ok(text(StatusCode::OK, "ok\n")),
             (Route::Token, Method::GET) => {
-                let token = self.auth.issue_token(req.headers(), client).await?;
+                let token = self
+                    .auth
+                    .issue_token(&self.config, req.headers(), req.uri().query(), client)
+                    .await?;
                 let body = serde_json::json!({
                     "token": token,
                     "access_token": token,

@@ -453,6 +453,63 @@ impl Scraped {
                 .map(|(r, v)| (vec![("limit", r.as_str().to_owned())], n(*v)))
                 .collect(),
         );
+        let auth = &app.auth.stats;
+        let load = |a: &std::sync::atomic::AtomicU64| n(a.load(Ordering::Relaxed));
+        s.counter(
+            "berth_auth_password_checks",
+            "Passwords checked with bcrypt (cached verifications not counted)",
+            load(&auth.password_checks),
+        );
+        s.counter(
+            "berth_auth_verified_cache_hits",
+            "Basic credentials accepted from the short-lived cache of verified ones",
+            load(&auth.verified_hits),
+        );
+        s.counter(
+            "berth_auth_failed_logins",
+            "Logins with wrong credentials",
+            load(&auth.failed_logins),
+        );
+        s.gauge(
+            "berth_auth_password_checks_running",
+            "bcrypt checks running now (at most password_check_concurrency)",
+            app.auth.checks_running() as f64,
+        );
+        s.counter(
+            "berth_status_manifest_reads",
+            "Manifests the status pages read from the store (each summary is read once)",
+            n(app.pages.manifest_reads()),
+        );
+        s.counter(
+            "berth_status_truncated_indexes",
+            "Indexes whose size on the status page counts only their first 128 children",
+            n(app.pages.truncated_indexes()),
+        );
+        s.counter(
+            "berth_status_spent_budgets",
+            "Status listings that stopped at their read budget (sizes shown as unknown)",
+            n(app.pages.spent_budgets()),
+        );
+        s.counter(
+            "berth_status_busy_refusals",
+            "Status page visits refused because too many listings were being computed",
+            load(&app.pages.busy_refusals),
+        );
+        s.push(
+            "berth_auth_refused",
+            "Requests refused by authentication limits: failed_logins (address over its limit, \
+             refused before hashing), busy (too many password checks waiting), scope (a token \
+             without the needed grant)",
+            true,
+            [
+                ("failed_logins", &auth.refused_failures),
+                ("busy", &auth.refused_busy),
+                ("scope", &auth.refused_scope),
+            ]
+            .iter()
+            .map(|(reason, v)| (vec![("reason", (*reason).to_owned())], load(v)))
+            .collect(),
+        );
         s
     }
 

@@ -374,7 +374,7 @@ pub async fn dispatch(
 ) -> Result<Response<Body>, RegistryError> {
     let method = req.method().clone();
     let head = method == Method::HEAD;
-    let actor = user.map(|u| u.name().to_owned());
+    let actor = user.as_ref().map(|u| u.name().to_owned());
     match (route, method) {
         (Route::Catalog, Method::GET) => catalog(app, &query).await,
         (Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
@@ -397,7 +397,7 @@ pub async fn dispatch(
             referrers(app, name, digest, &query).await
         }
         (Route::UploadStart { name }, Method::POST) => {
-            start_upload(app, name, &query, req, actor.as_deref()).await
+            start_upload(app, name, &query, req, user.as_ref()).await
         }
         (Route::Upload { name, id }, Method::GET) => upload_status(app, name, id).await,
         (Route::Upload { name, id }, Method::PATCH) => patch_upload(app, name, id, req).await,
@@ -592,16 +592,30 @@ async fn start_upload(
     name: RepoName,
     query: &Query,
     req: Request<Incoming>,
-    user: Option<&str>,
+    user: Option<&User>,
 ) -> Result<Response<Body>, RegistryError> {
     let ps = app.private.store.clone();
     if let Some(mount) = &query.mount {
         let digest = Digest::parse(mount)?;
+        // Mounting reads the source repository: a token must grant pulling it.
+        let readable = |f: &RepoName| {
+            user.map_or(true, |u| {
+                u.may(&crate::auth::Need {
+                    resource: format!("repository:{f}"),
+                    actions: crate::auth::Actions::PULL,
+                })
+            })
+        };
         let from = match &query.from {
-            Some(f) => Some(RepoName::parse(f)?).filter(|f| app.is_private(f)),
+            Some(f) => Some(RepoName::parse(f)?).filter(|f| app.is_private(f) && readable(f)),
             None => None,
         };
-        let mountable = query.from.is_none() || from.is_some();
+        // Without `from` the blob may come from any repository, which a token scoped to
+        // repositories cannot vouch for: its holder uploads instead.
+        let mountable = match &query.from {
+            None => user.map_or(true, |u| !u.is_scoped()),
+            Some(_) => from.is_some(),
+        };
         let (ps2, target) = (ps.clone(), name.clone());
         let mounted = mountable
             && blocking(move || {
@@ -633,7 +647,7 @@ async fn start_upload(
         return blob_created(&name, &digest);
     }
     // Pushes always authenticate; "-" only stands in should that ever change.
-    let user = user.unwrap_or("-");
+    let user = user.map_or("-", |u| u.name());
     let id = UploadId::new();
     if let Err(open) = reserve_upload(app, user, &id).await {
         app.private.uploads_refused.fetch_add(1, Ordering::Relaxed);
@@ -1303,32 +1317,122 @@ async fn tags(app: &App, name: RepoName, query: &Query) -> Result<Response<Body>
     )
 }
 
+/// The most repositories one catalog page lists: a client asking for more, or for no page
+/// size, gets this many and a `Link` to the rest.
+pub const MAX_CATALOG_PAGE: usize = 1000;
+
 async fn catalog(app: &App, query: &Query) -> Result<Response<Body>, RegistryError> {
-    let ps = app.private.store.clone();
+    let n = query
+        .page_size()?
+        .unwrap_or(MAX_CATALOG_PAGE)
+        .min(MAX_CATALOG_PAGE);
+    let last = query.last.clone();
+    let store = app.private.store.store().clone();
     let mut names = blocking(move || {
-        let mut names: Vec<String> = ps
-            .list_repos()?
-            .into_iter()
-            .map(|r| r.to_string())
-            .collect();
-        names.extend(
-            ps.store()
-                .list_repos(Area::Cache)?
-                .into_iter()
-                .map(|(_, r)| r.to_string()),
+        let last = last.as_deref();
+        // One more than a page from each tree tells whether another page follows.
+        let mut names = Vec::new();
+        repos_after(
+            &store.local_repos_dir(),
+            "",
+            last,
+            n + 1,
+            &|dir| non_empty(&dir.join("_manifests")) || non_empty(&dir.join("_tags")),
+            &mut names,
         );
+        let cache = store.root().join("cache").join("repos");
+        if let Ok(upstreams) = std::fs::read_dir(&cache) {
+            for up in upstreams.filter_map(Result::ok) {
+                let mut found = Vec::new();
+                repos_after(
+                    &up.path(),
+                    "",
+                    last,
+                    n + 1,
+                    &|dir| dir.join("_tags").is_dir(),
+                    &mut found,
+                );
+                names.extend(found);
+            }
+        }
         Ok(names)
     })
     .await?;
     names.sort();
     names.dedup();
-    let page = paginate(names, query)?;
+    let next = if names.len() > n {
+        names.truncate(n);
+        names.last().map(|l| (n, l.clone()))
+    } else {
+        None
+    };
     json_response(
         "application/json",
-        &serde_json::json!({ "repositories": page.items }),
-        next_link("/v2/_catalog", page.next),
+        &serde_json::json!({ "repositories": names }),
+        next_link("/v2/_catalog", next),
     )
 }
+
+fn non_empty(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// Appends to `out`, in order, up to `n` repository names after `last` from one tree of
+/// repository directories (`prefix` names `dir`). Only the directories on the way to the page
+/// are read, so a page costs about the same however many repositories the tree holds.
+///
+/// A directory `c` stands for its own name `c` and for the names under `c/`; ordering the
+/// children by those two keys visits the names in byte order (`a` < `a-b` < `a/x`), which a
+/// plain walk of sorted children does not.
+pub(crate) fn repos_after(
+    dir: &std::path::Path,
+    prefix: &str,
+    last: Option<&str>,
+    n: usize,
+    is_repo: &dyn Fn(&std::path::Path) -> bool,
+    out: &mut Vec<String>,
+) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    // (key, child directory name, whether the key is the child's own name)
+    let mut items: Vec<(String, String, bool)> = Vec::new();
+    for e in entries.filter_map(Result::ok) {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        // `_tags`, `_manifests`…: the repository's own data, never part of a name.
+        if name.starts_with('_') {
+            continue;
+        }
+        items.push((format!("{prefix}{name}"), name.clone(), true));
+        items.push((format!("{prefix}{name}/"), name, false));
+    }
+    items.sort_unstable();
+    for (key, child, own) in items {
+        if out.len() >= n {
+            return;
+        }
+        if own {
+            if last.map_or(true, |l| key.as_str() > l) && is_repo(&dir.join(&child)) {
+                out.push(key);
+            }
+        } else {
+            // Every name under `key` sorts before `last` when `last` is past `key` without
+            // starting with it.
+            if last.is_some_and(|l| l > key.as_str() && !l.starts_with(key.as_str())) {
+                continue;
+            }
+            repos_after(&dir.join(&child), &key, last, n, is_repo, out);
+        }
+    }
+}
+
+/// Referrers listed per page unless the client asks for fewer; more follow through `Link`.
+pub const MAX_REFERRERS_PAGE: usize = 100;
 
 async fn referrers(
     app: &App,
@@ -1336,12 +1440,45 @@ async fn referrers(
     subject: Digest,
     query: &Query,
 ) -> Result<Response<Body>, RegistryError> {
-    let (ps, n) = (app.private.store.clone(), name.clone());
-    let mut list = blocking(move || ps.referrers(&n, &subject)).await?;
+    let n = query
+        .page_size()?
+        .unwrap_or(MAX_REFERRERS_PAGE)
+        .clamp(1, MAX_REFERRERS_PAGE);
+    let after = query.last.as_deref().map(Digest::parse).transpose()?;
+    let artifact_type = query.artifact_type.clone();
+    let (ps, n2, t) = (
+        app.private.store.clone(),
+        name.clone(),
+        artifact_type.clone(),
+    );
+    // A filtered page may come back short (even empty) with a Link: reading stops after a few
+    // pages' worth of referrers, matching or not.
+    let (list, next) = blocking(move || {
+        ps.referrers_page(&n2, &subject, after.as_ref(), n, 4 * n, &|d| {
+            t.as_ref().map_or(true, |t| {
+                d.get("artifactType").and_then(|v| v.as_str()) == Some(t.as_str())
+            })
+        })
+    })
+    .await?;
     let mut extra = Vec::new();
-    if let Some(t) = &query.artifact_type {
-        list.retain(|d| d.get("artifactType").and_then(|v| v.as_str()) == Some(t.as_str()));
+    if artifact_type.is_some() {
         extra.push((FILTERS_APPLIED, "artifactType".to_owned()));
+    }
+    if let Some(next) = next {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.append_pair("n", &n.to_string());
+        q.append_pair("last", &next.to_string());
+        if let Some(t) = &artifact_type {
+            q.append_pair("artifactType", t);
+        }
+        extra.push((
+            LINK,
+            format!(
+                "</v2/{name}/referrers/{subject}?{}>; rel=\"next\"",
+                q.finish()
+            ),
+        ));
     }
     json_response(
         OCI_INDEX,
@@ -1421,6 +1558,49 @@ mod tests {
         assert_eq!(parse_content_range("bytes=5-5"), Some((5, 5)));
         assert_eq!(parse_content_range("9-1"), None);
         assert_eq!(parse_content_range("x"), None);
+    }
+
+    #[test]
+    fn repository_pages_follow_byte_order_and_read_only_their_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "a", "a-b", "a/x", "a/x/y", "a0", "b/c/d", "lib/z", "lib/a", "lib/m-1", "lib/m",
+        ];
+        for n in names {
+            std::fs::create_dir_all(dir.path().join(n).join("_tags")).unwrap();
+        }
+        // A directory that is only a namespace is no repository.
+        std::fs::create_dir_all(dir.path().join("empty/ns")).unwrap();
+        let is_repo = |d: &std::path::Path| d.join("_tags").is_dir();
+        let mut sorted: Vec<&str> = names.to_vec();
+        sorted.sort_unstable();
+        let mut all = Vec::new();
+        repos_after(dir.path(), "", None, 100, &is_repo, &mut all);
+        assert_eq!(all, sorted);
+        for n in 1..5 {
+            let mut paged: Vec<String> = Vec::new();
+            loop {
+                let mut page = Vec::new();
+                repos_after(
+                    dir.path(),
+                    "",
+                    paged.last().map(String::as_str),
+                    n,
+                    &is_repo,
+                    &mut page,
+                );
+                assert!(page.len() <= n);
+                if page.is_empty() {
+                    break;
+                }
+                paged.extend(page);
+            }
+            assert_eq!(paged, sorted, "pages of {n}");
+        }
+        // A page after a name that is not there starts at the next one.
+        let mut page = Vec::new();
+        repos_after(dir.path(), "", Some("a/w"), 2, &is_repo, &mut page);
+        assert_eq!(page, ["a/x", "a/x/y"]);
     }
 
     #[test]

@@ -260,6 +260,50 @@ impl PrivateStore {
         Ok(out)
     }
 
+    /// One page of [`referrers`](Self::referrers): the descriptors of referrers whose digest
+    /// sorts after `after` that `keep` accepts, at most `n`, reading at most `scan` of them.
+    /// Returns the page and, when more may follow, the last digest looked at (where the next
+    /// page starts), so a request costs its page however many referrers a subject has.
+    pub fn referrers_page(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        after: Option<&Digest>,
+        n: usize,
+        scan: usize,
+        keep: &dyn Fn(&serde_json::Value) -> bool,
+    ) -> io::Result<(Vec<serde_json::Value>, Option<Digest>)> {
+        let dir = self.repo_dir(repo).join(REFERRERS).join(subject.hex());
+        let links = read_links(&dir)?;
+        let mut rest = links.iter().filter(|d| after.map_or(true, |a| *d > a));
+        let mut out = Vec::new();
+        let mut scanned = 0;
+        let mut last = None;
+        for digest in rest.by_ref() {
+            last = Some(*digest);
+            scanned += 1;
+            // A referrer deleted from the repository no longer counts, whatever is left on disk.
+            if self.manifest_in_repo(repo, digest) {
+                match fs::read(dir.join(digest.hex())) {
+                    Ok(bytes) => {
+                        if let Ok(v) = serde_json::from_slice(&bytes) {
+                            if keep(&v) {
+                                out.push(v);
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if out.len() >= n || scanned >= scan {
+                break;
+            }
+        }
+        let more = rest.next().is_some();
+        Ok((out, if more { last } else { None }))
+    }
+
     // --- repositories ----------------------------------------------------------------------
 
     /// Private repositories holding at least one manifest or tag, sorted.

@@ -155,7 +155,13 @@ async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let app = app.clone();
-                let service = service_fn(move |req| app.clone().handle(req, peer));
+                let local = stream.local_addr().ok().map(crate::handlers::LocalAddr);
+                let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    if let Some(local) = local {
+                        req.extensions_mut().insert(local);
+                    }
+                    app.clone().handle(req, peer)
+                });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

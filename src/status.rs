@@ -8,14 +8,17 @@
 //! [`App::may_see_private`].
 //!
 //! Pull counts and traffic are kept in memory: they start again at zero with the process.
+//!
+//! Anyone can make the cache hold what they like (a pull through the mirror is enough), so what
+//! a page costs must not grow with it: see [`Pages`] for the bounds.
 
 use crate::config::human_bytes;
 use crate::lock;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
@@ -251,9 +254,16 @@ struct Repo {
     area: Area,
     upstream: String,
     name: RepoName,
+    /// The first tag names, sorted, whether or not their entries were read.
+    tag_names: Vec<String>,
+    /// How many tags the repository has.
+    tag_count: usize,
+    /// The tags whose entries were read.
     tags: Vec<TagRow>,
-    /// Compressed size of the unique blobs the tags reference (known ones).
+    /// Compressed size of the unique blobs the read tags reference (known ones).
     size: u64,
+    /// Whether `size` counts everything (every tag read, every manifest known).
+    size_complete: bool,
 }
 
 struct TagRow {
@@ -263,125 +273,439 @@ struct TagRow {
     /// When the upstream last confirmed the tag (seconds since the epoch).
     fetched_at: u64,
     size: Option<u64>,
+    size_complete: bool,
     platforms: Option<usize>,
 }
 
-/// What a stored manifest says about sizes.
-#[derive(Clone)]
-enum Parsed {
-    Image { blobs: Vec<(String, u64)> },
-    Index { children: Vec<String> },
-    Unknown,
+/// Files (tag entries and manifests) one listing reads at most: a listing costs the same however
+/// much an outsider has pulled into the cache. What is not read shows as unknown; summaries are
+/// remembered, so later listings fill in.
+const READS_PER_LISTING: usize = 4_000;
+/// Children of an index whose manifests are read for its size; beyond, the size is a lower bound.
+const MAX_CHILDREN: usize = 128;
+/// Tag entries read per repository on the overview (all tags are counted).
+const TAGS_READ_PER_REPO: usize = 32;
+/// Tag rows on a repository's page.
+const MAX_REPO_PAGE_TAGS: usize = 500;
+/// How long a listing is reused (a push, a delete or a pull that reaches the upstream makes a
+/// new one sooner).
+const LISTING_TTL: Duration = Duration::from_secs(10);
+/// Listings computed at once; visitors asking for the same one share it.
+const MAX_RENDERS: usize = 2;
+/// Longest wait for a turn at computing a listing before the visitor gets 503.
+const RENDER_WAIT: Duration = Duration::from_secs(10);
+/// Memory for remembered manifest summaries (roughly, in bytes).
+const SUMMARY_MEMORY: usize = 32 << 20;
+/// Summaries that could not read everything are computed again after this long.
+const INCOMPLETE_TTL: Duration = Duration::from_secs(60);
+
+/// What a manifest says about sizes, computed once per digest.
+struct Summary {
+    /// The manifest itself and what it refers to, with sizes: an image's config and layers, an
+    /// index's image children and theirs.
+    blobs: Vec<(Digest, u64)>,
+    platforms: Option<usize>,
+    /// Whether `blobs` is everything (an index's children all read).
+    complete: bool,
 }
 
-fn parse_manifest(store: &Store, area: Area, digest: &str) -> Option<(Parsed, u64)> {
-    let d = Digest::parse(digest).ok()?;
-    let (bytes, _) = store.get_manifest(area, &d).ok()??;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let desc = |e: &serde_json::Value| -> Option<(String, u64)> {
-        Some((
-            e.get("digest")?.as_str()?.to_owned(),
-            e.get("size")?.as_u64()?,
-        ))
-    };
-    let parsed = if let Some(list) = v.get("manifests").and_then(|m| m.as_array()) {
-        Parsed::Index {
-            children: list.iter().filter_map(desc).map(|(d, _)| d).collect(),
+/// A remembered summary (None: not a manifest the page understands), and when it expires if it
+/// is incomplete.
+type Remembered = (Option<Arc<Summary>>, Option<Instant>);
+
+#[derive(Default)]
+struct Summaries {
+    map: HashMap<(Area, Digest), Remembered>,
+    weight: usize,
+}
+
+/// Reads left to a listing.
+struct Budget(usize);
+
+impl Budget {
+    fn take(&mut self) -> bool {
+        if self.0 == 0 {
+            return false;
         }
-    } else if let Some(layers) = v.get("layers").and_then(|l| l.as_array()) {
-        let mut blobs: Vec<_> = layers.iter().filter_map(desc).collect();
-        blobs.extend(v.get("config").and_then(desc));
-        Parsed::Image { blobs }
-    } else {
-        Parsed::Unknown
-    };
-    Some((parsed, bytes.len() as u64))
-}
-
-/// Reads the repositories of an area with their tags and sizes (blocking).
-fn collect_repos(store: &Store, area: Area, limit: usize) -> std::io::Result<(Vec<Repo>, usize)> {
-    let all = store.list_repos(area)?;
-    let total = all.len();
-    let mut parsed: HashMap<String, Option<(Parsed, u64)>> = HashMap::new();
-    let mut out = Vec::new();
-    for (upstream, name) in all.into_iter().take(limit) {
-        out.push(read_repo(store, area, upstream, name, &mut parsed)?);
+        self.0 -= 1;
+        true
     }
-    Ok((out, total))
 }
 
+/// The remembered summaries, shared with listings computed on the blocking pool.
+#[derive(Clone, Default)]
+struct Memo {
+    summaries: Arc<Mutex<Summaries>>,
+    reads: Arc<AtomicU64>,
+    /// Indexes with more children than are looked at.
+    truncated_indexes: Arc<AtomicU64>,
+    /// Listings that spent their read budget.
+    spent_budgets: Arc<AtomicU64>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+enum ListingKey {
+    Overview {
+        generation: u64,
+        private: bool,
+    },
+    Repo {
+        generation: u64,
+        area: Area,
+        upstream: String,
+        name: RepoName,
+    },
+}
+
+/// A computed listing: the repositories, and whether more exist than are listed.
+struct Listing {
+    repos: Vec<Repo>,
+    more: bool,
+}
+
+/// What keeps the status pages cheap however much is cached: manifest summaries computed once
+/// per digest (an index's children read once, at most [`MAX_CHILDREN`] of them), listings
+/// computed within a read budget, shared by concurrent visitors and reused for a while, and
+/// at most [`MAX_RENDERS`] of them computed at once.
+pub struct Pages {
+    memo: Memo,
+    listings: moka::future::Cache<ListingKey, Arc<Listing>>,
+    renders: tokio::sync::Semaphore,
+    render_wait: Duration,
+    generation: AtomicU64,
+    /// Visitors refused because too many listings were being computed.
+    pub busy_refusals: AtomicU64,
+}
+
+impl Default for Pages {
+    fn default() -> Self {
+        Pages::new()
+    }
+}
+
+impl Pages {
+    pub fn new() -> Pages {
+        Pages {
+            memo: Memo::default(),
+            // Weighed by rows, a few hundred bytes each: some tens of MiB at most.
+            listings: moka::future::Cache::builder()
+                .weigher(|_, l: &Arc<Listing>| {
+                    let rows: usize = l.repos.iter().map(|r| 1 + r.tags.len()).sum();
+                    u32::try_from(rows).unwrap_or(u32::MAX)
+                })
+                .max_capacity(100_000)
+                .time_to_live(LISTING_TTL)
+                .build(),
+            renders: tokio::sync::Semaphore::new(MAX_RENDERS),
+            render_wait: RENDER_WAIT,
+            generation: AtomicU64::new(0),
+            busy_refusals: AtomicU64::new(0),
+        }
+    }
+
+    /// What the pages list may have changed (a tag fetched, a push, a delete).
+    pub fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Manifests the pages have read from the store.
+    pub fn manifest_reads(&self) -> u64 {
+        self.memo.reads.load(Ordering::Relaxed)
+    }
+
+    /// Indexes whose size counted only their first [`MAX_CHILDREN`] children.
+    pub fn truncated_indexes(&self) -> u64 {
+        self.memo.truncated_indexes.load(Ordering::Relaxed)
+    }
+
+    /// Listings that stopped reading at [`READS_PER_LISTING`].
+    pub fn spent_budgets(&self) -> u64 {
+        self.memo.spent_budgets.load(Ordering::Relaxed)
+    }
+
+    /// The listing for `key`: reused, or computed on the blocking pool by one visitor while
+    /// the others wait for it.
+    async fn listing(
+        &self,
+        key: ListingKey,
+        compute: impl FnOnce(&Memo, &mut Budget) -> std::io::Result<Listing> + Send + 'static,
+    ) -> Result<Arc<Listing>, RegistryError> {
+        let memo = self.memo.clone();
+        self.listings
+            .try_get_with(key, async move {
+                let Ok(Ok(_turn)) =
+                    tokio::time::timeout(self.render_wait, self.renders.acquire()).await
+                else {
+                    self.busy_refusals.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        renders = MAX_RENDERS,
+                        wait_s = self.render_wait.as_secs(),
+                        "status page refused: too many listings being computed"
+                    );
+                    return Err(RegistryError::Unavailable(
+                        "the status page is busy; try again shortly".into(),
+                    ));
+                };
+                blocking(move || {
+                    let mut budget = Budget(READS_PER_LISTING);
+                    let listing = compute(&memo, &mut budget);
+                    if budget.0 == 0 {
+                        memo.spent_budgets.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            reads = READS_PER_LISTING,
+                            "status listing stopped at its read budget; some sizes show as unknown"
+                        );
+                    }
+                    listing
+                })
+                .await
+                .map(Arc::new)
+            })
+            .await
+            .map_err(|e| (*e).clone())
+    }
+}
+
+impl Memo {
+    /// The summary of a manifest: remembered, or read (within the budget; None when the budget
+    /// is spent, the manifest is missing, or it is not one the page understands). An index's
+    /// image children are read too, unless `shallow`.
+    fn summary(
+        &self,
+        store: &Store,
+        area: Area,
+        digest: &str,
+        budget: &mut Budget,
+        shallow: bool,
+    ) -> Option<Arc<Summary>> {
+        let d = Digest::parse(digest).ok()?;
+        {
+            let summaries = lock(&self.summaries);
+            if let Some((s, expires)) = summaries.map.get(&(area, d)) {
+                if expires.map_or(true, |t| t > Instant::now()) {
+                    return s.clone();
+                }
+            }
+        }
+        if !budget.take() {
+            return None;
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let (bytes, _) = store.get_manifest(area, &d).ok()??;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        let desc = |e: &serde_json::Value| -> Option<(Digest, u64)> {
+            Some((
+                Digest::parse(e.get("digest")?.as_str()?).ok()?,
+                e.get("size")?.as_u64()?,
+            ))
+        };
+        let own = (d, bytes.len() as u64);
+        let summary = if let Some(list) = v.get("manifests").and_then(|m| m.as_array()) {
+            if shallow {
+                // An index inside an index: counted by its own bytes, not remembered.
+                return Some(Arc::new(Summary {
+                    blobs: vec![own],
+                    platforms: Some(list.len()),
+                    complete: false,
+                }));
+            }
+            let mut blobs = vec![own];
+            let mut complete = list.len() <= MAX_CHILDREN;
+            if !complete {
+                self.truncated_indexes.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%d, children = list.len(), looked_at = MAX_CHILDREN, "status page: an index with more children than are looked at; its size is a lower bound");
+            }
+            for (child, _) in list.iter().take(MAX_CHILDREN).filter_map(desc) {
+                match self.summary(store, area, &child.to_string(), budget, true) {
+                    Some(s) => {
+                        complete &= s.complete;
+                        blobs.extend(s.blobs.iter().copied());
+                    }
+                    None => complete = false,
+                }
+            }
+            Some(Summary {
+                blobs,
+                platforms: Some(list.len()),
+                complete,
+            })
+        } else if let Some(layers) = v.get("layers").and_then(|l| l.as_array()) {
+            let mut blobs = vec![own];
+            blobs.extend(layers.iter().filter_map(desc));
+            blobs.extend(v.get("config").and_then(desc));
+            Some(Summary {
+                blobs,
+                platforms: None,
+                complete: true,
+            })
+        } else {
+            None
+        };
+        let summary = summary.map(Arc::new);
+        self.remember(area, d, summary.clone());
+        summary
+    }
+
+    fn remember(&self, area: Area, digest: Digest, summary: Option<Arc<Summary>>) {
+        let weight = 64 + summary.as_ref().map_or(0, |s| s.blobs.len() * 40);
+        let expires = summary
+            .as_ref()
+            .filter(|s| !s.complete)
+            .map(|_| Instant::now() + INCOMPLETE_TTL);
+        let mut summaries = lock(&self.summaries);
+        if summaries.weight + weight > SUMMARY_MEMORY {
+            // Crude but bounded: start over; the next listings read again within their budget.
+            summaries.map.clear();
+            summaries.weight = 0;
+        }
+        summaries.weight += weight;
+        summaries.map.insert((area, digest), (summary, expires));
+    }
+}
+
+/// Reads a repository's tags (at most `max_tags` entries) with their sizes (blocking).
 fn read_repo(
+    memo: &Memo,
     store: &Store,
     area: Area,
     upstream: String,
     name: RepoName,
-    parsed: &mut HashMap<String, Option<(Parsed, u64)>>,
-) -> std::io::Result<Repo> {
-    let mut manifest = |d: &str| -> Option<(Parsed, u64)> {
-        parsed
-            .entry(d.to_owned())
-            .or_insert_with(|| parse_manifest(store, area, d))
-            .clone()
+    max_tags: usize,
+    budget: &mut Budget,
+) -> std::io::Result<Option<Repo>> {
+    let Some(files) = store.tag_names(area, &upstream, &name)? else {
+        return Ok(None);
     };
+    let mut tag_names: Vec<String> = files.iter().map(|(t, _)| t.to_string()).collect();
+    tag_names.dedup();
+    let tag_count = tag_names.len();
+    tag_names.truncate(TAGS_PER_ROW);
     let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
-    let mut repo_blobs: HashMap<String, u64> = HashMap::new();
+    let mut repo_blobs: HashMap<Digest, u64> = HashMap::new();
+    let mut size_complete = true;
     let mut tags = Vec::new();
-    for (tag, _variant, entry) in store.list_tags(area, &upstream, &name)? {
+    for (read, (tag, variant)) in files.iter().enumerate() {
+        if read >= max_tags || !budget.take() {
+            size_complete = false;
+            break;
+        }
+        let Some(entry) = store.get_tag(area, &upstream, &name, tag, variant)? else {
+            continue;
+        };
         if !seen.insert((tag.to_string(), entry.digest.clone())) {
             continue;
         }
-        let mut blobs: HashMap<String, u64> = HashMap::new();
-        let mut platforms = None;
-        let mut known = true;
-        match manifest(&entry.digest) {
-            Some((Parsed::Image { blobs: b }, len)) => {
-                blobs.insert(entry.digest.clone(), len);
-                blobs.extend(b);
+        let summary = memo.summary(store, area, &entry.digest, budget, false);
+        let (size, complete, platforms) = match &summary {
+            Some(s) => {
+                let unique: HashMap<Digest, u64> = s.blobs.iter().copied().collect();
+                repo_blobs.extend(unique.iter().map(|(d, n)| (*d, *n)));
+                (Some(unique.values().sum()), s.complete, s.platforms)
             }
-            Some((Parsed::Index { children }, len)) => {
-                blobs.insert(entry.digest.clone(), len);
-                platforms = Some(children.len());
-                for child in children {
-                    if let Some((Parsed::Image { blobs: b }, clen)) = manifest(&child) {
-                        blobs.insert(child, clen);
-                        blobs.extend(b);
-                    }
-                }
-            }
-            Some((Parsed::Unknown, _)) | None => known = false,
-        }
-        let size = known.then(|| blobs.values().sum());
-        repo_blobs.extend(blobs);
+            None => (None, false, None),
+        };
+        size_complete &= complete;
         tags.push(TagRow {
             tag: tag.to_string(),
             digest: entry.digest,
             media_type: entry.media_type,
             fetched_at: entry.fetched_at,
             size,
+            size_complete: complete,
             platforms,
         });
     }
-    Ok(Repo {
+    Ok(Some(Repo {
         area,
         upstream,
         name,
+        tag_names,
+        tag_count,
         tags,
         size: repo_blobs.values().sum(),
-    })
+        size_complete,
+    }))
+}
+
+/// The first `limit` repositories of an area, in (upstream, name) order, read within the
+/// budget; and whether there are more (blocking).
+fn list_area(
+    memo: &Memo,
+    store: &Store,
+    area: Area,
+    limit: usize,
+    budget: &mut Budget,
+) -> std::io::Result<Listing> {
+    let base = store.root().join(match area {
+        Area::Cache => "cache/repos",
+        Area::Local => "local/repos",
+    });
+    let mut upstreams: Vec<String> = match std::fs::read_dir(&base) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    upstreams.sort();
+    let mut names: Vec<(String, String)> = Vec::new();
+    for up in upstreams {
+        let mut found = Vec::new();
+        crate::private::repos_after(
+            &base.join(&up),
+            "",
+            None,
+            limit + 1 - names.len(),
+            &|d| d.join("_tags").is_dir(),
+            &mut found,
+        );
+        names.extend(found.into_iter().map(|n| (up.clone(), n)));
+        if names.len() > limit {
+            break;
+        }
+    }
+    let more = names.len() > limit;
+    names.truncate(limit);
+    let mut repos = Vec::new();
+    for (up, name) in names {
+        let Ok(name) = RepoName::parse(&name) else {
+            continue;
+        };
+        if let Some(repo) = read_repo(memo, store, area, up, name, TAGS_READ_PER_REPO, budget)? {
+            repos.push(repo);
+        }
+    }
+    Ok(Listing { repos, more })
+}
+
+/// A size for people, marked as a lower bound when not everything could be counted.
+fn size_text(size: u64, complete: bool) -> String {
+    if complete {
+        human_bytes(size)
+    } else {
+        format!("≥ {}", human_bytes(size))
+    }
 }
 
 async fn overview(app: &App, private: bool) -> Result<String, RegistryError> {
     let store = app.mirror.store().clone();
-    let (mut repos, mut total) = {
-        let store = store.clone();
-        blocking(move || collect_repos(&store, Area::Cache, MAX_LISTED_REPOS)).await?
+    let key = ListingKey::Overview {
+        generation: app.pages.generation.load(Ordering::Relaxed),
+        private,
     };
-    if private {
-        let (local, n) =
-            blocking(move || collect_repos(&store, Area::Local, MAX_LISTED_REPOS)).await?;
-        repos.extend(local);
-        total += n;
-    }
+    let listing = app
+        .pages
+        .listing(key, move |memo, budget| {
+            let mut listing = list_area(memo, &store, Area::Cache, MAX_LISTED_REPOS, budget)?;
+            if private {
+                let local = list_area(memo, &store, Area::Local, MAX_LISTED_REPOS, budget)?;
+                listing.repos.extend(local.repos);
+                listing.more |= local.more;
+            }
+            Ok(listing)
+        })
+        .await?;
+    let repos = &listing.repos;
     let (since_start, today) = app.ops.traffic.snapshot();
     let disk = &app.mirror.disk;
     let mut h = String::with_capacity(16 << 10);
@@ -460,7 +784,12 @@ async fn overview(app: &App, private: bool) -> Result<String, RegistryError> {
     }
     h.push_str("</section>");
     // Repositories.
-    let _ = write!(h, "<section><h2>Repositories ({total})</h2>");
+    let _ = write!(
+        h,
+        "<section><h2>Repositories ({}{})</h2>",
+        repos.len(),
+        if listing.more { "+" } else { "" }
+    );
     if repos.is_empty() {
         h.push_str("<p class=\"muted\">Nothing cached yet.</p>");
     } else {
@@ -468,12 +797,10 @@ async fn overview(app: &App, private: bool) -> Result<String, RegistryError> {
             "<table><tr><th>Repository</th><th>Upstream</th><th>Tags</th>\
              <th class=\"num\">Size</th><th>Last pull</th></tr>",
         );
-        for r in &repos {
+        for r in repos {
             let pulls = app.ops.pulls.get(pull_key(r), r.name.as_str());
-            let mut tags: Vec<&str> = r.tags.iter().map(|t| t.tag.as_str()).collect();
-            tags.dedup();
-            let more = tags.len().saturating_sub(TAGS_PER_ROW);
-            let shown: Vec<String> = tags.iter().take(TAGS_PER_ROW).map(|t| esc(t)).collect();
+            let more = r.tag_count.saturating_sub(r.tag_names.len());
+            let shown: Vec<String> = r.tag_names.iter().map(|t| esc(t)).collect();
             let _ = write!(
                 h,
                 "<tr><td><a href=\"{}\">{}</a></td><td>{}</td><td>{}{}</td>\
@@ -487,15 +814,15 @@ async fn overview(app: &App, private: bool) -> Result<String, RegistryError> {
                 } else {
                     String::new()
                 },
-                human_bytes(r.size),
+                size_text(r.size, r.size_complete),
                 pulls.map_or_else(|| "—".to_owned(), |p| ago(p.last)),
             );
         }
         h.push_str("</table>");
-        if total > repos.len() {
+        if listing.more {
             let _ = write!(
                 h,
-                "<p class=\"muted\">Showing {} of {total}.</p>",
+                "<p class=\"muted\">Showing the first {} in name order.</p>",
                 repos.len()
             );
         }
@@ -581,24 +908,43 @@ async fn repo_page(app: &App, rest: &str, private: bool) -> Result<Option<String
         return Ok(None);
     }
     let area = if is_private { Area::Local } else { Area::Cache };
+    // The upstream part names a directory: only a plain name is looked up.
+    let plain = !upstream.is_empty()
+        && upstream != "."
+        && upstream != ".."
+        && !upstream.contains(['/', '\\', '\0']);
+    if !plain || (is_private != (upstream == crate::store::LOCAL_UPSTREAM)) {
+        return Ok(None);
+    }
     let store = app.mirror.store().clone();
-    let (up2, name2) = (upstream.clone(), name.clone());
-    // Only a listed repository is read: the upstream part names a directory.
-    let repo = blocking(move || {
-        let listed = store
-            .list_repos(area)?
-            .into_iter()
-            .any(|(u, n)| u == up2 && n == name2);
-        if !listed {
-            return Ok(None);
-        }
-        read_repo(&store, area, up2, name2, &mut HashMap::new()).map(Some)
-    })
-    .await?;
-    let Some(repo) = repo else {
+    let key = ListingKey::Repo {
+        generation: app.pages.generation.load(Ordering::Relaxed),
+        area,
+        upstream: upstream.clone(),
+        name: name.clone(),
+    };
+    let listing = app
+        .pages
+        .listing(key, move |memo, budget| {
+            let repo = read_repo(
+                memo,
+                &store,
+                area,
+                upstream,
+                name,
+                MAX_REPO_PAGE_TAGS,
+                budget,
+            )?;
+            Ok(Listing {
+                repos: repo.into_iter().collect(),
+                more: false,
+            })
+        })
+        .await?;
+    let Some(repo) = listing.repos.first() else {
         return Ok(None);
     };
-    let pulls = app.ops.pulls.get(pull_key(&repo), repo.name.as_str());
+    let pulls = app.ops.pulls.get(pull_key(repo), repo.name.as_str());
     let mut h = String::with_capacity(8 << 10);
     head(&mut h, &format!("{} — berth", repo.name));
     let _ = write!(
@@ -607,8 +953,8 @@ async fn repo_page(app: &App, rest: &str, private: bool) -> Result<Option<String
          <tr><th>Upstream</th><td>{}</td></tr><tr><th>Size</th><td>{}</td></tr>\
          <tr><th>Last pull</th><td>{}</td></tr></table></section>",
         esc(repo.name.as_str()),
-        esc(area_label(&repo)),
-        human_bytes(repo.size),
+        esc(area_label(repo)),
+        size_text(repo.size, repo.size_complete),
         pulls
             .as_ref()
             .map_or_else(|| "— (none since start)".to_owned(), |p| ago(p.last)),
@@ -635,7 +981,8 @@ async fn repo_page(app: &App, rest: &str, private: bool) -> Result<Option<String
             esc(&t.digest),
             esc(short_digest(&t.digest)),
             esc(&kind),
-            t.size.map_or_else(|| "?".to_owned(), human_bytes),
+            t.size
+                .map_or_else(|| "?".to_owned(), |n| size_text(n, t.size_complete)),
             if repo.area == Area::Local {
                 "—".to_owned()
             } else {
@@ -643,7 +990,12 @@ async fn repo_page(app: &App, rest: &str, private: bool) -> Result<Option<String
             },
         );
     }
-    h.push_str("</table></section></main></body></html>\n");
+    h.push_str("</table>");
+    let unread = repo.tag_count.saturating_sub(repo.tags.len());
+    if unread > 0 {
+        let _ = write!(h, "<p class=\"muted\">{unread} more tags not shown.</p>");
+    }
+    h.push_str("</section></main></body></html>\n");
     Ok(Some(h))
 }
 
@@ -809,6 +1161,63 @@ mod tests {
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_duration(Duration::from_secs(3725)), "1h 2m");
         assert_eq!(short_digest("sha256:0123456789abcdef"), "0123456789ab");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listings_are_shared_and_at_most_two_computed_at_once() {
+        let pages = Arc::new(Pages {
+            render_wait: Duration::from_millis(200),
+            ..Pages::new()
+        });
+        let computed = Arc::new(AtomicU64::new(0));
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new(Mutex::new(gate));
+        let key = |n: u64| ListingKey::Overview {
+            generation: n,
+            private: false,
+        };
+        // Visitors of one listing share one computation, which holds one of the two turns.
+        let slow = |n: u64| {
+            let (pages, computed, gate) = (pages.clone(), computed.clone(), gate.clone());
+            tokio::spawn(async move {
+                pages
+                    .listing(key(n), move |_, _| {
+                        computed.fetch_add(1, Ordering::Relaxed);
+                        let _ = lock(&gate).recv();
+                        Ok(Listing {
+                            repos: Vec::new(),
+                            more: false,
+                        })
+                    })
+                    .await
+                    .is_ok()
+            })
+        };
+        let visits: Vec<_> = (0..10).map(|_| slow(1)).collect();
+        let other = slow(2);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pages.renders.available_permits() > 0 {
+            assert!(Instant::now() < deadline, "two listings never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A third listing finds no turn within the wait: 503, counted.
+        let refused = pages
+            .listing(key(3), |_, _| {
+                Ok(Listing {
+                    repos: Vec::new(),
+                    more: false,
+                })
+            })
+            .await;
+        assert!(matches!(refused, Err(RegistryError::Unavailable(_))));
+        assert_eq!(pages.busy_refusals.load(Ordering::Relaxed), 1);
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        for v in visits {
+            assert!(v.await.unwrap());
+        }
+        assert!(other.await.unwrap());
+        assert_eq!(computed.load(Ordering::Relaxed), 2);
     }
 
     #[test]

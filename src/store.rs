@@ -338,6 +338,32 @@ impl Store {
         Ok(out)
     }
 
+    /// A repository's tag files as (tag, variant), sorted, without reading them; None when the
+    /// repository has no tag directory. `upstream` must be a single path component.
+    pub fn tag_names(
+        &self,
+        area: Area,
+        upstream: &str,
+        repo: &RepoName,
+    ) -> io::Result<Option<Vec<(Tag, String)>>> {
+        let entries = match fs::read_dir(self.tags_dir(area, upstream, repo)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let (tag, variant) = name.split_once('@').unwrap_or((name, ""));
+            if let Ok(tag) = Tag::parse(tag) {
+                out.push((tag, variant.to_owned()));
+            }
+        }
+        out.sort();
+        Ok(Some(out))
+    }
+
     /// Every repository that has tags in an area, as (upstream, name).
     pub fn list_repos(&self, area: Area) -> io::Result<Vec<(String, RepoName)>> {
         let base = self.root.join(area.dir()).join("repos");

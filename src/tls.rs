@@ -233,8 +233,13 @@ pub async fn serve_connection(
             return;
         }
     };
+    let local = stream.get_ref().0.local_addr().ok();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(crate::handlers::OverTls);
+        if let Some(local) = local {
+            req.extensions_mut()
+                .insert(crate::handlers::LocalAddr(local));
+        }
         app.clone().handle(req, peer)
     });
     let served = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {

@@ -42,6 +42,70 @@ fn an_invalid_config_is_one_line_naming_the_key_and_exit_code_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
 }
 
+#[test]
+fn a_missing_htpasswd_file_stops_the_start_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-htpasswd");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = exits_within(
+        berth()
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--private-ns", "private", "--htpasswd"])
+            .arg(&missing)
+            .arg("--data-dir")
+            .arg(dir.path()),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("htpasswd"), "{stderr}");
+    assert!(
+        stderr.contains(&missing.display().to_string()),
+        "{stderr:?} should name the file"
+    );
+    // The same from the config file.
+    let config = dir.path().join("berth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "htpasswd = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let out = exits_within(berth().args(["serve", "--config"]).arg(&config));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&missing.display().to_string()));
+}
+
+/// Runs a command that should exit by itself; one still running after 20 s is killed and the
+/// test fails (rather than hangs).
+fn exits_within(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after 20 s; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_server_cleanly() {
     let up = Fake::start().await;

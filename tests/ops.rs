@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use berth::config::Seconds;
 use berth::metrics::sample;
+use bytes::Bytes;
 use common::*;
 use http::Method;
+use serde_json::json;
 use tokio::sync::Notify;
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -792,5 +794,73 @@ async fn the_request_log_has_bytes_sent_and_no_secrets() {
     assert!(
         request_lines(&logs, "/healthz").is_empty(),
         "probes log at debug only"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crafted_index_costs_the_status_page_a_bounded_number_of_reads() {
+    let up = Fake::start().await;
+    // An index with 10,000 children, none of which exists.
+    let children: Vec<_> = (0..10_000u32)
+        .map(|i| {
+            json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "size": 500,
+                "digest": sha256(&i.to_le_bytes()),
+                "platform": {"architecture": "amd64", "os": "linux"},
+            })
+        })
+        .collect();
+    let index = Bytes::from(
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": children,
+        }))
+        .unwrap(),
+    );
+    up.add_manifest("library/crafted", "1", index.clone(), OCI_INDEX);
+    let img = Image::new(9, &[100]);
+    up.add_image("library/plain", "1", &img);
+    let b = Berth::start(&up, |_| {}).await;
+    let r = b
+        .get_with("/v2/library/crafted/manifests/1", &[("accept", OCI_INDEX)])
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.bytes(), index);
+    // 600 more repositories, as the cache files them.
+    let cache = b.dir.path().join("cache/repos/docker.io");
+    for i in 0..600 {
+        std::fs::create_dir_all(cache.join(format!("many/r{i:03}/_tags"))).unwrap();
+    }
+    let app = app(&b);
+    let before = app.pages.manifest_reads();
+
+    // 32 visitors at once share one listing, which reads at most 128 of the children.
+    let visits: Vec<_> = (0..32).map(|_| spawn_get(&b.url("/"), &[])).collect();
+    for v in visits {
+        let r = v.await.unwrap();
+        assert_eq!(r.status, 200);
+        let page = html(&r);
+        assert!(page.contains("library/crafted"), "{page}");
+        assert!(page.contains("Repositories (500+)"), "{page}");
+    }
+    let reads = app.pages.manifest_reads() - before;
+    assert!(reads <= 1 + 128, "{reads} manifest reads");
+    // The repository's page and later listings reuse the summary.
+    let r = b.get("/ui/repo/docker.io/library/crafted").await;
+    assert_eq!(r.status, 200);
+    assert!(html(&r).contains("index, 10000 platforms"));
+    pull(&b, "plain", "1", &img).await;
+    assert_eq!(b.get("/").await.status, 200);
+    let r = b.get("/ui/repo/docker.io/library/plain").await;
+    assert!(html(&r).contains(&img.digest[7..19]));
+    // Only the new image's manifest was read since.
+    assert_eq!(app.pages.manifest_reads() - before, reads + 1);
+    assert_eq!(app.pages.truncated_indexes(), 1);
+    let text = scrape(&b).await;
+    assert!(
+        sample(&text, "berth_status_manifest_reads_total", &[]) >= (reads + 1) as f64,
+        "{text}"
     );
 }

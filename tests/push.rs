@@ -626,10 +626,13 @@ async fn authentication_none_wrong_and_right() {
     let r = e.b.get_with("/v2/", &[("authorization", &e.auth)]).await;
     assert_eq!(r.status, 200);
 
-    // Pushes need a user.
+    // Pushes need a user; the challenge names the scope a token needs.
     let r = send(Method::POST, &blob_url, &[]).await;
     assert_eq!(r.status, 401);
-    assert_eq!(r.header("www-authenticate"), challenge);
+    assert_eq!(
+        r.header("www-authenticate"),
+        format!("{challenge},scope=\"repository:private/app:pull,push\"")
+    );
     let r = send(Method::POST, &blob_url, &[("authorization", &wrong)]).await;
     assert_eq!(r.status, 401);
     let r = send(
@@ -1272,9 +1275,25 @@ async fn docker_token_flow_anonymous_and_with_credentials() {
     let uploads = e.b.url("/v2/private/app/blobs/uploads/");
     let r = send(Method::POST, &uploads, &[("authorization", &anonymous)]).await;
     assert_eq!(r.status, 401);
-    // Credentials at the token endpoint: a token for the user, which can push.
+    // An anonymous token asking for push gets none.
+    let r =
+        e.b.get("/auth/token?service=berth&scope=repository:private/app:pull,push")
+            .await;
+    let r = send(Method::POST, &uploads, &[("authorization", &token_of(&r))]).await;
+    assert_eq!(r.status, 401);
+    // Credentials at the token endpoint: a token for the user, which passes `docker login`'s
+    // probe, and pushes where its scope says.
     let r = e.b.get_with("/auth/token?service=berth", &e.h()).await;
     assert_eq!(r.status, 200);
+    let login = token_of(&r);
+    let r = e.b.get_with("/v2/", &[("authorization", &login)]).await;
+    assert_eq!(r.status, 200);
+    let r =
+        e.b.get_with(
+            "/auth/token?service=berth&scope=repository:private/app:pull,push",
+            &e.h(),
+        )
+        .await;
     let user = token_of(&r);
     let r = send(Method::POST, &uploads, &[("authorization", &user)]).await;
     assert_eq!(r.status, 202);
@@ -1287,4 +1306,513 @@ async fn docker_token_flow_anonymous_and_with_credentials() {
         e.b.get_with("/v2/", &[("authorization", "Bearer 00ff")])
             .await;
     assert_eq!(r.status, 401);
+}
+
+// --- password floods, token scopes, the token realm ---------------------------------------
+
+fn app_of(b: &Berth) -> Arc<berth::handlers::App> {
+    b.running.as_ref().expect("berth is running").app.clone()
+}
+
+/// bcrypt runs so far.
+fn password_checks(b: &Berth) -> u64 {
+    app_of(b)
+        .auth
+        .stats
+        .password_checks
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A token from `/auth/token` with this query, for these credentials, as an Authorization value.
+async fn token(e: &Env, query: &str) -> String {
+    let r =
+        e.b.get_with(&format!("/auth/token?service=berth&{query}"), &e.h())
+            .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    format!("Bearer {}", r.json()["token"].as_str().unwrap())
+}
+
+/// An Env whose user's password is hashed at `cost`, behind a trusted proxy (127.0.0.1) so
+/// that requests can speak for many client addresses through `X-Forwarded-For`.
+async fn env_with_cost(cost: u32, tweak: impl FnOnce(&mut berth::config::Config)) -> Env {
+    let e = Env::start_with(|c| {
+        c.trusted_proxies = vec![berth::ratelimit::IpNet::parse("127.0.0.1").unwrap()];
+        tweak(c);
+    })
+    .await;
+    let htpasswd = e._users.path().join("htpasswd");
+    berth::auth::add_user(&htpasswd, USER, PASSWORD, cost).unwrap();
+    e
+}
+
+/// Many GET /v2/ at once, each with its own address and password.
+fn flood(e: &Env, logins: &[(String, String)]) -> Vec<tokio::task::JoinHandle<Reply>> {
+    logins
+        .iter()
+        .map(|(addr, password)| {
+            spawn_get(
+                &e.b.url("/v2/"),
+                &[
+                    ("authorization", &basic(USER, password)),
+                    ("x-forwarded-for", addr),
+                ],
+            )
+        })
+        .collect()
+}
+
+async fn statuses(handles: Vec<tokio::task::JoinHandle<Reply>>) -> Vec<Reply> {
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_flood_from_one_address_is_refused_before_hashing() {
+    let e = env_with_cost(10, |_| {}).await;
+    // Something cached for anonymous pulls.
+    let img = Image::new(80, &[2000]);
+    e.up.add_image("library/cached", "1", &img);
+    let layer = format!("/v2/library/cached/blobs/{}", sha256(&img.layers[0]));
+    assert_eq!(e.b.get(&layer).await.status, 200);
+    e.b.settle().await;
+    let before = password_checks(&e.b);
+
+    let attacker = "10.0.0.1".to_owned();
+    let guesses: Vec<(String, String)> = (0..60)
+        .map(|i| (attacker.clone(), format!("guess {i}")))
+        .collect();
+    let flood = flood(&e, &guesses);
+    // While the flood is answered, a valid login from elsewhere and an anonymous pull go
+    // through.
+    let r =
+        e.b.get_with(
+            "/v2/",
+            &[("authorization", &e.auth), ("x-forwarded-for", "10.0.0.2")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = e.b.get(&layer).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.bytes(), img.layers[0]);
+
+    let replies = statuses(flood).await;
+    let wrong = replies.iter().filter(|r| r.status == 401).count();
+    let refused: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    let quota = berth::auth::FAILURES_PER_MINUTE as usize;
+    assert_eq!(wrong, quota, "checked guesses");
+    assert_eq!(refused.len(), guesses.len() - quota);
+    for r in &refused {
+        assert_eq!(r.error_code(), "TOOMANYREQUESTS");
+        let retry: u64 = r.header("retry-after").parse().unwrap();
+        assert!((1..=60).contains(&retry), "{retry}");
+    }
+    // The guesses over the limit cost no bcrypt: the quota's and the valid login's only.
+    assert_eq!(password_checks(&e.b) - before, quota as u64 + 1);
+    // The address stays refused, right password or not, without hashing.
+    let r =
+        e.b.get_with(
+            "/v2/",
+            &[("authorization", &e.auth), ("x-forwarded-for", &attacker)],
+        )
+        .await;
+    assert_eq!(r.status, 429);
+    assert_eq!(password_checks(&e.b) - before, quota as u64 + 1);
+    let metrics = e.b.get("/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.bytes()).into_owned();
+    let line = format!(
+        "berth_auth_refused_total{{reason=\"failed_logins\"}} {}",
+        refused.len() + 1
+    );
+    assert!(text.contains(&line), "{line} not in:\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_requests_with_the_same_credentials_share_one_check() {
+    let e = env_with_cost(8, |_| {}).await;
+    let before = password_checks(&e.b);
+    // A client's parallel requests with credentials not verified yet: one bcrypt, no 429.
+    let same: Vec<(String, String)> = (0..20)
+        .map(|_| ("10.0.0.3".to_owned(), PASSWORD.to_owned()))
+        .collect();
+    for r in statuses(flood(&e, &same)).await {
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    assert_eq!(password_checks(&e.b) - before, 1);
+    // Then the verification is remembered: more requests cost no bcrypt.
+    for _ in 0..10 {
+        let r =
+            e.b.get_with(
+                "/v2/",
+                &[("authorization", &e.auth), ("x-forwarded-for", "10.0.0.3")],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(password_checks(&e.b) - before, 1);
+    // The same wrong password sent in parallel (a misconfigured client) is one failed login,
+    // not enough to lock the address out.
+    let wrong: Vec<(String, String)> = (0..20)
+        .map(|_| ("10.0.0.4".to_owned(), "typo".to_owned()))
+        .collect();
+    for r in statuses(flood(&e, &wrong)).await {
+        assert_eq!(r.status, 401, "{:?}", r.body);
+    }
+    assert_eq!(password_checks(&e.b) - before, 2);
+    let r =
+        e.b.get_with(
+            "/v2/",
+            &[("authorization", &e.auth), ("x-forwarded-for", "10.0.0.4")],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_checks_from_many_addresses_wait_boundedly() {
+    let e = env_with_cost(9, |c| c.password_check_concurrency = Some(1)).await;
+    let img = Image::new(81, &[2000]);
+    e.up.add_image("library/cached", "1", &img);
+    let layer = format!("/v2/library/cached/blobs/{}", sha256(&img.layers[0]));
+    assert_eq!(e.b.get(&layer).await.status, 200);
+    e.b.settle().await;
+    // A client whose credentials were verified before the flood.
+    let regular = [
+        ("authorization", e.auth.as_str()),
+        ("x-forwarded-for", "10.1.0.1"),
+    ];
+    assert_eq!(e.b.get_with("/v2/", &regular).await.status, 200);
+    let before = password_checks(&e.b);
+
+    // 30 addresses, each within its failure limit, 150 guesses in all.
+    let guesses: Vec<(String, String)> = (0..150)
+        .map(|i| (format!("10.2.0.{}", i / 5), format!("guess {i}")))
+        .collect();
+    let flood = flood(&e, &guesses);
+    let app = app_of(&e.b);
+    wait_for(
+        "the flood to fill the queue",
+        Duration::from_secs(30),
+        || {
+            app.auth
+                .stats
+                .refused_busy
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        },
+    )
+    .await;
+    // Meanwhile: the verified client, and anonymous pulls, are served.
+    assert_eq!(e.b.get_with("/v2/", &regular).await.status, 200);
+    let r = e.b.get(&layer).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.bytes(), img.layers[0]);
+    assert!(app.auth.checks_running() <= 1);
+
+    let replies = statuses(flood).await;
+    let busy = replies.iter().filter(|r| r.status == 429).count();
+    let wrong = replies.iter().filter(|r| r.status == 401).count();
+    assert_eq!(busy + wrong, guesses.len());
+    assert!(busy > 0);
+    for r in replies.iter().filter(|r| r.status == 429) {
+        assert_eq!(r.error_code(), "TOOMANYREQUESTS");
+        assert!(!r.header("retry-after").is_empty());
+    }
+    // Refused guesses were never hashed.
+    assert_eq!(password_checks(&e.b) - before, wrong as u64);
+    let refused_busy = app
+        .auth
+        .stats
+        .refused_busy
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(refused_busy, busy as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_grant_only_their_scopes() {
+    let e = Env::start().await;
+    let img = Image::new(82, &[10]);
+    e.push_image("private/b", "v1", &img).await;
+    let uploads = |repo: &str| e.b.url(&format!("/v2/{repo}/blobs/uploads/"));
+    let post = |url: String, auth: String| async move {
+        send(Method::POST, &url, &[("authorization", &auth)]).await
+    };
+
+    let push_a = token(&e, "scope=repository:private/a:push").await;
+    assert_eq!(post(uploads("private/a"), push_a.clone()).await.status, 202);
+    // Another repository: 401 with the scope a token would need.
+    let r = post(uploads("private/b"), push_a.clone()).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.error_code(), "UNAUTHORIZED");
+    assert!(
+        r.header("www-authenticate")
+            .contains("scope=\"repository:private/b:pull,push\""),
+        "{}",
+        r.header("www-authenticate")
+    );
+    let r = send_body(
+        Method::PUT,
+        &e.b.url("/v2/private/b/manifests/evil"),
+        &[("authorization", &push_a), ("content-type", img.media_type)],
+        img.manifest.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(e.get("/v2/private/b/manifests/evil").await.status, 404);
+    // Another action: a push token does not pull.
+    let r =
+        e.b.get_with("/v2/private/a/tags/list", &[("authorization", &push_a)])
+            .await;
+    assert_eq!(r.status, 401);
+    assert!(r
+        .header("www-authenticate")
+        .contains("scope=\"repository:private/a:pull\""));
+
+    let pull_b = token(&e, "scope=repository:private/b:pull").await;
+    let r =
+        e.b.get_with("/v2/private/b/manifests/v1", &[("authorization", &pull_b)])
+            .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(post(uploads("private/b"), pull_b.clone()).await.status, 401);
+    let delete = |auth: String| {
+        let url = e.b.url("/v2/private/b/manifests/v1");
+        async move { send(Method::DELETE, &url, &[("authorization", &auth)]).await }
+    };
+    assert_eq!(delete(pull_b.clone()).await.status, 401);
+    let delete_b = token(&e, "scope=repository:private/b:delete").await;
+
+    // Several scopes in one request, repeated and space-separated.
+    let both = token(
+        &e,
+        "scope=repository:private/a:pull,push&scope=repository:private/b:pull%20registry:catalog:*",
+    )
+    .await;
+    assert_eq!(post(uploads("private/a"), both.clone()).await.status, 202);
+    assert_eq!(post(uploads("private/b"), both.clone()).await.status, 401);
+    let r =
+        e.b.get_with("/v2/private/b/manifests/v1", &[("authorization", &both)])
+            .await;
+    assert_eq!(r.status, 200);
+    let r =
+        e.b.get_with("/v2/_catalog", &[("authorization", &both)])
+            .await;
+    assert_eq!(r.status, 200);
+    let r =
+        e.b.get_with("/v2/_catalog", &[("authorization", &push_a)])
+            .await;
+    assert_eq!(r.status, 401);
+
+    // A mount reads its source: without pull on it, the client uploads instead.
+    let config = sha256(&img.config);
+    let mount = |auth: String, from: &str| {
+        let url = e.b.url(&format!(
+            "/v2/private/a/blobs/uploads/?mount={config}{from}"
+        ));
+        async move { send(Method::POST, &url, &[("authorization", &auth)]).await }
+    };
+    assert_eq!(mount(push_a.clone(), "&from=private/b").await.status, 202);
+    assert_eq!(mount(push_a.clone(), "").await.status, 202);
+    assert_eq!(
+        e.head(&format!("/v2/private/a/blobs/{config}"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(mount(both.clone(), "&from=private/b").await.status, 201);
+    assert_eq!(
+        e.head(&format!("/v2/private/a/blobs/{config}"))
+            .await
+            .status,
+        200
+    );
+
+    // A token traded at the token endpoint grants no more than it did.
+    let r =
+        e.b.get_with(
+            "/auth/token?service=berth&scope=repository:private/b:pull,push",
+            &[("authorization", &push_a)],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let traded = format!("Bearer {}", r.json()["token"].as_str().unwrap());
+    assert_eq!(post(uploads("private/b"), traded).await.status, 401);
+
+    assert_eq!(delete(delete_b).await.status, 202);
+    let refused = app_of(&e.b)
+        .auth
+        .stats
+        .refused_scope
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(refused, 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_realm_is_never_taken_from_the_host_header() {
+    let e = Env::start().await;
+    let r = raw_request(
+        &e,
+        "GET /v2/ HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let challenge = r
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("www-authenticate:"))
+        .unwrap_or_else(|| panic!("no challenge in:\n{r}"));
+    assert!(
+        challenge.ends_with(&format!(
+            "Bearer realm=\"http://{}/auth/token\",service=\"berth\"",
+            e.b.addr
+        )),
+        "{challenge}"
+    );
+
+    let e = Env::start_with(|c| {
+        c.public_url = Some(berth::config::PublicUrl::parse("https://mirror.office:5443").unwrap())
+    })
+    .await;
+    let r = raw_request(
+        &e,
+        "GET /v2/private/app/tags/list HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        r.contains(
+            "Bearer realm=\"https://mirror.office:5443/auth/token\",service=\"berth\",\
+             scope=\"repository:private/app:pull\""
+        ),
+        "{r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_pages_are_complete_and_bounded_over_many_repositories() {
+    let e = Env::start().await;
+    let img = Image::new(83, &[10]);
+    e.push_image("private/app", "v1", &img).await;
+    // A name cached from two upstreams is listed once.
+    let other =
+        e.b.dir
+            .path()
+            .join("cache/repos/ghcr.io/library/img0/_tags");
+    std::fs::create_dir_all(other).unwrap();
+    // Mirrored repositories as the cache files them, in nested namespaces, 2,500 of them.
+    let cache = e.b.dir.path().join("cache/repos/docker.io");
+    let mut expected = vec!["private/app".to_owned()];
+    for i in 0..2500 {
+        let name = match i % 3 {
+            0 => format!("library/img{i}"),
+            1 => format!("team-{}/svc{i}", i % 7),
+            _ => format!("team-{}/svc/sub{i}", i % 7),
+        };
+        std::fs::create_dir_all(cache.join(&name).join("_tags")).unwrap();
+        expected.push(name);
+    }
+    expected.sort();
+    // Without a page size: the first 1000, and a Link to the rest.
+    let r = e.get("/v2/_catalog").await;
+    let first = r.json()["repositories"].as_array().unwrap().len();
+    assert_eq!(first, berth::private::MAX_CATALOG_PAGE);
+    assert!(r.header("link").contains("rel=\"next\""));
+    // Following the Links with n=97 lists every repository once, in order.
+    let mut listed: Vec<String> = Vec::new();
+    let mut next = "/v2/_catalog?n=97".to_owned();
+    loop {
+        let r = e.get(&next).await;
+        assert_eq!(r.status, 200);
+        let page: Vec<String> = r.json()["repositories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        assert!(page.len() <= 97);
+        listed.extend(page);
+        let link = r.header("link").to_owned();
+        if link.is_empty() {
+            break;
+        }
+        next = link
+            .strip_prefix('<')
+            .and_then(|l| l.split_once('>'))
+            .map(|(url, _)| url.to_owned())
+            .unwrap();
+    }
+    assert_eq!(listed, expected);
+}
+
+/// Follows `Link: <…>; rel="next"` from `path`, collecting a JSON array field of every page.
+async fn all_pages(e: &Env, path: &str, field: &str, max_page: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut next = path.to_owned();
+    for _ in 0..1000 {
+        let r = e.get(&next).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let page = r.json()[field].as_array().unwrap().clone();
+        assert!(page.len() <= max_page, "{} > {max_page}", page.len());
+        out.extend(page);
+        let link = r.header("link").to_owned();
+        if link.is_empty() {
+            return out;
+        }
+        next = link
+            .strip_prefix('<')
+            .and_then(|l| l.split_once('>'))
+            .map(|(url, _)| url.to_owned())
+            .unwrap();
+    }
+    panic!("more than 1000 pages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrers_are_paged_with_link() {
+    let e = Env::start().await;
+    let img = Image::new(84, &[100]);
+    e.push_image("private/app", "v1", &img).await;
+    e.push_blob("private/app", &Bytes::from_static(b"{}")).await;
+    let mut sigs = Vec::new();
+    let mut all = Vec::new();
+    for i in 0..230 {
+        let kind = if i % 3 == 0 {
+            "application/vnd.example.signature"
+        } else {
+            "application/vnd.example.sbom"
+        };
+        let a = artifact(&img, kind, &format!("n{i}"));
+        let r = e
+            .push_manifest("private/app", &sha256(&a), &a, OCI_MANIFEST)
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        if i % 3 == 0 {
+            sigs.push(sha256(&a));
+        }
+        all.push(sha256(&a));
+    }
+    all.sort();
+    sigs.sort();
+    let path = format!("/v2/private/app/referrers/{}", img.digest);
+    let r = e.get(&path).await;
+    assert_eq!(
+        r.json()["manifests"].as_array().unwrap().len(),
+        berth::private::MAX_REFERRERS_PAGE
+    );
+    assert!(r.header("link").contains("rel=\"next\""));
+    let digests = |v: Vec<Value>| -> Vec<String> {
+        v.iter()
+            .map(|d| d["digest"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let listed =
+        digests(all_pages(&e, &path, "manifests", berth::private::MAX_REFERRERS_PAGE).await);
+    assert_eq!(listed, all);
+    let listed = digests(all_pages(&e, &format!("{path}?n=7"), "manifests", 7).await);
+    assert_eq!(listed, all);
+    // Filtered pages keep the filter in their Links.
+    let filtered = format!("{path}?n=5&artifactType=application/vnd.example.signature");
+    let listed = all_pages(&e, &filtered, "manifests", 5).await;
+    assert!(listed
+        .iter()
+        .all(|d| d["artifactType"] == "application/vnd.example.signature"));
+    assert_eq!(digests(listed), sigs);
 }

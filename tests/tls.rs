@@ -630,3 +630,40 @@ async fn a_blob_file_cut_short_while_it_is_sent_fails_that_response_not_the_proc
     })
     .await
 }
+
+/// Over TLS the token realm is the TLS listener's address with https, whatever Host says.
+#[tokio::test]
+async fn the_token_realm_over_tls_is_the_tls_listener() {
+    within(async {
+        let certs = Certs::valid();
+        let data = tempfile::tempdir().unwrap();
+        let htpasswd = data.path().join("htpasswd");
+        berth::auth::add_user(&htpasswd, "alice", "secret", 4).unwrap();
+        let mut config = config(&certs, data.path());
+        config.htpasswd = Some(htpasswd);
+        let running = berth::server::start(config).await.unwrap();
+        let tls_addr = running.tls_addr.expect("TLS is configured");
+        let stream = connect(
+            tls_addr,
+            client_config(&certs.ca.cert_pem(), &[b"http/1.1"]),
+            "mirror.test",
+        )
+        .await
+        .unwrap();
+        let mut sender = http1(stream).await;
+        // get_v2_http1 sends `Host: mirror.test`.
+        let resp = get_v2_http1(&mut sender).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            resp.headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok()),
+            Some(
+                format!("Bearer realm=\"https://{tls_addr}/auth/token\",service=\"berth\"")
+                    .as_str()
+            )
+        );
+        running.shutdown().await;
+    })
+    .await
+}
