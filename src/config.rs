@@ -51,7 +51,7 @@ pub struct Config {
     /// Serve `/metrics` on its own listener (then not on the main one).
     pub metrics_listen: Option<SocketAddr>,
     /// Peers whose `X-Forwarded-For` names the client (addresses or CIDR blocks).
-    pub trusted_proxies: Vec<crate::ratelimit::IpNet>,
+    pub trusted_proxies: Vec<crate::ops::ratelimit::IpNet>,
     /// Browser origins allowed to call the registry API, or `["*"]`; none by default.
     pub cors_origins: Vec<String>,
     pub rate_limit: RateLimitConfig,
@@ -245,7 +245,7 @@ impl Config {
             ));
         }
         for ns in &self.private_ns {
-            if crate::names::RepoName::parse(ns).is_err() {
+            if crate::oci::names::RepoName::parse(ns).is_err() {
                 return Err(err(
                     "private_ns",
                     format!("{ns:?} is not a valid repository namespace"),

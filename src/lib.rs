@@ -1,54 +1,35 @@
 //! berth: a pull-through caching mirror for the Docker Registry HTTP API v2 / OCI Distribution API.
 //!
-//! A request flows one way through these modules:
+//! The folders are layers, and each uses only the ones above it in this list:
 //!
-//! - [`server`] accepts connections and hands each request to [`handlers`];
-//! - [`routes`] parses the path into typed [`names`] (or answers with an [`error`]);
-//! - [`handlers`] turn routes into responses, asking the [`mirror`] for content;
-//! - the [`mirror`] answers from the [`cache`] (memory, then disk via the [`store`]) and asks the
-//!   [`upstream`] on a miss, through the [`fetch`] coordinator so that concurrent misses cause
-//!   one download;
-//! - [`config`] holds every setting;
-//! - [`tls`] terminates TLS for the server, with certificates [`certs`] can generate.
+//! - [`oci`]: the protocol's vocabulary, with no I/O — names, digests, routes, error codes,
+//!   manifests;
+//! - [`config`] holds every setting; [`certs`] makes certificates;
+//! - [`store`]: the content store, the only code that touches files — blobs, manifests, tags,
+//!   uploads, the private repositories' links, gc, and the pages of blob files sent to clients;
+//! - [`auth`]: who may do what — htpasswd users, tokens, scopes;
+//! - [`mirror`]: the pull-through cache — tag freshness, the memory and disk caches, one
+//!   download per missing blob (the fetch coordinator), the upstream clients;
+//! - [`registry`]: the private namespace — pushes, deletes, uploads, listings, webhooks;
+//! - [`http`]: requests and responses — routing a request to the mirror or the registry, bodies,
+//!   error documents, ranges, listeners, TLS;
+//! - [`ops`]: around every request — client address, CORS, rate limits, the request log,
+//!   metrics, the status page.
 //!
-//! Around that path, the [`ops`] layer (entered from `App::handle`) resolves the client address,
-//! answers CORS preflights ([`cors`]), applies client rate limits ([`ratelimit`]), writes the
-//! request log line and counts [`metrics`] and the statistics of the [`status`] page.
-//!
-//! The private namespace is a small registry of its own: [`private`] answers pushes, deletes and
-//! private pulls, keeping repositories' content apart through [`private_store`] and checking
-//! pushed manifests with [`manifest`]; [`auth`] decides who may do what; [`webhook`] tells
-//! receivers about pushes and deletes; [`gc`] removes what no manifest refers to.
+//! A pull goes `http` (route, auth) → `mirror` (cache, or fetch from the upstream) → `store`.
 
 #![deny(unsafe_code)]
 
 pub mod auth;
-pub mod cache;
 pub mod certs;
 pub mod config;
-pub mod cors;
-pub mod error;
-pub mod fetch;
-pub mod gc;
-pub mod handlers;
-pub mod manifest;
-pub mod metrics;
+pub mod http;
 pub mod mirror;
-pub mod names;
+pub mod oci;
 pub mod ops;
-pub mod pages;
-pub mod private;
-pub mod private_store;
-pub mod ratelimit;
-pub mod routes;
-pub mod server;
-pub mod singleflight;
-pub mod status;
+pub mod registry;
 pub mod store;
-pub mod tls;
 pub mod tls_cli;
-pub mod upstream;
-pub mod webhook;
 
 /// Locks a mutex, carrying on past poisoning: every lock in berth guards plain bookkeeping that
 /// stays consistent between statements, so a panic elsewhere must not take the server down.

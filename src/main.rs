@@ -33,7 +33,7 @@ enum Command {
     #[command(subcommand)]
     User(berth::auth::UserCommand),
     /// Remove private blobs no manifest refers to, and abandoned uploads.
-    Gc(berth::gc::GcArgs),
+    Gc(berth::store::gc::GcArgs),
 }
 
 #[derive(Args)]
@@ -93,7 +93,7 @@ fn fsck(args: FsckArgs) -> ExitCode {
         }
     );
     // After the blobs, so that with --repair tags of manifests just removed as corrupt go too.
-    let tags = match berth::private_store::PrivateStore::new(store).fsck_tags(args.repair) {
+    let tags = match berth::store::private::PrivateStore::new(store).fsck_tags(args.repair) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("berth: fsck: tags: {e}");
@@ -251,7 +251,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> ExitCode {
-    let running = match berth::server::start(config).await {
+    let running = match berth::http::server::start(config).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("berth: {e}");

@@ -10,7 +10,7 @@ use clap::Args;
 
 use crate::certs;
 use crate::config::{Config, ConfigError, TlsConfig};
-use crate::tls::CertResolver;
+use crate::http::tls::CertResolver;
 
 /// The TLS port used when a certificate is given without `--tls-listen`.
 pub const DEFAULT_TLS_PORT: u16 = 5443;

@@ -172,8 +172,8 @@ async fn sigterm_stops_the_server_cleanly() {
 
 #[test]
 fn fsck_reports_dangling_tags_and_repair_removes_them() {
-    use berth::names::{Digest, RepoName, Tag};
-    use berth::private_store::PrivateStore;
+    use berth::oci::names::{Digest, RepoName, Tag};
+    use berth::store::private::PrivateStore;
     use berth::store::{Area, Store};
     let dir = tempfile::tempdir().unwrap();
     let ps = PrivateStore::new(Store::open(dir.path()).unwrap());
@@ -241,7 +241,7 @@ fn fsck_reports_dangling_tags_and_repair_removes_them() {
 
 #[test]
 fn gc_grace_zero_reclaims_a_just_unreferenced_blob() {
-    use berth::names::Digest;
+    use berth::oci::names::Digest;
     use berth::store::{Area, Store};
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use berth::config::Config;
-use berth::routes::Route;
+use berth::oci::routes::Route;
 
 fn path(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)

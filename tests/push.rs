@@ -962,7 +962,7 @@ async fn pushes_and_deletes_outside_the_namespace_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_keeps_referenced_and_recent_blobs_and_removes_the_rest() {
-    use berth::gc::{collect, GcOptions};
+    use berth::store::gc::{collect, GcOptions};
     let e = Env::start().await;
     let img = Image::new(100, &[1000, 2000]);
     e.push_image("private/app", "v1", &img).await;
@@ -1052,7 +1052,7 @@ fn upload_dirs(e: &Env) -> usize {
 }
 
 async fn metric(e: &Env, name: &str) -> f64 {
-    berth::metrics::sample(
+    berth::ops::metrics::sample(
         &String::from_utf8_lossy(&e.b.get("/metrics").await.bytes()),
         name,
         &[],
@@ -1310,7 +1310,7 @@ async fn docker_token_flow_anonymous_and_with_credentials() {
 
 // --- password floods, token scopes, the token realm ---------------------------------------
 
-fn app_of(b: &Berth) -> Arc<berth::handlers::App> {
+fn app_of(b: &Berth) -> Arc<berth::http::App> {
     b.running.as_ref().expect("berth is running").app.clone()
 }
 
@@ -1336,7 +1336,7 @@ async fn token(e: &Env, query: &str) -> String {
 /// that requests can speak for many client addresses through `X-Forwarded-For`.
 async fn env_with_cost(cost: u32, tweak: impl FnOnce(&mut berth::config::Config)) -> Env {
     let e = Env::start_with(|c| {
-        c.trusted_proxies = vec![berth::ratelimit::IpNet::parse("127.0.0.1").unwrap()];
+        c.trusted_proxies = vec![berth::ops::ratelimit::IpNet::parse("127.0.0.1").unwrap()];
         tweak(c);
     })
     .await;
@@ -1713,7 +1713,7 @@ async fn catalog_pages_are_complete_and_bounded_over_many_repositories() {
     // Without a page size: the first 1000, and a Link to the rest.
     let r = e.get("/v2/_catalog").await;
     let first = r.json()["repositories"].as_array().unwrap().len();
-    assert_eq!(first, berth::private::MAX_CATALOG_PAGE);
+    assert_eq!(first, berth::registry::MAX_CATALOG_PAGE);
     assert!(r.header("link").contains("rel=\"next\""));
     // Following the Links with n=97 lists every repository once, in order.
     let mut listed: Vec<String> = Vec::new();
@@ -1795,7 +1795,7 @@ async fn referrers_are_paged_with_link() {
     let r = e.get(&path).await;
     assert_eq!(
         r.json()["manifests"].as_array().unwrap().len(),
-        berth::private::MAX_REFERRERS_PAGE
+        berth::registry::MAX_REFERRERS_PAGE
     );
     assert!(r.header("link").contains("rel=\"next\""));
     let digests = |v: Vec<Value>| -> Vec<String> {
@@ -1804,7 +1804,7 @@ async fn referrers_are_paged_with_link() {
             .collect()
     };
     let listed =
-        digests(all_pages(&e, &path, "manifests", berth::private::MAX_REFERRERS_PAGE).await);
+        digests(all_pages(&e, &path, "manifests", berth::registry::MAX_REFERRERS_PAGE).await);
     assert_eq!(listed, all);
     let listed = digests(all_pages(&e, &format!("{path}?n=7"), "manifests", 7).await);
     assert_eq!(listed, all);

@@ -26,7 +26,7 @@ use tokio_rustls::TlsConnector;
 
 use berth::certs::{self, Ca, Host, Validity};
 use berth::config::{Config, Seconds, TlsConfig, UpstreamUrl};
-use berth::server::{Running, StartError};
+use berth::http::server::{Running, StartError};
 
 /// Every test finishes within this, or fails.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -118,7 +118,7 @@ fn config(certs: &Certs, data: &Path) -> Config {
 
 async fn start(certs: &Certs) -> Server {
     let data = tempfile::tempdir().unwrap();
-    let running = berth::server::start(config(certs, data.path()))
+    let running = berth::http::server::start(config(certs, data.path()))
         .await
         .unwrap();
     Server {
@@ -410,7 +410,7 @@ async fn a_missing_key_stops_start_and_names_the_file() {
         let certs = Certs::valid();
         std::fs::remove_file(certs.key()).unwrap();
         let data = tempfile::tempdir().unwrap();
-        let e = match berth::server::start(config(&certs, data.path())).await {
+        let e = match berth::http::server::start(config(&certs, data.path())).await {
             Err(e) => e,
             Ok(_) => panic!("started without a key"),
         };
@@ -434,7 +434,7 @@ async fn certs_bundle_serves_as_written() {
             cert: paths.server_cert.clone(),
             key: paths.server_key.clone(),
         });
-        let running = berth::server::start(config).await.unwrap();
+        let running = berth::http::server::start(config).await.unwrap();
         let ca = std::fs::read_to_string(&paths.ca_cert).unwrap();
         let stream = connect(
             running.tls_addr.unwrap(),
@@ -641,7 +641,7 @@ async fn the_token_realm_over_tls_is_the_tls_listener() {
         berth::auth::add_user(&htpasswd, "alice", "secret", 4).unwrap();
         let mut config = config(&certs, data.path());
         config.htpasswd = Some(htpasswd);
-        let running = berth::server::start(config).await.unwrap();
+        let running = berth::http::server::start(config).await.unwrap();
         let tls_addr = running.tls_addr.expect("TLS is configured");
         let stream = connect(
             tls_addr,

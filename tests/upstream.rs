@@ -482,7 +482,7 @@ async fn a_huge_retry_after_is_capped_and_wedges_nothing() {
         b.settle().await;
         // Forget the blob so the next round is a cold download again.
         let store = b.running.as_ref().unwrap().app.mirror.store().clone();
-        let digest = berth::names::Digest::parse(&sha256(&img.layers[0])).unwrap();
+        let digest = berth::oci::names::Digest::parse(&sha256(&img.layers[0])).unwrap();
         store
             .remove_blob(berth::store::Area::Cache, &digest)
             .unwrap();

@@ -606,7 +606,7 @@ fn error(code: u16, c: &str) -> Response<Body> {
 
 /// A berth running in-process on a free port, with its own data dir.
 pub struct Berth {
-    pub running: Option<berth::server::Running>,
+    pub running: Option<berth::http::server::Running>,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
 }
@@ -632,7 +632,7 @@ impl Berth {
         up.connect_timeout = berth::config::Seconds(Duration::from_secs(2));
         tweak(&mut config);
         config.validate().unwrap();
-        let running = berth::server::start(config).await.unwrap();
+        let running = berth::http::server::start(config).await.unwrap();
         Berth {
             addr: running.addr,
             running: Some(running),

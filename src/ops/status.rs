@@ -23,11 +23,11 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 
-use crate::error::RegistryError;
-use crate::fetch::Fetches;
-use crate::handlers::{empty, full, App, Body};
+use crate::oci::error::RegistryError;
+use crate::mirror::fetch::Fetches;
+use crate::http::{empty, full, App, Body};
 use crate::mirror::{blocking, Outcome};
-use crate::names::{Digest, RepoName};
+use crate::oci::names::{Digest, RepoName};
 use crate::store::{now_secs, Area, Store};
 
 /// The upstream key under which pulls of private repositories are counted.
@@ -651,7 +651,7 @@ fn list_area(
     let mut names: Vec<(String, String)> = Vec::new();
     for up in upstreams {
         let mut found = Vec::new();
-        crate::private::repos_after(
+        crate::registry::repos_after(
             &base.join(&up),
             "",
             None,

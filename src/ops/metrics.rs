@@ -31,9 +31,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::error::RegistryError;
-use crate::handlers::{empty, full, App, Body};
-use crate::ratelimit::Refusal;
+use crate::oci::error::RegistryError;
+use crate::http::{empty, full, App, Body};
+use crate::ops::ratelimit::Refusal;
 
 pub const CONTENT_TYPE_OPENMETRICS: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";

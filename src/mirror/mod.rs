@@ -7,6 +7,11 @@
 //! Resolutions are kept per accepted media-type set, so a client is never handed a manifest kind
 //! it did not ask for. Identical concurrent upstream requests are coalesced.
 
+pub mod cache;
+pub mod fetch;
+pub mod singleflight;
+pub mod upstream;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,15 +20,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 
-use crate::cache::{manifest_cache, CachedManifest, DiskCache, ManifestCache};
+use crate::mirror::cache::{manifest_cache, CachedManifest, DiskCache, ManifestCache};
 use crate::config::Config;
-use crate::error::RegistryError;
-use crate::fetch::{Attach, Fetches};
-use crate::names::{Digest, Reference, RepoName, Tag};
-use crate::ratelimit::UpstreamSlots;
-use crate::singleflight::SingleFlight;
+use crate::oci::error::RegistryError;
+use crate::mirror::fetch::{Attach, Fetches};
+use crate::oci::names::{Digest, Reference, RepoName, Tag};
+use crate::ops::ratelimit::UpstreamSlots;
+use crate::mirror::singleflight::SingleFlight;
 use crate::store::{now_secs, Area, Store, TagEntry};
-use crate::upstream::{Upstream, UpstreamError, UpstreamSetupError};
+use crate::mirror::upstream::{Upstream, UpstreamError, UpstreamSetupError};
 
 /// The largest tag list taken from an upstream.
 const MAX_TAG_LIST: usize = 16 << 20;
@@ -253,7 +258,7 @@ impl Mirror {
                 }
             }
         }
-        crate::ratelimit::before_upstream()?;
+        crate::ops::ratelimit::before_upstream()?;
         let key = (
             up.key.clone(),
             repo.clone(),

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::names::Digest;
+use crate::oci::names::Digest;
 use crate::store::{Area, Store};
 
 /// Don't rewrite a blob's mtime more often than this (seconds): after a restart, last use

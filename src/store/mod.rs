@@ -14,6 +14,10 @@
 //! checked against the expected digest, fsynced and renamed into place, so a crash or a mismatch
 //! at any point leaves no entry. Paths are built only from parsed `Digest`s and `RepoName`s.
 
+pub mod gc;
+pub mod pages;
+pub mod private;
+
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -26,7 +30,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::names::{Digest, RepoName, Tag};
+use crate::oci::names::{Digest, RepoName, Tag};
 
 /// Which half of the store: the evictable mirror cache or the private namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

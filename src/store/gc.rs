@@ -15,10 +15,10 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use crate::config::{human_bytes, Config, Seconds};
-use crate::manifest;
-use crate::names::Digest;
-use crate::private_store::PrivateStore;
-use crate::routes::UploadId;
+use crate::oci::manifest;
+use crate::oci::names::Digest;
+use crate::store::private::PrivateStore;
+use crate::oci::routes::UploadId;
 use crate::store::{Area, Store};
 
 /// Blobs younger than this are never collected.

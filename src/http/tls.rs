@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
-use crate::handlers::App;
+use crate::http::App;
 
 /// Longest time a client may take to finish the TLS handshake after connecting.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -235,10 +235,10 @@ pub async fn serve_connection(
     };
     let local = stream.get_ref().0.local_addr().ok();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(crate::handlers::OverTls);
+        req.extensions_mut().insert(crate::http::OverTls);
         if let Some(local) = local {
             req.extensions_mut()
-                .insert(crate::handlers::LocalAddr(local));
+                .insert(crate::http::LocalAddr(local));
         }
         app.clone().handle(req, peer)
     });

@@ -22,7 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
-use crate::names::{Digest, Reference, RepoName};
+use crate::oci::names::{Digest, Reference, RepoName};
 use crate::ops::UpstreamHook;
 
 /// The largest manifest berth will take from an upstream (Docker Hub's limit is 4 MiB).

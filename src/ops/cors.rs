@@ -13,7 +13,7 @@ use http::header::{
 };
 use http::{Method, Response, StatusCode};
 
-use crate::handlers::{empty, Body};
+use crate::http::{empty, Body};
 
 const ALLOW_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 const ALLOW_HEADERS: &str = "Authorization, Accept, Content-Type";

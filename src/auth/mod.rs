@@ -31,9 +31,9 @@ use http::{HeaderMap, Method};
 use sha2::{Digest as _, Sha256};
 
 use crate::config::Config;
-use crate::error::RegistryError;
-use crate::names::RepoName;
-use crate::routes::Route;
+use crate::oci::error::RegistryError;
+use crate::oci::names::RepoName;
+use crate::oci::routes::Route;
 
 /// Failed logins allowed per client address and minute before it gets 429s.
 pub const FAILURES_PER_MINUTE: u32 = 5;
@@ -1174,7 +1174,7 @@ mod tests {
         assert_eq!(rights(&config, true, "repository:../x"), Actions::NONE);
         let m = Route::Manifest {
             name: RepoName::parse("private/a").unwrap(),
-            reference: crate::names::Reference::parse("v1").unwrap(),
+            reference: crate::oci::names::Reference::parse("v1").unwrap(),
         };
         let need = Need::of(&m, &Method::PUT).unwrap();
         assert_eq!(need.scope(), "repository:private/a:pull,push");
@@ -1214,7 +1214,7 @@ mod tests {
         let private = RepoName::parse("private/app").unwrap();
         let m = Route::Manifest {
             name: private,
-            reference: crate::names::Reference::parse("v1").unwrap(),
+            reference: crate::oci::names::Reference::parse("v1").unwrap(),
         };
         assert_eq!(
             Access::of(&m, &Method::GET, true, true),

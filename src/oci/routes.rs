@@ -4,8 +4,8 @@
 //! digests; anything that does not parse is answered with the spec's error before any handler,
 //! cache or file is involved.
 
-use crate::error::RegistryError;
-use crate::names::{Digest, Reference, RepoName};
+use crate::oci::error::RegistryError;
+use crate::oci::names::{Digest, Reference, RepoName};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {

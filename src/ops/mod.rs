@@ -9,6 +9,11 @@
 //! Upstream clients report every request they send to the [`UpstreamHook`], which also admits
 //! them under `rate_limit.upstream_rps` and remembers each upstream's last success and error.
 
+pub mod cors;
+pub mod metrics;
+pub mod ratelimit;
+pub mod status;
+
 use crate::lock;
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -24,16 +29,16 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use crate::config::{Config, ConfigError};
-use crate::cors::Cors;
-use crate::handlers::{error_response, App, Body, Served};
-use crate::metrics::Metrics;
+use crate::ops::cors::Cors;
+use crate::http::{error_response, App, Body, Served};
+use crate::ops::metrics::Metrics;
 use crate::mirror::{Mirror, Outcome};
-use crate::names::Reference;
-use crate::ratelimit::{Client, ClientLimits, UpstreamRate};
-use crate::routes::{Query, Route};
-use crate::status::{PullStats, Traffic, PRIVATE};
+use crate::oci::names::Reference;
+use crate::ops::ratelimit::{Client, ClientLimits, UpstreamRate};
+use crate::oci::routes::{Query, Route};
+use crate::ops::status::{PullStats, Traffic, PRIVATE};
 use crate::store::now_secs;
-use crate::upstream::UpstreamError;
+use crate::mirror::upstream::UpstreamError;
 
 /// Everything the ops layer keeps, one per server.
 pub struct Ops {
@@ -96,7 +101,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         ));
     }
     for o in &config.cors_origins {
-        if !crate::cors::valid_origin(o) {
+        if !crate::ops::cors::valid_origin(o) {
             return Err(err(
                 "cors_origins",
                 format!("{o:?} is not \"*\" or an origin like \"https://ui.example\""),

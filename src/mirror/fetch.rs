@@ -21,13 +21,13 @@ use http::Method;
 use http_body_util::BodyExt;
 use tokio::sync::watch;
 
-use crate::pages::{self, Pages};
+use crate::store::pages::{self, Pages};
 
-use crate::cache::DiskCache;
-use crate::names::{Digest, RepoName};
-use crate::ratelimit::UpstreamSlots;
+use crate::mirror::cache::DiskCache;
+use crate::oci::names::{Digest, RepoName};
+use crate::ops::ratelimit::UpstreamSlots;
 use crate::store::{Area, BlobWriter, StoreError};
-use crate::upstream::{content_length, Upstream, UpstreamError};
+use crate::mirror::upstream::{content_length, Upstream, UpstreamError};
 
 /// Upstream frames are coalesced into writes of up to this size when they arrive faster than disk.
 const WRITE_BATCH: usize = 1 << 20;

@@ -5,8 +5,8 @@
 
 use serde_json::{Map, Value};
 
-use crate::error::RegistryError;
-use crate::names::Digest;
+use crate::oci::error::RegistryError;
+use crate::oci::names::Digest;
 
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";

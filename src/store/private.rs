@@ -24,8 +24,8 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::names::{Digest, RepoName, Tag};
-use crate::routes::UploadId;
+use crate::oci::names::{Digest, RepoName, Tag};
+use crate::oci::routes::UploadId;
 use crate::store::{now_secs, Area, Store, StoreError, TagEntry, LOCAL_UPSTREAM};
 
 const LAYERS: &str = "_layers";

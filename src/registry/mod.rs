@@ -7,6 +7,8 @@
 //! repository. Request bodies are streamed to disk, never held whole in memory (manifests, at
 //! most 4 MiB, excepted).
 
+pub mod webhook;
+
 use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -24,15 +26,15 @@ use hyper::body::Incoming;
 
 use crate::auth::User;
 use crate::config::Config;
-use crate::error::RegistryError;
-use crate::handlers::{api_version, empty, error_response, full, App, Body, Served};
-use crate::manifest::{self, Parsed, MAX_MANIFEST_BYTES, OCI_INDEX};
+use crate::oci::error::RegistryError;
+use crate::http::{api_version, empty, error_response, full, App, Body, Served};
+use crate::oci::manifest::{self, Parsed, MAX_MANIFEST_BYTES, OCI_INDEX};
 use crate::mirror::{blocking, Outcome};
-use crate::names::{Digest, Reference, RepoName};
-use crate::private_store::PrivateStore;
-use crate::routes::{Query, Route, UploadId};
+use crate::oci::names::{Digest, Reference, RepoName};
+use crate::store::private::PrivateStore;
+use crate::oci::routes::{Query, Route, UploadId};
 use crate::store::{Area, Store, StoreError};
-use crate::webhook::{now_rfc3339, Event, Notifier};
+use crate::registry::webhook::{now_rfc3339, Event, Notifier};
 
 /// Request bodies are written to disk in pieces of about this size.
 const WRITE_BATCH: usize = 1 << 20;
@@ -387,7 +389,7 @@ pub async fn dispatch(
             delete_manifest(app, name, reference, actor).await
         }
         (Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
-            get_blob(app, name, digest, &crate::handlers::BlobRead::of(&req)).await
+            get_blob(app, name, digest, &crate::http::BlobRead::of(&req)).await
         }
         (Route::Blob { name, digest }, Method::DELETE) => {
             delete_blob(app, name, digest, actor).await
@@ -923,7 +925,7 @@ async fn get_blob(
     app: &App,
     name: RepoName,
     digest: Digest,
-    read: &crate::handlers::BlobRead,
+    read: &crate::http::BlobRead,
 ) -> Result<Response<Body>, RegistryError> {
     let (ps, n) = (app.private.store.clone(), name.clone());
     if blocking(move || ps.blob_in_repo(&n, &digest))
@@ -1020,7 +1022,7 @@ async fn read_manifest_body(req: Request<Incoming>) -> Result<Bytes, RegistryErr
             "a manifest may be at most {MAX_MANIFEST_BYTES} bytes"
         ))
     };
-    let declared = crate::upstream::content_length(req.headers());
+    let declared = crate::mirror::upstream::content_length(req.headers());
     if declared.is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
         return Err(too_large());
     }

@@ -3,6 +3,9 @@
 //! Handlers speak HTTP (headers, ranges, status codes) and delegate everything else: content
 //! comes from the mirror (cache, then upstream) or the private registry; no handler touches a file.
 
+pub mod server;
+pub mod tls;
+
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -21,14 +24,14 @@ use hyper::body::{Frame, Incoming};
 
 use crate::auth::Need;
 use crate::config::Config;
-use crate::error::RegistryError;
-use crate::fetch::Attach;
+use crate::oci::error::RegistryError;
+use crate::mirror::fetch::Attach;
 use crate::mirror::{blocking, upstream_error, AcceptSet, Mirror, Outcome, TagList};
-use crate::names::{Digest, Reference, RepoName};
-use crate::pages::{file_reader, Pages};
-use crate::routes::{Query, Route};
+use crate::oci::names::{Digest, Reference, RepoName};
+use crate::store::pages::{file_reader, Pages};
+use crate::oci::routes::{Query, Route};
 use crate::store::Area;
-use crate::upstream::Upstream;
+use crate::mirror::upstream::Upstream;
 
 pub type Body = BoxBody<Bytes, io::Error>;
 
@@ -40,10 +43,10 @@ pub struct App {
     /// Credentials and who needs them (see `auth`).
     pub auth: crate::auth::Authenticator,
     /// The private namespace's registry (see `private`).
-    pub private: crate::private::Registry,
+    pub private: crate::registry::Registry,
     pub ops: crate::ops::Ops,
     /// What keeps the status pages cheap (see `status`).
-    pub pages: crate::status::Pages,
+    pub pages: crate::ops::status::Pages,
 }
 
 /// Marks a request that arrived over TLS (set by the TLS listener).
@@ -65,12 +68,12 @@ impl App {
         let ops = crate::ops::Ops::new(&config, &mirror);
         App {
             auth: crate::auth::Authenticator::new(&config),
-            private: crate::private::Registry::new(&config, mirror.store().clone()),
+            private: crate::registry::Registry::new(&config, mirror.store().clone()),
             config,
             mirror: Arc::new(mirror),
             started: Instant::now(),
             ops,
-            pages: crate::status::Pages::new(),
+            pages: crate::ops::status::Pages::new(),
         }
     }
 
@@ -172,7 +175,7 @@ impl App {
         let method = req.method().clone();
         let head = method == Method::HEAD;
         // Credentials first; then the private namespace (and the catalog) is the registry's.
-        let private = crate::private::route_repo(&route).is_some_and(|n| self.is_private(n));
+        let private = crate::registry::route_repo(&route).is_some_and(|n| self.is_private(n));
         let access =
             crate::auth::Access::of(&route, &method, private, !self.config.private_ns.is_empty());
         let user = self
@@ -180,7 +183,7 @@ impl App {
             .authorize(&self.config, access, need, req.headers(), client)
             .await?;
         if private || route == Route::Catalog {
-            return crate::private::dispatch(self, route, req, query, user).await;
+            return crate::registry::dispatch(self, route, req, query, user).await;
         }
         match (route, method) {
             (Route::Base, Method::GET | Method::HEAD) => {
@@ -205,10 +208,10 @@ impl App {
             }
             (Route::Readyz, Method::GET | Method::HEAD) => self.ready().await,
             (Route::Metrics, Method::GET | Method::HEAD) => {
-                crate::metrics::main_listener(self, head)
+                crate::ops::metrics::main_listener(self, head)
             }
             (Route::Status { path }, Method::GET | Method::HEAD) => {
-                crate::status::page(self, &path, &req, head, client).await
+                crate::ops::status::page(self, &path, &req, head, client).await
             }
             (Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
                 let accept = AcceptSet::from_headers(
@@ -303,7 +306,7 @@ impl App {
         {
             return Ok(resp);
         }
-        crate::ratelimit::before_upstream()?;
+        crate::ops::ratelimit::before_upstream()?;
         if head {
             // A blob being downloaded (or just verified, not yet renamed into the cache) has a
             // known length: no need to ask the upstream.
@@ -340,7 +343,7 @@ impl App {
                         Outcome::Miss
                     };
                     let total = download.ready().await.map_err(|e| match e {
-                        crate::fetch::FetchFailure::Upstream(u) => {
+                        crate::mirror::fetch::FetchFailure::Upstream(u) => {
                             upstream_blob_error(u, &name, &digest)
                         }
                         other => RegistryError::Unavailable(other.to_string()),
@@ -433,7 +436,7 @@ impl App {
             .await
             .map_err(|e| upstream_blob_error(e, name, &digest))?;
         let mut b = blob_headers(Response::builder().status(StatusCode::OK), &digest);
-        if let Some(len) = crate::upstream::content_length(resp.headers()) {
+        if let Some(len) = crate::mirror::upstream::content_length(resp.headers()) {
             b = b.header(CONTENT_LENGTH, len);
         }
         let mut resp = b.body(empty()).map_err(internal)?;
@@ -459,7 +462,7 @@ impl App {
             }
             pass.finish()
         };
-        crate::ratelimit::before_upstream()?;
+        crate::ops::ratelimit::before_upstream()?;
         let (TagList { body, link }, outcome) = self.mirror.tags_list(&up, &name, &pass).await?;
         let mut b = Response::builder()
             .status(StatusCode::OK)
@@ -476,7 +479,7 @@ impl App {
 }
 
 fn upstream_blob_error(
-    e: crate::upstream::UpstreamError,
+    e: crate::mirror::upstream::UpstreamError,
     repo: &RepoName,
     digest: &Digest,
 ) -> RegistryError {

@@ -1,7 +1,7 @@
 //! The server: listeners, connections, and graceful shutdown.
 //!
 //! Each accepted connection is served by hyper-util's auto builder (HTTP/1.1, or h2 when the
-//! client speaks it). With `tls` configured a second listener terminates TLS (see [`crate::tls`])
+//! client speaks it). With `tls` configured a second listener terminates TLS (see [`crate::http::tls`])
 //! and serves the same way. On shutdown the listeners close first, then in-flight responses on
 //! both get the configured grace period to finish.
 
@@ -17,10 +17,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::handlers::App;
+use crate::http::App;
 use crate::mirror::Mirror;
 use crate::store::Store;
-use crate::tls::{CertResolver, Tls, TlsError};
+use crate::http::tls::{CertResolver, Tls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -101,14 +101,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (stop, stopped) = watch::channel(false);
     let metrics_addr = match app.config.metrics_listen {
         Some(at) => Some(
-            crate::metrics::listen(app.clone(), at, stopped.clone())
+            crate::ops::metrics::listen(app.clone(), at, stopped.clone())
                 .await
                 .map_err(|e| StartError::Bind(at, e))?
                 .0,
         ),
         None => None,
     };
-    tokio::spawn(crate::private::expire_uploads(app.clone(), stopped.clone()));
+    tokio::spawn(crate::registry::expire_uploads(app.clone(), stopped.clone()));
     tracing::info!(%addr, "listening (plain HTTP)");
     let task = tokio::spawn(serve(listener, tls, app.clone(), stopped, grace));
     Ok(Running {
@@ -155,7 +155,7 @@ async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let app = app.clone();
-                let local = stream.local_addr().ok().map(crate::handlers::LocalAddr);
+                let local = stream.local_addr().ok().map(crate::http::LocalAddr);
                 let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                     if let Some(local) = local {
                         req.extensions_mut().insert(local);
@@ -181,7 +181,7 @@ async fn serve(
                 };
                 let Some((_, tls)) = &tls else { continue };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(crate::tls::serve_connection(
+                tokio::spawn(crate::http::tls::serve_connection(
                     tls.acceptor.clone(),
                     stream,
                     peer,

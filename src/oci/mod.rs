@@ -1,0 +1,7 @@
+//! The protocol's vocabulary, with no I/O: repository names, tags and digests, the routes of the
+//! distribution API, its error codes, and the manifests a registry accepts.
+
+pub mod error;
+pub mod manifest;
+pub mod names;
+pub mod routes;
