@@ -9,7 +9,9 @@
 //!   [`upstream`] on a miss, through the [`fetch`] coordinator so that concurrent misses cause
 //!   one download;
 //! - [`config`] holds every setting;
-//! - [`tls`] terminates TLS for the server, with certificates [`certs`] can generate.
+//! - [`tls`] terminates TLS for the server, with certificates [`certs`] can generate;
+//! - [`conn`] bounds what clients may hold: connection caps, header, idle and send timeouts, and
+//!   the file-descriptor budget.
 //!
 //! Around that path, the [`ops`] layer (entered from `App::handle`) resolves the client address,
 //! answers CORS preflights ([`cors`]), applies client rate limits ([`ratelimit`]), writes the
@@ -24,6 +26,7 @@ pub mod auth;
 pub mod cache;
 pub mod certs;
 pub mod config;
+pub mod conn;
 pub mod cors;
 pub mod error;
 pub mod fetch;

@@ -43,6 +43,8 @@ pub struct Ops {
     pub traffic: Traffic,
     pub pulls: PullStats,
     pub cors: Cors,
+    /// Client connections, their caps and timeouts.
+    pub conns: Arc<crate::conn::Conns>,
 }
 
 impl Ops {
@@ -65,6 +67,15 @@ impl Ops {
             traffic: Traffic::new(mirror.fetches.clone()),
             pulls: PullStats::default(),
             cors: Cors::new(&config.cors_origins),
+            conns: Arc::new(crate::conn::Conns::new(
+                &config.limits,
+                config.limits.max_connections.unwrap_or_else(|| {
+                    crate::conn::connection_budget(
+                        crate::conn::fd_limit(),
+                        config.limits.fd_reserve,
+                    )
+                }),
+            )),
         }
     }
 }
@@ -226,9 +237,22 @@ pub fn finish(app: &Arc<App>, info: RequestInfo, mut resp: Response<Body>) -> Re
         .cors
         .decorate(&info.path, info.origin.as_ref(), resp.headers_mut());
     let (parts, body) = resp.into_parts();
+    // With a declared length, hyper drops a body once that many bytes are out without asking
+    // for its end: that is how the last piece is known to have been taken.
+    let expected = match info.method {
+        Method::HEAD => None,
+        _ => parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok()),
+    };
     let tracked = Tracked {
         inner: body,
         sent: 0,
+        handed: 0,
+        rest: Bytes::new(),
+        expected,
         done: Some(Done {
             app: app.clone(),
             info,
@@ -239,10 +263,25 @@ pub fn finish(app: &Arc<App>, info: RequestInfo, mut resp: Response<Body>) -> Re
     Response::from_parts(parts, BodyExt::boxed(tracked))
 }
 
-/// A response body that counts the bytes it hands to the connection.
+/// Pieces a response body is handed to the connection in. A cache hit is read in pieces of a
+/// megabyte; handed over whole, a piece would sit in an HTTP/2 stream's buffer for as long as
+/// the client does not read, and be counted as sent while it does.
+const SLICE: usize = 64 << 10;
+
+/// A response body that counts the bytes the connection has taken from it.
+///
+/// A piece counts once the connection asks for the next one (it has found room for this one:
+/// hyper polls again only then) or the body is complete; the piece a stalled connection still
+/// holds when it is dropped does not.
 struct Tracked {
     inner: Body,
     sent: u64,
+    /// The length of the last piece handed out, not yet counted.
+    handed: u64,
+    /// What is left of a large frame of `inner`, handed out in [`SLICE`]s.
+    rest: Bytes,
+    /// The declared length (Content-Length), if any.
+    expected: Option<u64>,
     done: Option<Done>,
 }
 
@@ -253,6 +292,16 @@ struct Done {
     outcome: Option<Outcome>,
 }
 
+impl Tracked {
+    fn hand(&mut self, mut data: Bytes) -> Frame<Bytes> {
+        if data.len() > SLICE {
+            self.rest = data.split_off(SLICE);
+        }
+        self.handed = data.len() as u64;
+        Frame::data(data)
+    }
+}
+
 impl HttpBody for Tracked {
     type Data = Bytes;
     type Error = std::io::Error;
@@ -261,26 +310,44 @@ impl HttpBody for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.sent += data.len() as u64;
-            }
+        let this = &mut *self;
+        this.sent += std::mem::take(&mut this.handed);
+        if !this.rest.is_empty() {
+            let rest = std::mem::take(&mut this.rest);
+            return Poll::Ready(Some(Ok(this.hand(rest))));
         }
-        polled
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => Poll::Ready(Some(Ok(this.hand(data)))),
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            other => other,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
     }
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
+        let complete = self.rest.is_empty()
+            && (self.inner.is_end_stream() || self.expected == Some(self.sent + self.handed));
+        if complete {
+            self.sent += self.handed;
+        }
         if let Some(done) = self.done.take() {
             done.log(self.sent);
         }
