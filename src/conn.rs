@@ -678,3 +678,79 @@ where
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Seconds};
+
+    #[test]
+    fn the_budget_keeps_a_reserve_and_a_descriptor_per_served_file() {
+        // 1024, a common default: 256 kept back, half of the rest for connections.
+        assert_eq!(connection_budget(1024, 256), 384);
+        // A small limit keeps a quarter back rather than all of it.
+        assert_eq!(connection_budget(400, 256), 150);
+        assert_eq!(connection_budget(2, 256), 1);
+        // A generous hard limit is not an invitation to a million connections.
+        assert_eq!(connection_budget(1 << 20, 256), DERIVED_MAX);
+    }
+
+    #[test]
+    fn limits_are_read_from_their_table_and_checked() {
+        let c = Config::from_toml(
+            "[limits]\nheader_read_timeout = \"5s\"\nidle_timeout = \"90s\"\nmax_connections = 100\n\
+             max_connections_per_client = 10\nsend_timeout = \"250ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.header_read_timeout.0, Duration::from_secs(5));
+        assert_eq!(c.limits.idle_timeout.0, Duration::from_secs(90));
+        assert_eq!(c.limits.send_timeout.0, Duration::from_millis(250));
+        assert_eq!(c.limits.max_connections, Some(100));
+        assert_eq!(c.limits.max_connections_per_client, 10);
+        c.validate().unwrap();
+        let e = Config::from_toml("[limits]\nidle_timout = \"1s\"\n").unwrap_err();
+        assert!(e.to_string().contains("idle_timout"), "{e}");
+        let mut c = Config::default();
+        c.limits.send_timeout = Seconds(Duration::ZERO);
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "limits.send_timeout");
+        let mut c = Config::default();
+        c.limits.max_connections_per_client = 0;
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "limits.max_connections_per_client"
+        );
+    }
+
+    #[test]
+    fn a_burst_of_warnings_is_one_line_with_a_count() {
+        let t = Throttle::default();
+        assert_eq!(t.check(), Some(0));
+        for _ in 0..5 {
+            assert_eq!(t.check(), None);
+        }
+        lock(&t.state).0 = Some(Instant::now() - Duration::from_secs(2));
+        assert_eq!(t.check(), Some(5));
+    }
+
+    #[test]
+    fn the_caps_count_per_address_and_give_places_back() {
+        let limits = LimitsConfig {
+            max_connections_per_client: 2,
+            ..LimitsConfig::default()
+        };
+        let conns = Arc::new(Conns::new(&limits, 3));
+        let a = IpAddr::from([10, 0, 0, 1]);
+        let b = IpAddr::from([10, 0, 0, 2]);
+        let a1 = conns.admit(a).unwrap();
+        let _a2 = conns.admit(a).unwrap();
+        assert!(conns.admit(a).is_none());
+        assert_eq!(conns.count(Reason::MaxConnectionsPerClient), 1);
+        let _b1 = conns.admit(b).unwrap();
+        assert!(conns.admit(b).is_none());
+        assert_eq!(conns.count(Reason::MaxConnections), 1);
+        drop(a1);
+        assert_eq!(conns.open(), 2);
+        assert!(conns.admit(a).is_some());
+    }
+}

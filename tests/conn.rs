@@ -428,3 +428,144 @@ async fn an_h2_stream_the_client_does_not_read_is_aborted_after_the_send_timeout
         "{counted} bytes counted as sent for a stream that took 64 KiB"
     );
 }
+
+/// A child process, killed when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn http1_get(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    path: &str,
+) -> (StatusCode, Bytes) {
+    sender.ready().await.unwrap();
+    let req = Request::get(path)
+        .header("host", "berth")
+        .body(Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_low_fd_limit_idle_clients_cannot_take_what_the_cache_and_upstream_need() {
+    use std::os::unix::process::CommandExt;
+
+    let up = Fake::start().await;
+    let blob = pseudo_random(14, 1 << 20);
+    let digest = up.add_blob(blob.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let log_path = dir.path().join("berth.log");
+    // Idle connections stay for the whole test: only the caps stand between them and the
+    // descriptors.
+    let config = dir.path().join("berth.toml");
+    std::fs::write(&config, "[limits]\nheader_read_timeout = \"5m\"\n").unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_berth"));
+    cmd.args([
+        "serve",
+        "--listen",
+        &addr.to_string(),
+        "--upstream",
+        &up.url(),
+    ])
+    .arg("--config")
+    .arg(&config)
+    .arg("--data-dir")
+    .arg(dir.path().join("data"))
+    .env("BERTH_LOG", "info")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::fs::File::create(&log_path).unwrap());
+    // SAFETY: the closure runs in the forked child before exec and calls only setrlimit, which
+    // is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            // As a service manager might start berth: a low soft limit under a higher hard one.
+            let lim = libc::rlimit {
+                rlim_cur: 300,
+                rlim_max: 400,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let _child = Child(cmd.spawn().unwrap());
+
+    // The one legitimate client, connected while there is room.
+    let end = tokio::time::Instant::now() + DEADLINE;
+    let stream = loop {
+        match TcpStream::connect(addr).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < end,
+                    "berth did not start: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(http1_get(&mut client, "/v2/").await.0, StatusCode::OK);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("raised the open-file limit") && log.contains("after=400"),
+        "{log}"
+    );
+
+    // More idle connections than the process has descriptors.
+    let mut idle = Vec::new();
+    for _ in 0..450 {
+        idle.push(connect(addr).await);
+    }
+    let metric = |text: &str, name: &str, labels: &[(&str, &str)]| sample(text, name, labels);
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, body) = http1_get(&mut client, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        let max = metric(&text, "berth_connections_max", &[]);
+        let open = metric(&text, "berth_connections_open", &[]);
+        let refused = metric(
+            &text,
+            "berth_connections_refused_total",
+            &[("reason", "max_connections")],
+        );
+        // Derived from the raised limit: (400 - a reserve of 100) / 2.
+        assert_eq!(max, 150.0, "{text}");
+        if open == max && refused >= (450.0 + 1.0 - max) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the idle connections were not all admitted or refused:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // With every client place taken, a cache miss still opens an upstream connection and a
+    // cache file.
+    let path = format!("/v2/library/x/blobs/{digest}");
+    let cold = http1_get(&mut client, &path);
+    let (status, body) = tokio::time::timeout(DEADLINE, cold)
+        .await
+        .expect("the cache miss did not finish");
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    assert!(body == blob, "the blob arrived changed");
+    drop(idle);
+}
