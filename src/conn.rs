@@ -61,6 +61,7 @@ pub fn validate(limits: &LimitsConfig) -> Result<(), ConfigError> {
 }
 
 /// Raises the soft limit on open files to the hard limit; returns the limit before and after.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 here, but not on every target
 pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -89,6 +90,7 @@ pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
 }
 
 /// The current soft limit on open files (1024 if it cannot be read).
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 here, but not on every target
 pub fn fd_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
