@@ -569,3 +569,38 @@ async fn under_a_low_fd_limit_idle_clients_cannot_take_what_the_cache_and_upstre
     assert!(body == blob, "the blob arrived changed");
     drop(idle);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_response_the_client_does_not_read_is_aborted_after_the_send_timeout() {
+    let up = Fake::start().await;
+    // Larger than what the loopback socket buffers on both sides can hold.
+    let blob = pseudo_random(78, 48 << 20);
+    let digest = up.add_blob(blob.clone());
+    let b = Berth::start(&up, |c| {
+        relaxed(c);
+        c.limits.send_timeout = ms(500);
+        c.max_cache_size = berth::config::ByteSize(1 << 30);
+    })
+    .await;
+    let path = format!("/v2/library/big/blobs/{digest}");
+    assert_eq!(b.get(&path).await.bytes().len(), blob.len());
+    b.settle().await;
+    let mut s = connect(b.addr).await;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let app = b.running.as_ref().unwrap().app.clone();
+    // Nothing is read until the server has given up on the response.
+    wait_for("the unread response aborted", DEADLINE, || {
+        app.ops.conns.count(berth::conn::Reason::SendTimeout) == 1
+    })
+    .await;
+    wait_for("its connection closed", DEADLINE, || {
+        app.ops.conns.open() == 0 && app.ops.conns.responses_in_flight() == 0
+    })
+    .await;
+    // What the client can still read is what the sockets held: never the whole blob.
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut got)).await;
+    assert!(got.len() < blob.len(), "the whole response arrived");
+}
