@@ -644,37 +644,39 @@ where
             shutdown(conn.as_mut());
             continue;
         }
-        let now = Instant::now();
-        let (deadline, reason) = match idle_closing {
-            Some(at) => (at + IDLE_CLOSE_GRACE, Reason::IdleTimeout),
-            None => act
-                .deadline(&t)
-                .unwrap_or((now + recheck, Reason::SendTimeout)),
+        // The timer is moved only to an earlier deadline: deadlines move later with every piece
+        // a response hands out, and one that fires early is simply looked at again below.
+        let wanted = match idle_closing {
+            Some(at) => Some(at + IDLE_CLOSE_GRACE),
+            None => act.deadline(&t).map(|(at, _)| at),
         };
-        let deadline = tokio::time::Instant::from_std(deadline);
-        if sleep.deadline() != deadline {
-            sleep.as_mut().reset(deadline);
+        if let Some(at) = wanted.map(tokio::time::Instant::from_std) {
+            if at < sleep.deadline() {
+                sleep.as_mut().reset(at);
+            }
         }
         if sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        // The sleep was armed from a deadline computed just now, or it is the recheck.
+        if idle_closing.is_some() {
+            return Poll::Ready(Ended::Closed(Reason::IdleTimeout));
+        }
+        let now = Instant::now();
         match act.deadline(&t) {
-            _ if idle_closing.is_some() => return Poll::Ready(Ended::Closed(Reason::IdleTimeout)),
-            Some((at, reason2)) if at <= Instant::now() && reason2 == reason => {
+            Some((at, reason)) if at <= now => {
                 act.conns.closed(reason, act.ip);
                 if reason == Reason::IdleTimeout && !stopping {
-                    idle_closing = Some(Instant::now());
+                    idle_closing = Some(now);
                     stopping = true;
                     shutdown(conn.as_mut());
                     continue;
                 }
                 return Poll::Ready(Ended::Closed(reason));
             }
-            _ => {
-                // Not due (a new request, a byte taken) or the recheck: arm a new sleep.
-                sleep.as_mut().reset(tokio::time::Instant::now() + recheck);
-                continue;
+            // Not due yet (a request began, a piece was taken), or nothing is due at all.
+            due => {
+                let next = due.map_or(now + recheck, |(at, _)| at);
+                sleep.as_mut().reset(tokio::time::Instant::from_std(next));
             }
         }
     })
