@@ -68,7 +68,8 @@ pub struct LimitsConfig {
     /// A response that makes no progress (the client takes no bytes) for this long is aborted,
     /// with its connection.
     pub send_timeout: Seconds,
-    /// Client connections open at once [default: the file-descriptor limit minus `fd_reserve`].
+    /// Client connections open at once [default: (the open-file limit − `fd_reserve`) / 2, at
+    /// most 32768; see `conn::connection_budget`].
     pub max_connections: Option<usize>,
     /// Client connections open at once from one address.
     pub max_connections_per_client: usize,
