@@ -355,6 +355,8 @@ pub struct Activity {
     /// When the first byte of the next HTTP/1 request header arrived; 0 for none.
     head_since: AtomicU64,
     h2: AtomicBool,
+    /// When bytes last went into the connection's socket (or TLS stream).
+    last_write: AtomicU64,
     next_id: AtomicU64,
     /// Response bodies that handed the connection bytes it has not taken yet: (id, since).
     waiting: Mutex<Vec<(u64, u64)>>,
@@ -372,6 +374,7 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             h2: AtomicBool::new(false),
+            last_write: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
             waiting: Mutex::new(Vec::new()),
         })
@@ -388,6 +391,10 @@ impl Activity {
     /// The connection speaks h2 (ALPN said so, or the client sent the h2 preface).
     pub fn set_h2(&self) {
         self.h2.store(true, Ordering::Relaxed);
+    }
+
+    fn on_write(&self) {
+        self.last_write.store(self.now(), Ordering::Relaxed);
     }
 
     fn on_read(&self) {
@@ -417,6 +424,13 @@ impl Activity {
     pub fn deadline(&self, t: &Timeouts) -> Option<(Instant, Reason)> {
         let oldest_wait = lock(&self.waiting).iter().map(|(_, since)| *since).min();
         if let Some(since) = oldest_wait {
+            // HTTP/1 has one response at a time, handed out in large pieces: bytes leaving the
+            // socket are its progress. On h2 they may be another stream's, so each stream must
+            // take its own slices.
+            let since = match self.h2.load(Ordering::Relaxed) {
+                true => since,
+                false => since.max(self.last_write.load(Ordering::Relaxed)),
+            };
             return Some((self.at(since) + t.send, Reason::SendTimeout));
         }
         if self.in_flight.load(Ordering::Acquire) > 0 {
@@ -473,7 +487,8 @@ impl Drop for RequestGuard {
 
 /// A response body that tells its connection's [`Activity`] when it has handed out bytes the
 /// connection has not taken yet: hyper polls a body for more only once it has found room for
-/// what it got before, so a body left waiting is a response the client is not reading.
+/// what it got before, so a body left waiting (with, on HTTP/1, nothing leaving the socket
+/// either) is a response the client is not reading.
 pub struct Watched<B> {
     inner: B,
     guard: RequestGuard,
@@ -516,8 +531,8 @@ where
     }
 }
 
-/// A connection's byte stream, reporting reads to its [`Activity`] and recognising the h2
-/// preface of a plaintext connection.
+/// A connection's byte stream, reporting reads and writes to its [`Activity`] and recognising
+/// the h2 preface of a plaintext connection.
 pub struct Io<T> {
     inner: T,
     act: Arc<Activity>,
@@ -572,7 +587,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Io<T> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+        let this = self.get_mut();
+        let written = ready!(Pin::new(&mut this.inner).poll_write(cx, data))?;
+        this.act.on_write();
+        Poll::Ready(Ok(written))
     }
 
     fn poll_write_vectored(
@@ -580,7 +598,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Io<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let written = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        this.act.on_write();
+        Poll::Ready(Ok(written))
     }
 
     fn is_write_vectored(&self) -> bool {
