@@ -165,11 +165,11 @@ fn fd_budget(config: &mut Config) {
 /// The HTTP settings of every client connection.
 fn builder(conns: &crate::conn::Conns) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // What one h2 connection may hold for a client that does not read: each stream keeps at
-    // most one piece of its body (ops::SLICE) plus a send buffer of 64 KiB, and there are at most
-    // `h2_max_concurrent_streams` of them; a stream that takes nothing for `send_timeout` ends
-    // the connection (conn::drive). The receive windows bound what an uploading client can make
-    // berth buffer.
+    // What one h2 connection may hold for a client that does not read: each stream keeps the
+    // cache piece it is sending (handed to hyper in slices of ops::SLICE) and a send buffer of
+    // 64 KiB, there are at most `h2_max_concurrent_streams` of them, and a stream that takes
+    // nothing for `send_timeout` ends the connection (conn::drive). The receive windows bound
+    // what an uploading client can make berth buffer.
     builder
         .http2()
         .max_concurrent_streams(conns.h2_max_streams)
