@@ -27,6 +27,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::{ConfigError, LimitsConfig};
 use crate::lock;
+use crate::ratelimit::IpNet;
 
 /// Largest connection cap derived from the file-descriptor limit when `max_connections` is not
 /// set: past this, memory rather than descriptors is what a flood of connections would exhaust.
@@ -187,6 +188,7 @@ pub struct Timeouts {
 /// Every client connection, counted globally and per address.
 pub struct Conns {
     pub max: usize,
+    trusted: Vec<IpNet>,
     pub max_per_client: usize,
     pub timeouts: Timeouts,
     pub h2_max_streams: u32,
@@ -200,10 +202,13 @@ pub struct Conns {
 }
 
 impl Conns {
-    /// `max` is the global cap (`limits.max_connections` once the default is derived).
-    pub fn new(limits: &LimitsConfig, max: usize) -> Conns {
+    /// `max` is the global cap (`limits.max_connections` once the default is derived);
+    /// `trusted` are the `trusted_proxies`, which carry many clients' connections and so are
+    /// not held to the per-client cap.
+    pub fn new(limits: &LimitsConfig, max: usize, trusted: Vec<IpNet>) -> Conns {
         Conns {
             max,
+            trusted,
             max_per_client: limits.max_connections_per_client,
             timeouts: Timeouts {
                 handshake: limits.handshake_timeout.0,
@@ -232,7 +237,7 @@ impl Conns {
         {
             let mut per = lock(&self.per_client);
             let n = per.entry(ip).or_insert(0);
-            if *n >= self.max_per_client {
+            if *n >= self.max_per_client && !self.trusted.iter().any(|net| net.contains(ip)) {
                 drop(per);
                 self.open.fetch_sub(1, Ordering::AcqRel);
                 self.refuse(Reason::MaxConnectionsPerClient, ip, self.max_per_client);
@@ -764,9 +769,17 @@ mod tests {
             max_connections_per_client: 2,
             ..LimitsConfig::default()
         };
-        let conns = Arc::new(Conns::new(&limits, 3));
+        let proxy = IpNet::parse("192.168.0.0/16").unwrap();
+        let conns = Arc::new(Conns::new(&limits, 4, vec![proxy]));
         let a = IpAddr::from([10, 0, 0, 1]);
         let b = IpAddr::from([10, 0, 0, 2]);
+        // A trusted proxy speaks for many clients: only the global cap applies to it.
+        let p = IpAddr::from([192, 168, 1, 1]);
+        let p1 = conns.admit(p).unwrap();
+        let p2 = conns.admit(p).unwrap();
+        let p3 = conns.admit(p).unwrap();
+        drop((p1, p2, p3));
+        let _p1 = conns.admit(p).unwrap();
         let a1 = conns.admit(a).unwrap();
         let _a2 = conns.admit(a).unwrap();
         assert!(conns.admit(a).is_none());
@@ -775,7 +788,7 @@ mod tests {
         assert!(conns.admit(b).is_none());
         assert_eq!(conns.count(Reason::MaxConnections), 1);
         drop(a1);
-        assert_eq!(conns.open(), 2);
+        assert_eq!(conns.open(), 3);
         assert!(conns.admit(a).is_some());
     }
 }

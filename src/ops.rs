@@ -75,6 +75,7 @@ impl Ops {
                         config.limits.fd_reserve,
                     )
                 }),
+                config.trusted_proxies.clone(),
             )),
         }
     }
