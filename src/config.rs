@@ -60,6 +60,46 @@ pub struct Config {
     pub public_url: Option<PublicUrl>,
     /// bcrypt checks of passwords running at once [default: the number of CPUs].
     pub password_check_concurrency: Option<usize>,
+    pub limits: LimitsConfig,
+}
+
+/// Bounds on what one connection, and all of them together, may hold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Longest time from the first byte of a request (or from connecting) to its last header.
+    pub header_read_timeout: Seconds,
+    /// Longest time a client may take to finish the TLS handshake after connecting.
+    pub handshake_timeout: Seconds,
+    /// A keep-alive connection (HTTP/1.1 or h2) with no request for this long is closed.
+    pub idle_timeout: Seconds,
+    /// A response that makes no progress (the client takes no bytes) for this long is aborted,
+    /// with its connection.
+    pub send_timeout: Seconds,
+    /// Client connections open at once [default: (the open-file limit − `fd_reserve`) / 2, at
+    /// most 32768; see `conn::connection_budget`].
+    pub max_connections: Option<usize>,
+    /// Client connections open at once from one address.
+    pub max_connections_per_client: usize,
+    /// File descriptors kept back from clients, for cache files and upstream connections.
+    pub fd_reserve: usize,
+    /// Requests one HTTP/2 connection may have in flight at once.
+    pub h2_max_concurrent_streams: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            header_read_timeout: Seconds(Duration::from_secs(15)),
+            handshake_timeout: Seconds(Duration::from_secs(10)),
+            idle_timeout: Seconds(Duration::from_secs(60)),
+            send_timeout: Seconds(Duration::from_secs(60)),
+            max_connections: None,
+            max_connections_per_client: 256,
+            fd_reserve: 256,
+            h2_max_concurrent_streams: 32,
+        }
+    }
 }
 
 /// Client and upstream rate limits; every limit is off unless configured.
@@ -189,6 +229,7 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             public_url: None,
             password_check_concurrency: None,
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -285,6 +326,7 @@ impl Config {
             }
         }
         crate::ops::validate(self)?;
+        crate::http::conn::validate(&self.limits)?;
         Ok(())
     }
 

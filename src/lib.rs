@@ -12,7 +12,7 @@
 //!   download per missing blob (the fetch coordinator), the upstream clients;
 //! - [`registry`]: the private namespace — pushes, deletes, uploads, listings, webhooks;
 //! - [`http`]: requests and responses — routing a request to the mirror or the registry, bodies,
-//!   error documents, ranges, listeners, TLS;
+//!   error documents, ranges, listeners with their connection caps and timeouts, TLS;
 //! - [`ops`]: around every request — client address, CORS, rate limits, the request log,
 //!   metrics, the status page.
 //!

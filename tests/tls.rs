@@ -667,3 +667,77 @@ async fn the_token_realm_over_tls_is_the_tls_listener() {
     })
     .await
 }
+
+#[tokio::test]
+async fn an_idle_h2_connection_over_tls_is_closed_after_the_idle_timeout() {
+    within(async {
+        let certs = Certs::valid();
+        let data = tempfile::tempdir().unwrap();
+        let mut config = config(&certs, data.path());
+        config.limits.idle_timeout = Seconds(Duration::from_millis(400));
+        let running = berth::http::server::start(config).await.unwrap();
+        let stream = connect(
+            running.tls_addr.unwrap(),
+            client_config(&certs.ca.cert_pem(), &[b"h2"]),
+            "mirror.test",
+        )
+        .await
+        .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let (status, _) = h2_get(&mut sender, "/v2/").await;
+        assert_eq!(status, StatusCode::OK);
+        // The client keeps the connection: only the server's idle timeout can end it (and does,
+        // well within the test's deadline).
+        let _ = conn.await.unwrap();
+        assert_eq!(
+            running
+                .app
+                .ops
+                .conns
+                .count(berth::http::conn::Reason::IdleTimeout),
+            1
+        );
+        running.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_the_handshake_is_closed() {
+    within(async {
+        let certs = Certs::valid();
+        let data = tempfile::tempdir().unwrap();
+        let mut config = config(&certs, data.path());
+        config.limits.handshake_timeout = Seconds(Duration::from_millis(300));
+        let running = berth::http::server::start(config).await.unwrap();
+        // Connected, and silent: no ClientHello.
+        let mut tcp = TcpStream::connect(running.tls_addr.unwrap()).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::io::AsyncReadExt::read(&mut tcp, &mut buf)
+            .await
+            .unwrap_or(0);
+        assert_eq!(
+            n, 0,
+            "the server sent something to a client that said nothing"
+        );
+        assert_eq!(
+            running
+                .app
+                .ops
+                .conns
+                .count(berth::http::conn::Reason::HandshakeTimeout),
+            1
+        );
+        let app = running.app.clone();
+        common::wait_for("the connection's place given back", DEADLINE, || {
+            app.ops.conns.open() == 0
+        })
+        .await;
+        running.shutdown().await;
+    })
+    .await
+}

@@ -3,6 +3,7 @@
 //! Handlers speak HTTP (headers, ranges, status codes) and delegate everything else: content
 //! comes from the mirror (cache, then upstream) or the private registry; no handler touches a file.
 
+pub mod conn;
 pub mod server;
 pub mod tls;
 
@@ -24,14 +25,14 @@ use hyper::body::{Frame, Incoming};
 
 use crate::auth::Need;
 use crate::config::Config;
-use crate::oci::error::RegistryError;
 use crate::mirror::fetch::Attach;
-use crate::mirror::{blocking, upstream_error, AcceptSet, Mirror, Outcome, TagList};
-use crate::oci::names::{Digest, Reference, RepoName};
-use crate::store::pages::{file_reader, Pages};
-use crate::oci::routes::{Query, Route};
-use crate::store::Area;
 use crate::mirror::upstream::Upstream;
+use crate::mirror::{blocking, upstream_error, AcceptSet, Mirror, Outcome, TagList};
+use crate::oci::error::RegistryError;
+use crate::oci::names::{Digest, Reference, RepoName};
+use crate::oci::routes::{Query, Route};
+use crate::store::pages::{file_reader, Pages};
+use crate::store::Area;
 
 pub type Body = BoxBody<Bytes, io::Error>;
 

@@ -1,26 +1,30 @@
 //! The server: listeners, connections, and graceful shutdown.
 //!
-//! Each accepted connection is served by hyper-util's auto builder (HTTP/1.1, or h2 when the
-//! client speaks it). With `tls` configured a second listener terminates TLS (see [`crate::http::tls`])
-//! and serves the same way. On shutdown the listeners close first, then in-flight responses on
-//! both get the configured grace period to finish.
+//! Each accepted connection is admitted under the connection caps (see [`crate::http::conn`]), then
+//! served by hyper-util's auto builder (HTTP/1.1, or h2 when the client speaks it) under the
+//! header, idle and send timeouts. With `tls` configured a second listener terminates TLS (see
+//! [`crate::http::tls`]) and serves the same way. On shutdown the listeners close first, then
+//! in-flight responses on both get the configured grace period to finish.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::http::App;
+use crate::http::conn::{Activity, ConnGuard, Ended, Io, Watched};
+use crate::http::tls::{CertResolver, Tls, TlsError};
+use crate::http::{App, LocalAddr, OverTls};
 use crate::mirror::Mirror;
 use crate::store::Store;
-use crate::http::tls::{CertResolver, Tls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -66,7 +70,8 @@ impl Running {
 }
 
 /// Opens the store, builds the mirror and starts listening.
-pub async fn start(config: Config) -> Result<Running, StartError> {
+pub async fn start(mut config: Config) -> Result<Running, StartError> {
+    fd_budget(&mut config);
     let store = Store::open(&config.data_dir)
         .map_err(|e| StartError::Store(config.data_dir.display().to_string(), e))?;
     store
@@ -108,7 +113,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ),
         None => None,
     };
-    tokio::spawn(crate::registry::expire_uploads(app.clone(), stopped.clone()));
+    tokio::spawn(crate::registry::expire_uploads(
+        app.clone(),
+        stopped.clone(),
+    ));
     tracing::info!(%addr, "listening (plain HTTP)");
     let task = tokio::spawn(serve(listener, tls, app.clone(), stopped, grace));
     Ok(Running {
@@ -120,6 +128,125 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         stop,
         task,
     })
+}
+
+/// Raises the open-file limit and derives the default connection cap from it, so that clients
+/// can never take the descriptors the cache and the upstream connections need.
+fn fd_budget(config: &mut Config) {
+    match crate::http::conn::raise_fd_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(
+                before,
+                after,
+                "raised the open-file limit to the hard limit"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+    let limits = &mut config.limits;
+    let fd_limit = crate::http::conn::fd_limit();
+    let budget = crate::http::conn::connection_budget(fd_limit, limits.fd_reserve);
+    match limits.max_connections {
+        None => limits.max_connections = Some(budget),
+        Some(max) if max > budget => tracing::warn!(
+            max_connections = max,
+            fd_limit,
+            budget,
+            "limits.max_connections is more than the open-file limit leaves for clients: \
+             raise the limit (LimitNOFILE=) or lower limits.max_connections"
+        ),
+        Some(_) => {}
+    }
+    tracing::info!(
+        fd_limit,
+        max_connections = limits.max_connections.unwrap_or(budget),
+        max_connections_per_client = limits.max_connections_per_client,
+        "connection limits"
+    );
+}
+
+/// The HTTP settings of every client connection.
+fn builder(conns: &crate::http::conn::Conns) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // What one h2 connection may hold for a client that does not read: each stream keeps the
+    // cache piece it is sending (handed to hyper in slices of ops::SLICE) and a send buffer of
+    // 64 KiB, there are at most `h2_max_concurrent_streams` of them, and a stream that takes
+    // nothing for `send_timeout` ends the connection (conn::drive). The receive windows bound
+    // what an uploading client can make berth buffer.
+    builder
+        .http2()
+        .max_concurrent_streams(conns.h2_max_streams)
+        .max_send_buf_size(64 << 10)
+        .initial_stream_window_size(256 << 10)
+        .initial_connection_window_size(1 << 20);
+    builder
+}
+
+/// Where a connection came from and arrived at: what its requests carry as extensions.
+pub(crate) struct Arrival {
+    pub peer: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub over_tls: bool,
+}
+
+/// Serves HTTP on an admitted connection until it ends, times out, or the server stops.
+pub(crate) async fn serve_http<I>(
+    io: I,
+    arrival: Arrival,
+    act: Arc<Activity>,
+    app: Arc<App>,
+    builder: auto::Builder<TokioExecutor>,
+    stopped: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Arrival {
+        peer,
+        local,
+        over_tls,
+    } = arrival;
+    let requests = act.clone();
+    let service = service_fn(move |mut req: hyper::Request<Incoming>| {
+        if over_tls {
+            req.extensions_mut().insert(OverTls);
+        }
+        if let Some(local) = local {
+            req.extensions_mut().insert(LocalAddr(local));
+        }
+        let guard = requests.begin();
+        let handled = app.clone().handle(req, peer);
+        async move {
+            let resp = handled.await?;
+            Ok::<_, Infallible>(resp.map(|body| Watched::new(body, guard)))
+        }
+    });
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(Io::new(io, act.clone())), service)
+        .into_owned();
+    if let Ended::Done(Err(e)) =
+        crate::http::conn::drive(conn, |c| c.graceful_shutdown(), &act, stopped).await
+    {
+        tracing::debug!(client = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+async fn serve_plain(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    guard: ConnGuard,
+    app: Arc<App>,
+    builder: auto::Builder<TokioExecutor>,
+    stopped: watch::Receiver<bool>,
+) {
+    let act = Activity::new(&guard);
+    let arrival = Arrival {
+        peer,
+        local: stream.local_addr().ok(),
+        over_tls: false,
+    };
+    serve_http(stream, arrival, act, app, builder, stopped).await;
+    drop(guard);
 }
 
 /// Accepts on the TLS listener, or never when there is none.
@@ -139,8 +266,8 @@ async fn serve(
     mut stopped: watch::Receiver<bool>,
     grace: std::time::Duration,
 ) {
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let conns = app.ops.conns.clone();
+    let builder = builder(&conns);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -153,22 +280,10 @@ async fn serve(
                         continue;
                     }
                 };
+                // Over a cap the connection is closed at once, before anything is read.
+                let Some(guard) = conns.admit(peer.ip()) else { continue };
                 let _ = stream.set_nodelay(true);
-                let app = app.clone();
-                let local = stream.local_addr().ok().map(crate::http::LocalAddr);
-                let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    if let Some(local) = local {
-                        req.extensions_mut().insert(local);
-                    }
-                    app.clone().handle(req, peer)
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(client = %peer, error = %e, "connection ended with an error");
-                    }
-                });
+                tokio::spawn(serve_plain(stream, peer, guard, app.clone(), builder.clone(), stopped.clone()));
             }
             accepted = accept_tls(&tls) => {
                 let (stream, peer) = match accepted {
@@ -180,14 +295,16 @@ async fn serve(
                     }
                 };
                 let Some((_, tls)) = &tls else { continue };
+                let Some(guard) = conns.admit(peer.ip()) else { continue };
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(crate::http::tls::serve_connection(
                     tls.acceptor.clone(),
                     stream,
                     peer,
+                    guard,
                     app.clone(),
                     builder.clone(),
-                    graceful.watcher(),
+                    stopped.clone(),
                 ));
             }
             _ = stopped.changed() => break,
@@ -197,7 +314,7 @@ async fn serve(
     drop(tls);
     tracing::info!("shutting down: waiting for in-flight responses and downloads");
     let drained = async {
-        graceful.shutdown().await;
+        conns.wait_closed().await;
         // A download whose clients are served may still be making its blob durable.
         app.mirror.fetches.wait_idle().await;
     };

@@ -13,12 +13,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::Watcher;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -26,13 +23,13 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
+use crate::http::conn::{Activity, ConnGuard, Reason};
+use crate::http::server::{serve_http, Arrival};
 use crate::http::App;
-
-/// Longest time a client may take to finish the TLS handshake after connecting.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// ALPN protocols offered, most preferred first.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -212,51 +209,50 @@ impl Tls {
     }
 }
 
-/// Runs the handshake (bounded by [`HANDSHAKE_TIMEOUT`]) and then serves HTTP on the connection:
-/// h2 when ALPN chose it, otherwise whatever the client speaks.
+/// Runs the handshake (bounded by `limits.handshake_timeout`) and then serves HTTP on the
+/// connection: h2 when ALPN chose it, otherwise whatever the client speaks.
 pub async fn serve_connection(
     acceptor: TlsAcceptor,
     stream: TcpStream,
     peer: SocketAddr,
+    guard: ConnGuard,
     app: Arc<App>,
     builder: auto::Builder<TokioExecutor>,
-    watcher: Watcher,
+    mut stopped: watch::Receiver<bool>,
 ) {
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            tracing::info!(client = %peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(client = %peer, timeout_s = HANDSHAKE_TIMEOUT.as_secs(), "TLS handshake timed out");
-            return;
-        }
+    let conns = guard.conns().clone();
+    let timeout = conns.timeouts.handshake;
+    let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
+    let stream = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::info!(client = %peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                conns.closed(Reason::HandshakeTimeout, peer.ip());
+                return;
+            }
+        },
+        // A shutdown does not wait for handshakes: there is no request yet.
+        _ = stopped.wait_for(|s| *s) => return,
     };
-    let local = stream.get_ref().0.local_addr().ok();
-    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(crate::http::OverTls);
-        if let Some(local) = local {
-            req.extensions_mut()
-                .insert(crate::http::LocalAddr(local));
-        }
-        app.clone().handle(req, peer)
-    });
-    let served = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-        let conn = builder
-            .http2_only()
-            .serve_connection_with_upgrades(TokioIo::new(Coalesce::new(stream)), service)
-            .into_owned();
-        watcher.watch(conn).await
+    let act = Activity::new(&guard);
+    let arrival = Arrival {
+        peer,
+        local: stream.get_ref().0.local_addr().ok(),
+        over_tls: true,
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        act.set_h2();
+        let builder = builder.http2_only();
+        let io = Coalesce::new(stream);
+        serve_http(io, arrival, act, app, builder, stopped).await;
     } else {
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        watcher.watch(conn).await
-    };
-    if let Err(e) = served {
-        tracing::debug!(client = %peer, error = %e, "TLS connection ended with an error");
+        serve_http(stream, arrival, act, app, builder, stopped).await;
     }
+    drop(guard);
 }
 
 /// Plaintext collected before it goes to the TLS stream, for HTTP/2 connections.

@@ -24,10 +24,10 @@ use tokio::sync::watch;
 use crate::store::pages::{self, Pages};
 
 use crate::mirror::cache::DiskCache;
+use crate::mirror::upstream::{content_length, Upstream, UpstreamError};
 use crate::oci::names::{Digest, RepoName};
 use crate::ops::ratelimit::UpstreamSlots;
 use crate::store::{Area, BlobWriter, StoreError};
-use crate::mirror::upstream::{content_length, Upstream, UpstreamError};
 
 /// Upstream frames are coalesced into writes of up to this size when they arrive faster than disk.
 const WRITE_BATCH: usize = 1 << 20;

@@ -20,15 +20,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 
-use crate::mirror::cache::{manifest_cache, CachedManifest, DiskCache, ManifestCache};
 use crate::config::Config;
-use crate::oci::error::RegistryError;
+use crate::mirror::cache::{manifest_cache, CachedManifest, DiskCache, ManifestCache};
 use crate::mirror::fetch::{Attach, Fetches};
+use crate::mirror::singleflight::SingleFlight;
+use crate::mirror::upstream::{Upstream, UpstreamError, UpstreamSetupError};
+use crate::oci::error::RegistryError;
 use crate::oci::names::{Digest, Reference, RepoName, Tag};
 use crate::ops::ratelimit::UpstreamSlots;
-use crate::mirror::singleflight::SingleFlight;
 use crate::store::{now_secs, Area, Store, TagEntry};
-use crate::mirror::upstream::{Upstream, UpstreamError, UpstreamSetupError};
 
 /// The largest tag list taken from an upstream.
 const MAX_TAG_LIST: usize = 16 << 20;

@@ -31,8 +31,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::oci::error::RegistryError;
 use crate::http::{empty, full, App, Body};
+use crate::oci::error::RegistryError;
 use crate::ops::ratelimit::Refusal;
 
 pub const CONTENT_TYPE_OPENMETRICS: &str =
@@ -444,6 +444,40 @@ impl Scraped {
                 slots.refused.load(Ordering::Relaxed),
             ),
         ];
+        let conns = &ops.conns;
+        s.gauge(
+            "berth_connections_open",
+            "Client connections open (plain and TLS)",
+            conns.open() as f64,
+        );
+        s.gauge(
+            "berth_connections_max",
+            "limits.max_connections: client connections allowed at once",
+            conns.max as f64,
+        );
+        s.gauge(
+            "berth_responses_in_flight",
+            "Responses not yet taken in full by their clients",
+            conns.responses_in_flight() as f64,
+        );
+        s.push(
+            "berth_connections_refused",
+            "Client connections closed on arrival because a connection cap was reached, by limit",
+            true,
+            crate::http::conn::Reason::REFUSALS
+                .iter()
+                .map(|r| (vec![("reason", r.as_str().to_owned())], n(conns.count(*r))))
+                .collect(),
+        );
+        s.push(
+            "berth_connections_closed",
+            "Client connections closed by a timeout, by limit",
+            true,
+            crate::http::conn::Reason::CLOSES
+                .iter()
+                .map(|r| (vec![("reason", r.as_str().to_owned())], n(conns.count(*r))))
+                .collect(),
+        );
         s.push(
             "berth_ratelimited_requests",
             "Requests refused by berth's own rate limits, by limit",

@@ -25,8 +25,8 @@ use serde::{Deserialize, Deserializer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Config, RateLimitConfig};
-use crate::oci::error::RegistryError;
 use crate::mirror::upstream::UpstreamError;
+use crate::oci::error::RegistryError;
 
 /// The burst a client gets when only `per_client_rps` is configured: a `docker pull` asks for a
 /// manifest or two and every layer at once.

@@ -23,10 +23,10 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 
-use crate::oci::error::RegistryError;
-use crate::mirror::fetch::Fetches;
 use crate::http::{empty, full, App, Body};
+use crate::mirror::fetch::Fetches;
 use crate::mirror::{blocking, Outcome};
+use crate::oci::error::RegistryError;
 use crate::oci::names::{Digest, RepoName};
 use crate::store::{now_secs, Area, Store};
 

@@ -26,15 +26,15 @@ use hyper::body::Incoming;
 
 use crate::auth::User;
 use crate::config::Config;
-use crate::oci::error::RegistryError;
 use crate::http::{api_version, empty, error_response, full, App, Body, Served};
-use crate::oci::manifest::{self, Parsed, MAX_MANIFEST_BYTES, OCI_INDEX};
 use crate::mirror::{blocking, Outcome};
+use crate::oci::error::RegistryError;
+use crate::oci::manifest::{self, Parsed, MAX_MANIFEST_BYTES, OCI_INDEX};
 use crate::oci::names::{Digest, Reference, RepoName};
-use crate::store::private::PrivateStore;
 use crate::oci::routes::{Query, Route, UploadId};
-use crate::store::{Area, Store, StoreError};
 use crate::registry::webhook::{now_rfc3339, Event, Notifier};
+use crate::store::private::PrivateStore;
+use crate::store::{Area, Store, StoreError};
 
 /// Request bodies are written to disk in pieces of about this size.
 const WRITE_BATCH: usize = 1 << 20;

@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime};
 use crate::config::{human_bytes, Config, Seconds};
 use crate::oci::manifest;
 use crate::oci::names::Digest;
-use crate::store::private::PrivateStore;
 use crate::oci::routes::UploadId;
+use crate::store::private::PrivateStore;
 use crate::store::{Area, Store};
 
 /// Blobs younger than this are never collected.
