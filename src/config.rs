@@ -51,7 +51,7 @@ pub struct Config {
     /// Serve `/metrics` on its own listener (then not on the main one).
     pub metrics_listen: Option<SocketAddr>,
     /// Peers whose `X-Forwarded-For` names the client (addresses or CIDR blocks).
-    pub trusted_proxies: Vec<crate::ops::ratelimit::IpNet>,
+    pub trusted_proxies: Vec<IpNet>,
     /// Browser origins allowed to call the registry API, or `["*"]`; none by default.
     pub cors_origins: Vec<String>,
     pub rate_limit: RateLimitConfig,
@@ -325,8 +325,16 @@ impl Config {
                 ));
             }
         }
-        crate::ops::validate(self)?;
-        crate::http::conn::validate(&self.limits)?;
+        self.rate_limit.validate()?;
+        for o in &self.cors_origins {
+            if !valid_origin(o) {
+                return Err(err(
+                    "cors_origins",
+                    format!("{o:?} is not \"*\" or an origin like \"https://ui.example\""),
+                ));
+            }
+        }
+        self.limits.validate()?;
         Ok(())
     }
 
@@ -607,9 +615,147 @@ impl<'de> Deserialize<'de> for WebhookUrl {
     }
 }
 
+impl RateLimitConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            key: format!("rate_limit.{key}"),
+            message,
+        };
+        for (key, rps) in [
+            ("per_client_rps", self.per_client_rps),
+            ("upstream_rps", self.upstream_rps),
+        ] {
+            if let Some(rps) = rps {
+                if !(1e-6..=1e9).contains(&rps) {
+                    return Err(err(key, format!("{rps} is not a positive rate")));
+                }
+            }
+        }
+        if self.burst == Some(0) {
+            return Err(err("burst", "must be at least 1".into()));
+        }
+        if self.max_upstream_concurrency == Some(0) {
+            return Err(err(
+                "max_upstream_concurrency",
+                "must be at least 1 (leave it out for no limit)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, message: &str| ConfigError {
+            key: format!("limits.{key}"),
+            message: message.to_owned(),
+        };
+        for (key, t) in [
+            ("header_read_timeout", self.header_read_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("send_timeout", self.send_timeout),
+        ] {
+            if t.0.is_zero() {
+                return Err(err(key, "must be longer than zero"));
+            }
+        }
+        if self.max_connections == Some(0) {
+            return Err(err("max_connections", "must be at least 1"));
+        }
+        if self.max_connections_per_client == 0 {
+            return Err(err("max_connections_per_client", "must be at least 1"));
+        }
+        if self.h2_max_concurrent_streams == 0 {
+            return Err(err("h2_max_concurrent_streams", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// An IP network from `trusted_proxies`: `10.0.0.1`, `10.0.0.0/8`, `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet(ipnet::IpNet);
+
+impl IpNet {
+    pub fn parse(s: &str) -> Result<IpNet, String> {
+        let s = s.trim();
+        let net = match s.parse::<ipnet::IpNet>() {
+            Ok(net) => net,
+            Err(_) if !s.contains('/') => match s.parse::<std::net::IpAddr>() {
+                Ok(addr) => ipnet::IpNet::from(addr),
+                Err(_) => return Err(format!("{s:?} is not an IP address or CIDR block")),
+            },
+            Err(e) => return Err(format!("{s:?}: {e}")),
+        };
+        // An IPv4 network given in IPv6 form matches the IPv4 addresses it names.
+        Ok(IpNet(match net {
+            ipnet::IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
+                Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len().saturating_sub(96))
+                    .map(ipnet::IpNet::V4)
+                    .map_err(|e| format!("{s:?}: {e}"))?,
+                None => net,
+            },
+            v4 => v4,
+        }))
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        self.0.contains(&ip.to_canonical())
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        IpNet::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A `cors_origins` entry: `*`, or a scheme and host (and port) with no path.
+pub fn valid_origin(o: &str) -> bool {
+    if o == "*" {
+        return true;
+    }
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && !rest.trim_end_matches('/').contains('/')
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]/".contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn networks_parse_and_match() {
+        let n = IpNet::parse("10.1.0.0/16").unwrap();
+        assert!(n.contains("10.1.2.3".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.9.9".parse().unwrap()));
+        let one = IpNet::parse("127.0.0.1").unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        assert!(IpNet::parse("fd00::/8")
+            .unwrap()
+            .contains("fd12::1".parse().unwrap()));
+        assert!(IpNet::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(IpNet::parse("10.0.0.0/33").is_err());
+        assert!(IpNet::parse("example.com").is_err());
+    }
 
     #[test]
     fn sizes_and_durations() {

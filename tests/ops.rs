@@ -381,7 +381,7 @@ async fn x_forwarded_for_is_believed_only_from_trusted_proxies() {
     // From a trusted proxy every forwarded client has its own quota.
     let b = Berth::start(&up, |c| {
         rate_limited(c, 0.1, 1);
-        c.trusted_proxies = vec![berth::ops::ratelimit::IpNet::parse("127.0.0.0/8").unwrap()];
+        c.trusted_proxies = vec![berth::config::IpNet::parse("127.0.0.0/8").unwrap()];
     })
     .await;
     assert_eq!(b.get_with("/v2/", &xff("203.0.113.5")).await.status, 200);
@@ -402,7 +402,7 @@ async fn x_forwarded_for_is_believed_only_from_trusted_proxies() {
     // From anyone else the header is ignored: all these are the same client.
     let b2 = Berth::start(&up, |c| {
         rate_limited(c, 0.1, 1);
-        c.trusted_proxies = vec![berth::ops::ratelimit::IpNet::parse("10.9.9.9").unwrap()];
+        c.trusted_proxies = vec![berth::config::IpNet::parse("10.9.9.9").unwrap()];
     })
     .await;
     assert_eq!(b2.get_with("/v2/", &xff("203.0.113.5")).await.status, 200);

@@ -1336,7 +1336,7 @@ async fn token(e: &Env, query: &str) -> String {
 /// that requests can speak for many client addresses through `X-Forwarded-For`.
 async fn env_with_cost(cost: u32, tweak: impl FnOnce(&mut berth::config::Config)) -> Env {
     let e = Env::start_with(|c| {
-        c.trusted_proxies = vec![berth::ops::ratelimit::IpNet::parse("127.0.0.1").unwrap()];
+        c.trusted_proxies = vec![berth::config::IpNet::parse("127.0.0.1").unwrap()];
         tweak(c);
     })
     .await;

@@ -25,41 +25,13 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, Notify};
 
-use crate::config::{ConfigError, LimitsConfig};
+use crate::config::IpNet;
+use crate::config::LimitsConfig;
 use crate::lock;
-use crate::ops::ratelimit::IpNet;
 
 /// Largest connection cap derived from the file-descriptor limit when `max_connections` is not
 /// set: past this, memory rather than descriptors is what a flood of connections would exhaust.
 const DERIVED_MAX: usize = 32768;
-
-/// Checks `[limits]`; called by `Config::validate`.
-pub fn validate(limits: &LimitsConfig) -> Result<(), ConfigError> {
-    let err = |key: &str, message: &str| ConfigError {
-        key: format!("limits.{key}"),
-        message: message.to_owned(),
-    };
-    for (key, t) in [
-        ("header_read_timeout", limits.header_read_timeout),
-        ("handshake_timeout", limits.handshake_timeout),
-        ("idle_timeout", limits.idle_timeout),
-        ("send_timeout", limits.send_timeout),
-    ] {
-        if t.0.is_zero() {
-            return Err(err(key, "must be longer than zero"));
-        }
-    }
-    if limits.max_connections == Some(0) {
-        return Err(err("max_connections", "must be at least 1"));
-    }
-    if limits.max_connections_per_client == 0 {
-        return Err(err("max_connections_per_client", "must be at least 1"));
-    }
-    if limits.h2_max_concurrent_streams == 0 {
-        return Err(err("h2_max_concurrent_streams", "must be at least 1"));
-    }
-    Ok(())
-}
 
 /// Raises the soft limit on open files to the hard limit; returns the limit before and after.
 pub fn raise_fd_limit() -> io::Result<(u64, u64)> {

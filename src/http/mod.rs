@@ -307,7 +307,7 @@ impl App {
         {
             return Ok(resp);
         }
-        crate::ops::ratelimit::before_upstream()?;
+        crate::mirror::admission::before_upstream()?;
         if head {
             // A blob being downloaded (or just verified, not yet renamed into the cache) has a
             // known length: no need to ask the upstream.
@@ -463,7 +463,7 @@ impl App {
             }
             pass.finish()
         };
-        crate::ops::ratelimit::before_upstream()?;
+        crate::mirror::admission::before_upstream()?;
         let (TagList { body, link }, outcome) = self.mirror.tags_list(&up, &name, &pass).await?;
         let mut b = Response::builder()
             .status(StatusCode::OK)

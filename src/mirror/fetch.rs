@@ -24,9 +24,9 @@ use tokio::sync::watch;
 use crate::store::pages::{self, Pages};
 
 use crate::mirror::cache::DiskCache;
+use crate::mirror::slots::UpstreamSlots;
 use crate::mirror::upstream::{content_length, Upstream, UpstreamError};
 use crate::oci::names::{Digest, RepoName};
-use crate::ops::ratelimit::UpstreamSlots;
 use crate::store::{Area, BlobWriter, StoreError};
 
 /// Upstream frames are coalesced into writes of up to this size when they arrive faster than disk.

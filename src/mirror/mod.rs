@@ -7,9 +7,11 @@
 //! Resolutions are kept per accepted media-type set, so a client is never handed a manifest kind
 //! it did not ask for. Identical concurrent upstream requests are coalesced.
 
+pub mod admission;
 pub mod cache;
 pub mod fetch;
 pub mod singleflight;
+pub mod slots;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -24,10 +26,10 @@ use crate::config::Config;
 use crate::mirror::cache::{manifest_cache, CachedManifest, DiskCache, ManifestCache};
 use crate::mirror::fetch::{Attach, Fetches};
 use crate::mirror::singleflight::SingleFlight;
+use crate::mirror::slots::UpstreamSlots;
 use crate::mirror::upstream::{Upstream, UpstreamError, UpstreamSetupError};
 use crate::oci::error::RegistryError;
 use crate::oci::names::{Digest, Reference, RepoName, Tag};
-use crate::ops::ratelimit::UpstreamSlots;
 use crate::store::{now_secs, Area, Store, TagEntry};
 
 /// The largest tag list taken from an upstream.
@@ -258,7 +260,7 @@ impl Mirror {
                 }
             }
         }
-        crate::ops::ratelimit::before_upstream()?;
+        crate::mirror::admission::before_upstream()?;
         let key = (
             up.key.clone(),
             repo.clone(),

@@ -23,7 +23,6 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
 use crate::oci::names::{Digest, Reference, RepoName};
-use crate::ops::UpstreamHook;
 
 /// The largest manifest berth will take from an upstream (Docker Hub's limit is 4 MiB).
 const MAX_MANIFEST: usize = 8 << 20;
@@ -76,6 +75,19 @@ impl UpstreamError {
             UpstreamError::Down { .. } => "down",
         }
     }
+}
+
+/// Told about every request an upstream client sends. The ops layer implements it: it counts
+/// the requests, keeps each upstream's health for the status page, and admits requests under
+/// `rate_limit.upstream_rps`.
+pub trait UpstreamObserver: Send + Sync {
+    /// Admits a request to `upstream`, waiting a little if needed, or refuses it.
+    fn admit<'a>(
+        &'a self,
+        upstream: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), UpstreamError>>;
+    /// What a request sent to `upstream` came to.
+    fn record(&self, upstream: &str, result: Result<StatusCode, &UpstreamError>);
 }
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
@@ -175,7 +187,7 @@ pub struct Upstream {
     pub ratelimit_remaining: AtomicI64,
     pub ratelimit_limit: AtomicI64,
     /// Told about every request sent (metrics, health) and admits it (`upstream_rps`).
-    hook: OnceLock<Arc<UpstreamHook>>,
+    hook: OnceLock<Arc<dyn UpstreamObserver>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,7 +272,7 @@ impl Upstream {
     }
 
     /// Sets the hook told about every upstream request; only the first call takes effect.
-    pub fn set_hook(&self, hook: Arc<UpstreamHook>) {
+    pub fn set_hook(&self, hook: Arc<dyn UpstreamObserver>) {
         let _ = self.hook.set(hook);
     }
 

@@ -132,25 +132,10 @@ fn set(h: &mut HeaderMap, allow: HeaderValue, credentials: bool) {
     }
 }
 
-/// Checks a `cors_origins` entry: `*`, or `scheme://host[:port]` without a path.
-pub fn valid_origin(o: &str) -> bool {
-    if o == "*" {
-        return true;
-    }
-    let Some((scheme, rest)) = o.split_once("://") else {
-        return false;
-    };
-    matches!(scheme, "http" | "https")
-        && !rest.is_empty()
-        && !rest.trim_end_matches('/').contains('/')
-        && rest
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]/".contains(&b))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::valid_origin;
 
     #[test]
     fn origins_validate() {

@@ -28,9 +28,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
 use crate::http::{error_response, App, Body, Served};
-use crate::mirror::upstream::UpstreamError;
+use crate::mirror::upstream::{UpstreamError, UpstreamObserver};
 use crate::mirror::{Mirror, Outcome};
 use crate::oci::names::Reference;
 use crate::oci::routes::{Query, Route};
@@ -84,43 +84,6 @@ impl Ops {
             )),
         }
     }
-}
-
-/// Checks the ops settings; called by `Config::validate`.
-pub fn validate(config: &Config) -> Result<(), ConfigError> {
-    let err = |key: &str, message: String| ConfigError {
-        key: key.to_owned(),
-        message,
-    };
-    let rl = &config.rate_limit;
-    for (key, rps) in [
-        ("rate_limit.per_client_rps", rl.per_client_rps),
-        ("rate_limit.upstream_rps", rl.upstream_rps),
-    ] {
-        if let Some(rps) = rps {
-            if !(1e-6..=1e9).contains(&rps) {
-                return Err(err(key, format!("{rps} is not a positive rate")));
-            }
-        }
-    }
-    if rl.burst == Some(0) {
-        return Err(err("rate_limit.burst", "must be at least 1".into()));
-    }
-    if rl.max_upstream_concurrency == Some(0) {
-        return Err(err(
-            "rate_limit.max_upstream_concurrency",
-            "must be at least 1 (leave it out for no limit)".into(),
-        ));
-    }
-    for o in &config.cors_origins {
-        if !crate::ops::cors::valid_origin(o) {
-            return Err(err(
-                "cors_origins",
-                format!("{o:?} is not \"*\" or an origin like \"https://ui.example\""),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// What the ops layer knows about a request while it is served.
@@ -416,25 +379,25 @@ pub struct UpstreamHook {
     health: Mutex<HashMap<String, UpstreamHealth>>,
 }
 
-impl UpstreamHook {
+impl UpstreamObserver for UpstreamHook {
     /// Admits a request under `rate_limit.upstream_rps`, waiting a little if needed.
-    pub async fn admit(&self, upstream: &str) -> Result<(), UpstreamError> {
-        let Some(rate) = &self.rate else {
-            return Ok(());
-        };
-        rate.admit().await.inspect_err(|e| {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(upstream, error = %e, "upstream request refused by rate_limit.upstream_rps");
+    fn admit<'a>(
+        &'a self,
+        upstream: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), UpstreamError>> {
+        Box::pin(async move {
+            let Some(rate) = &self.rate else {
+                return Ok(());
+            };
+            rate.admit().await.inspect_err(|e| {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(upstream, error = %e, "upstream request refused by rate_limit.upstream_rps");
+            })
         })
     }
 
-    /// The configured `upstream_rps`, if any.
-    pub fn rps(&self) -> Option<f64> {
-        self.rate.as_ref().map(|r| r.rps)
-    }
-
     /// Records what a request sent to `upstream` came to.
-    pub fn record(&self, upstream: &str, result: Result<StatusCode, &UpstreamError>) {
+    fn record(&self, upstream: &str, result: Result<StatusCode, &UpstreamError>) {
         let (status, error) = match result {
             Ok(s) => (
                 s.as_u16().to_string(),
@@ -455,6 +418,13 @@ impl UpstreamHook {
             Some(message) => h.last_error = Some((now, message)),
             None => h.last_success = Some(now),
         }
+    }
+}
+
+impl UpstreamHook {
+    /// The configured `upstream_rps`, if any.
+    pub fn rps(&self) -> Option<f64> {
+        self.rate.as_ref().map(|r| r.rps)
     }
 
     pub fn health(&self, upstream: &str) -> UpstreamHealth {

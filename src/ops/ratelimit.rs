@@ -11,7 +11,7 @@
 //!   fetch waits for a free slot, up to the upstream's response timeout.
 
 use std::cell::Cell;
-use std::fmt;
+
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,10 +21,9 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::HeaderMap;
-use serde::{Deserialize, Deserializer};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{Config, RateLimitConfig};
+use crate::config::{Config, IpNet, RateLimitConfig};
+use crate::mirror::admission::UpstreamAdmission;
 use crate::mirror::upstream::UpstreamError;
 use crate::oci::error::RegistryError;
 
@@ -51,71 +50,6 @@ impl Refusal {
             Refusal::UpstreamRps => "upstream_rps",
             Refusal::UpstreamConcurrency => "upstream_concurrency",
         }
-    }
-}
-
-/// An IP network from `trusted_proxies`: `10.0.0.1`, `10.0.0.0/8`, `fd00::/8`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl IpNet {
-    pub fn parse(s: &str) -> Result<IpNet, String> {
-        let s = s.trim();
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP address or CIDR block"))?;
-        let addr = addr.to_canonical();
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => match p.parse::<u8>() {
-                Ok(p) if p <= max => p,
-                _ => return Err(format!("{s:?}: the prefix length must be 0 to {max}")),
-            },
-        };
-        Ok(IpNet { addr, prefix })
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
-                u128::from(net.to_bits()) << 96,
-                u128::from(ip.to_bits()) << 96,
-                self.prefix,
-            ),
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                prefix_eq(net.to_bits(), ip.to_bits(), self.prefix)
-            }
-            _ => false,
-        }
-    }
-}
-
-fn prefix_eq(a: u128, b: u128, prefix: u8) -> bool {
-    if prefix == 0 {
-        return true;
-    }
-    let shift = 128 - u32::from(prefix.min(128));
-    (a >> shift) == (b >> shift)
-}
-
-impl fmt::Display for IpNet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl<'de> Deserialize<'de> for IpNet {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        IpNet::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -234,7 +168,7 @@ impl ClientLimits {
                 client,
                 counted: Cell::new(false),
             };
-            DEFERRED.scope(deferred, f).await
+            crate::mirror::admission::scope(Box::new(deferred), f).await
         } else {
             f.await
         }
@@ -274,21 +208,14 @@ struct Deferred {
     counted: Cell<bool>,
 }
 
-tokio::task_local! {
-    static DEFERRED: Deferred;
-}
-
-/// Called where a request is about to contact an upstream. When cache hits are exempt from the
-/// client limit, this is where the request is counted (once); otherwise it does nothing.
-pub fn before_upstream() -> Result<(), RegistryError> {
-    DEFERRED
-        .try_with(|d| {
-            if d.counted.replace(true) {
-                return Ok(());
-            }
-            d.limits.check(d.client)
-        })
-        .unwrap_or(Ok(()))
+impl UpstreamAdmission for Deferred {
+    /// Counts the request against its client's limit, once.
+    fn admit(&self) -> Result<(), RegistryError> {
+        if self.counted.replace(true) {
+            return Ok(());
+        }
+        self.limits.check(self.client)
+    }
 }
 
 /// The cap on upstream requests per second, shared by all upstreams.
@@ -328,62 +255,6 @@ impl UpstreamRate {
     }
 }
 
-/// The cap on upstream fetches running at once.
-pub struct UpstreamSlots {
-    semaphore: Option<Arc<Semaphore>>,
-    max: usize,
-    pub refused: AtomicU64,
-}
-
-impl UpstreamSlots {
-    pub fn new(config: &RateLimitConfig) -> UpstreamSlots {
-        let max = config.max_upstream_concurrency.unwrap_or(0);
-        UpstreamSlots {
-            semaphore: (max > 0).then(|| Arc::new(Semaphore::new(max))),
-            max,
-            refused: AtomicU64::new(0),
-        }
-    }
-
-    pub fn unlimited() -> UpstreamSlots {
-        UpstreamSlots::new(&RateLimitConfig::default())
-    }
-
-    /// The configured cap, 0 for none.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
-    /// Fetches holding a slot now.
-    pub fn in_use(&self) -> usize {
-        match &self.semaphore {
-            Some(s) => self.max.saturating_sub(s.available_permits()),
-            None => 0,
-        }
-    }
-
-    /// Takes a slot, waiting up to `wait` for one; the slot is free again when dropped.
-    pub async fn acquire(
-        &self,
-        wait: Duration,
-    ) -> Result<Option<OwnedSemaphorePermit>, UpstreamError> {
-        let Some(sem) = &self.semaphore else {
-            return Ok(None);
-        };
-        match tokio::time::timeout(wait, sem.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(Some(permit)),
-            // The semaphore is never closed; treat it like a full one.
-            Ok(Err(_)) | Err(_) => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(max = self.max, "no upstream fetch slot became free in time");
-                Err(UpstreamError::TooManyRequests {
-                    retry_after: Duration::from_secs(1),
-                })
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,25 +274,6 @@ mod tests {
         assert_ne!(limit_key(a), limit_key(c));
         let v4: IpAddr = "192.0.2.1".parse().unwrap();
         assert_eq!(limit_key(v4), v4);
-    }
-
-    #[test]
-    fn networks_parse_and_match() {
-        let n = IpNet::parse("10.1.0.0/16").unwrap();
-        assert!(n.contains("10.1.2.3".parse().unwrap()));
-        assert!(!n.contains("10.2.0.1".parse().unwrap()));
-        assert!(n.contains("::ffff:10.1.9.9".parse().unwrap()));
-        let one = IpNet::parse("127.0.0.1").unwrap();
-        assert!(one.contains("127.0.0.1".parse().unwrap()));
-        assert!(!one.contains("127.0.0.2".parse().unwrap()));
-        assert!(IpNet::parse("fd00::/8")
-            .unwrap()
-            .contains("fd12::1".parse().unwrap()));
-        assert!(IpNet::parse("0.0.0.0/0")
-            .unwrap()
-            .contains("8.8.8.8".parse().unwrap()));
-        assert!(IpNet::parse("10.0.0.0/33").is_err());
-        assert!(IpNet::parse("example.com").is_err());
     }
 
     #[test]
