@@ -1713,7 +1713,7 @@ async fn catalog_pages_are_complete_and_bounded_over_many_repositories() {
     // Without a page size: the first 1000, and a Link to the rest.
     let r = e.get("/v2/_catalog").await;
     let first = r.json()["repositories"].as_array().unwrap().len();
-    assert_eq!(first, berth::registry::MAX_CATALOG_PAGE);
+    assert_eq!(first, berth::http::private::MAX_CATALOG_PAGE);
     assert!(r.header("link").contains("rel=\"next\""));
     // Following the Links with n=97 lists every repository once, in order.
     let mut listed: Vec<String> = Vec::new();
@@ -1795,7 +1795,7 @@ async fn referrers_are_paged_with_link() {
     let r = e.get(&path).await;
     assert_eq!(
         r.json()["manifests"].as_array().unwrap().len(),
-        berth::registry::MAX_REFERRERS_PAGE
+        berth::http::private::MAX_REFERRERS_PAGE
     );
     assert!(r.header("link").contains("rel=\"next\""));
     let digests = |v: Vec<Value>| -> Vec<String> {
@@ -1803,8 +1803,15 @@ async fn referrers_are_paged_with_link() {
             .map(|d| d["digest"].as_str().unwrap().to_owned())
             .collect()
     };
-    let listed =
-        digests(all_pages(&e, &path, "manifests", berth::registry::MAX_REFERRERS_PAGE).await);
+    let listed = digests(
+        all_pages(
+            &e,
+            &path,
+            "manifests",
+            berth::http::private::MAX_REFERRERS_PAGE,
+        )
+        .await,
+    );
     assert_eq!(listed, all);
     let listed = digests(all_pages(&e, &format!("{path}?n=7"), "manifests", 7).await);
     assert_eq!(listed, all);

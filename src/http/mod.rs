@@ -4,6 +4,7 @@
 //! comes from the mirror (cache, then upstream) or the private registry; no handler touches a file.
 
 pub mod conn;
+pub mod private;
 pub mod server;
 pub mod tls;
 
@@ -27,10 +28,11 @@ use crate::auth::Need;
 use crate::config::Config;
 use crate::mirror::fetch::Attach;
 use crate::mirror::upstream::Upstream;
-use crate::mirror::{blocking, upstream_error, AcceptSet, Mirror, Outcome, TagList};
+use crate::mirror::{upstream_error, AcceptSet, Mirror, Outcome, TagList};
 use crate::oci::error::RegistryError;
 use crate::oci::names::{Digest, Reference, RepoName};
 use crate::oci::routes::{Query, Route};
+use crate::store::blocking;
 use crate::store::pages::{file_reader, Pages};
 use crate::store::Area;
 
@@ -44,7 +46,7 @@ pub struct App {
     /// Credentials and who needs them (see `auth`).
     pub auth: crate::auth::Authenticator,
     /// The private namespace's registry (see `private`).
-    pub private: crate::registry::Registry,
+    pub private: Arc<crate::registry::Registry>,
     pub ops: crate::ops::Ops,
     /// What keeps the status pages cheap (see `status`).
     pub pages: crate::ops::status::Pages,
@@ -69,7 +71,10 @@ impl App {
         let ops = crate::ops::Ops::new(&config, &mirror);
         App {
             auth: crate::auth::Authenticator::new(&config),
-            private: crate::registry::Registry::new(&config, mirror.store().clone()),
+            private: Arc::new(crate::registry::Registry::new(
+                &config,
+                mirror.store().clone(),
+            )),
             config,
             mirror: Arc::new(mirror),
             started: Instant::now(),
@@ -176,7 +181,7 @@ impl App {
         let method = req.method().clone();
         let head = method == Method::HEAD;
         // Credentials first; then the private namespace (and the catalog) is the registry's.
-        let private = crate::registry::route_repo(&route).is_some_and(|n| self.is_private(n));
+        let private = crate::http::private::route_repo(&route).is_some_and(|n| self.is_private(n));
         let access =
             crate::auth::Access::of(&route, &method, private, !self.config.private_ns.is_empty());
         let user = self
@@ -184,7 +189,7 @@ impl App {
             .authorize(&self.config, access, need, req.headers(), client)
             .await?;
         if private || route == Route::Catalog {
-            return crate::registry::dispatch(self, route, req, query, user).await;
+            return crate::http::private::dispatch(self, route, req, query, user).await;
         }
         match (route, method) {
             (Route::Base, Method::GET | Method::HEAD) => {
@@ -258,13 +263,9 @@ impl App {
 
     async fn ready(&self) -> Result<Response<Body>, RegistryError> {
         let store = self.mirror.store().clone();
-        blocking(move || {
-            let probe = store.root().join("tmp").join(".ready");
-            std::fs::write(&probe, b"ok")?;
-            std::fs::remove_file(&probe)
-        })
-        .await
-        .map_err(|e| RegistryError::Unavailable(format!("store not writable: {e}")))?;
+        blocking(move || store.probe_writable())
+            .await
+            .map_err(|e| RegistryError::Unavailable(format!("store not writable: {e}")))?;
         Ok(text(StatusCode::OK, "ready\n"))
     }
 

@@ -114,7 +114,7 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         None => None,
     };
     tokio::spawn(crate::registry::expire_uploads(
-        app.clone(),
+        app.private.clone(),
         stopped.clone(),
     ));
     tracing::info!(%addr, "listening (plain HTTP)");

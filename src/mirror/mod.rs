@@ -30,7 +30,7 @@ use crate::mirror::slots::UpstreamSlots;
 use crate::mirror::upstream::{Upstream, UpstreamError, UpstreamSetupError};
 use crate::oci::error::RegistryError;
 use crate::oci::names::{Digest, Reference, RepoName, Tag};
-use crate::store::{now_secs, Area, Store, TagEntry};
+use crate::store::{blocking, now_secs, Area, Store, TagEntry};
 
 /// The largest tag list taken from an upstream.
 const MAX_TAG_LIST: usize = 16 << 20;
@@ -590,16 +590,6 @@ pub fn upstream_error(e: UpstreamError, repo: &RepoName, unknown: RegistryError)
 
 fn manifest_unknown(repo: &RepoName, reference: &Reference) -> RegistryError {
     RegistryError::ManifestUnknown(format!("{repo}:{reference}"))
-}
-
-/// Runs store I/O off the async workers.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> Result<T, RegistryError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| RegistryError::Internal(e.to_string()))?
-        .map_err(|e| RegistryError::Internal(format!("store: {e}")))
 }
 
 #[cfg(test)]

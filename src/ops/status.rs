@@ -25,9 +25,10 @@ use http::{Request, Response, StatusCode};
 
 use crate::http::{empty, full, App, Body};
 use crate::mirror::fetch::Fetches;
-use crate::mirror::{blocking, Outcome};
+use crate::mirror::Outcome;
 use crate::oci::error::RegistryError;
 use crate::oci::names::{Digest, RepoName};
+use crate::store::blocking;
 use crate::store::{now_secs, Area, Store};
 
 /// The upstream key under which pulls of private repositories are counted.
@@ -636,34 +637,7 @@ fn list_area(
     limit: usize,
     budget: &mut Budget,
 ) -> std::io::Result<Listing> {
-    let base = store.root().join(match area {
-        Area::Cache => "cache/repos",
-        Area::Local => "local/repos",
-    });
-    let mut upstreams: Vec<String> = match std::fs::read_dir(&base) {
-        Ok(entries) => entries
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    upstreams.sort();
-    let mut names: Vec<(String, String)> = Vec::new();
-    for up in upstreams {
-        let mut found = Vec::new();
-        crate::registry::repos_after(
-            &base.join(&up),
-            "",
-            None,
-            limit + 1 - names.len(),
-            &|d| d.join("_tags").is_dir(),
-            &mut found,
-        );
-        names.extend(found.into_iter().map(|n| (up.clone(), n)));
-        if names.len() > limit {
-            break;
-        }
-    }
+    let mut names = store.area_repos(area, limit + 1);
     let more = names.len() > limit;
     names.truncate(limit);
     let mut repos = Vec::new();

@@ -15,6 +15,7 @@
 //! at any point leaves no entry. Paths are built only from parsed `Digest`s and `RepoName`s.
 
 pub mod gc;
+mod listing;
 pub mod pages;
 pub mod private;
 
@@ -128,6 +129,13 @@ impl Store {
 
     /// The directories of private repositories: `<this>/<repo>/` holds `_tags` (the upstream key
     /// of private tags is `LOCAL_UPSTREAM`) and the repository's links.
+    /// Writes and removes a file in `tmp/`: whether the store can take writes now.
+    pub fn probe_writable(&self) -> io::Result<()> {
+        let probe = self.root.join("tmp").join(".ready");
+        std::fs::write(&probe, b"ok")?;
+        std::fs::remove_file(&probe)
+    }
+
     pub fn local_repos_dir(&self) -> PathBuf {
         self.root
             .join(Area::Local.dir())
@@ -591,6 +599,17 @@ impl Drop for BlobWriter {
             let _ = fs::remove_file(temp);
         }
     }
+}
+
+/// Runs store I/O off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, crate::oci::error::RegistryError> {
+    use crate::oci::error::RegistryError;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RegistryError::Internal(e.to_string()))?
+        .map_err(|e| RegistryError::Internal(format!("store: {e}")))
 }
 
 #[cfg(test)]
