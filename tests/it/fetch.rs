@@ -1,12 +1,10 @@
 //! One download, many readers: single-flight, streaming, failure, disconnects, crash safety.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use http::Method;
 use http_body_util::BodyExt;
 use tokio::sync::Notify;

@@ -1,11 +1,9 @@
 //! The command line: config errors, defaults, signals.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 fn berth() -> Command {
     Command::new(env!("CARGO_BIN_EXE_berth"))
