@@ -840,12 +840,12 @@ impl Drop for World {
         drop(self.ca.take());
         if let Some(tmp) = self.tmp.take() {
             if std::env::var_os("BERTH_INTEROP_KEEP").is_some() {
-                eprintln!("interop_docker: keeping {}", tmp.keep().display());
+                eprintln!("interop docker: keeping {}", tmp.keep().display());
                 return;
             }
             let path = tmp.path().to_path_buf();
             if let Err(e) = tmp.close() {
-                eprintln!("interop_docker: could not remove {}: {e}", path.display());
+                eprintln!("interop docker: could not remove {}: {e}", path.display());
             }
         }
     }
@@ -885,7 +885,7 @@ impl Tools {
                     .and_then(|l| l.split_whitespace().next().map(str::to_owned))
             })
             .unwrap_or_default();
-        assert_eq!(uid, "0", "interop_docker runs dockerd, which needs root");
+        assert_eq!(uid, "0", "the docker tests run dockerd, which need root");
         let tools = Tools {
             dockerd: find_tool("dockerd", "docker.io"),
             docker: find_tool("docker", "docker.io"),
@@ -1049,7 +1049,7 @@ impl Berth {
 
     /// The requests this run has logged, in order.
     fn requests(&self) -> Vec<Req> {
-        fs::read_to_string(&self.proc.log())
+        fs::read_to_string(self.proc.log())
             .unwrap_or_default()
             .lines()
             .filter(|l| l.contains(" request ") && l.contains(" path="))
@@ -1065,7 +1065,7 @@ impl Berth {
 
     /// How many lines of this run's log contain `needle`.
     fn log_count(&self, needle: &str) -> usize {
-        fs::read_to_string(&self.proc.log())
+        fs::read_to_string(self.proc.log())
             .unwrap_or_default()
             .lines()
             .filter(|l| l.contains(needle))
@@ -1287,7 +1287,7 @@ impl Drop for Dockerd {
             let pid = pid.trim();
             let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             if String::from_utf8_lossy(&cmdline).contains(&*exec.to_string_lossy()) {
-                eprintln!("interop_docker: containerd {pid} outlived dockerd; killing it");
+                eprintln!("interop docker: containerd {pid} outlived dockerd; killing it");
                 let _ = Command::new("kill").args(["-KILL", pid]).status();
             }
         }
@@ -1307,7 +1307,7 @@ fn unmount_under(dir: &Path) {
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
     for p in points {
-        eprintln!("interop_docker: unmounting {}", p.display());
+        eprintln!("interop docker: unmounting {}", p.display());
         let ok = Command::new("umount")
             .arg(&p)
             .status()
@@ -1350,10 +1350,10 @@ impl Drop for HostsEntry {
         match fs::read_to_string(HOSTS) {
             Ok(hosts) => {
                 if let Err(e) = fs::write(HOSTS, strip_line(&hosts, &self.line)) {
-                    eprintln!("interop_docker: could not restore /etc/hosts: {e}");
+                    eprintln!("interop docker: could not restore /etc/hosts: {e}");
                 }
             }
-            Err(e) => eprintln!("interop_docker: could not read /etc/hosts: {e}"),
+            Err(e) => eprintln!("interop docker: could not read /etc/hosts: {e}"),
         }
     }
 }
@@ -1403,14 +1403,14 @@ impl Drop for CertsDEntry {
         if let Err(e) = fs::remove_file(&self.file) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 eprintln!(
-                    "interop_docker: could not remove {}: {e}",
+                    "interop docker: could not remove {}: {e}",
                     self.file.display()
                 );
             }
         }
         for d in self.created.iter().rev() {
             if let Err(e) = fs::remove_dir(d) {
-                eprintln!("interop_docker: could not remove {}: {e}", d.display());
+                eprintln!("interop docker: could not remove {}: {e}", d.display());
             }
         }
     }

@@ -9,12 +9,14 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+pub use crate::support::free_port;
 
 /// How long a server may take to answer `GET /v2/` after it is started.
 const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -70,14 +72,6 @@ pub fn require_tool(tool: &str, package: &str) {
 pub fn require_tools() {
     require_tool("docker-registry", "docker-registry");
     require_tool("skopeo", "skopeo");
-}
-
-/// A port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0 to find a free port")
-        .port()
 }
 
 /// Polls `cond` every 20 ms until it returns `Some`, or panics with `what` after `deadline`.

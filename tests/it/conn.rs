@@ -443,11 +443,7 @@ async fn under_a_low_fd_limit_idle_clients_cannot_take_what_the_cache_and_upstre
     let blob = pseudo_random(14, 1 << 20);
     let digest = up.add_blob(blob.clone());
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let log_path = dir.path().join("berth.log");
     // Idle connections stay for the whole test: only the caps stand between them and the

@@ -57,19 +57,7 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)]) -> Reply 
             }
         }
     };
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| e.to_string());
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    read_reply(resp).await
 }
 
 /// Sends a request and returns as soon as the response headers are in.
@@ -149,6 +137,11 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let resp = try_send(method, url, headers, body).await.unwrap();
+    read_reply(resp).await
+}
+
+/// Reads a response's body to the end (or to the error that cuts it short).
+async fn read_reply(resp: Response<Incoming>) -> Reply {
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp
@@ -162,6 +155,14 @@ where
         headers,
         body,
     }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0 to find a free port")
+        .port()
 }
 
 /// Waits for a condition with a deadline, re-checking when woken by time slices.
