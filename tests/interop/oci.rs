@@ -10,7 +10,8 @@ use std::path::Path;
 
 use serde_json::json;
 
-pub use crate::support::{pseudo_random, sha256, OCI_INDEX, OCI_MANIFEST};
+use crate::support::pseudo_random;
+pub use crate::support::{sha256, OCI_INDEX, OCI_MANIFEST};
 
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
