@@ -4,24 +4,18 @@
 //! bytes, so a digest in a failure message means the same thing on every machine. Layers are
 //! ustar archives of pseudo-random files, either plain or wrapped in gzip (stored deflate blocks:
 //! valid gzip, no compressor whose output could change between versions).
-#![allow(dead_code)] // shared by several test crates, each using part of it
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::json;
-use sha2::{Digest as _, Sha256};
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+use crate::support::pseudo_random;
+pub use crate::support::{sha256, OCI_INDEX, OCI_MANIFEST};
+
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-
-/// `sha256:<hex>` of some bytes.
-pub fn digest_of(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
 
 /// The hex part of a `sha256:` digest.
 pub fn hex_of(digest: &str) -> &str {
@@ -42,7 +36,7 @@ impl Blob {
     pub fn new(media_type: &'static str, bytes: Vec<u8>) -> Blob {
         Blob {
             media_type,
-            digest: digest_of(&bytes),
+            digest: sha256(&bytes),
             bytes,
         }
     }
@@ -134,33 +128,8 @@ impl Artifact {
     }
 }
 
-/// splitmix64: small, fast, and the same everywhere.
-pub struct Prng(u64);
-
-impl Prng {
-    pub fn new(seed: u64) -> Prng {
-        Prng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len + 8);
-        while out.len() < len {
-            out.extend_from_slice(&self.next_u64().to_le_bytes());
-        }
-        out.truncate(len);
-        out
-    }
-}
-
-/// A ustar archive of regular files (mode 0644, owner 0:0, mtime 0).
+/// A ustar archive owned by root (0:0), mtime 0: a name ending in `/` is a directory (mode
+/// 0755, its data ignored), any other a regular file (mode 0644).
 pub fn tar(files: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, data) in files {
@@ -168,15 +137,17 @@ pub fn tar(files: &[(String, Vec<u8>)]) -> Vec<u8> {
             name.len() < 100,
             "tar name too long for this writer: {name}"
         );
+        let dir = name.ends_with('/');
+        let data: &[u8] = if dir { &[] } else { data };
         let mut h = [0u8; 512];
         h[..name.len()].copy_from_slice(name.as_bytes());
-        octal(&mut h[100..108], 0o644);
+        octal(&mut h[100..108], if dir { 0o755 } else { 0o644 });
         octal(&mut h[108..116], 0);
         octal(&mut h[116..124], 0);
         octal(&mut h[124..136], data.len() as u64);
         octal(&mut h[136..148], 0);
         h[148..156].fill(b' ');
-        h[156] = b'0';
+        h[156] = if dir { b'5' } else { b'0' };
         h[257..263].copy_from_slice(b"ustar\0");
         h[263..265].copy_from_slice(b"00");
         h[265..269].copy_from_slice(b"root");
@@ -252,15 +223,17 @@ pub struct LayerSpec {
 
 /// A layer blob and its diff id (the digest of the uncompressed tar).
 pub fn layer(spec: LayerSpec) -> (Blob, String) {
-    let mut rng = Prng::new(spec.seed);
     let files: Vec<(String, Vec<u8>)> = (0..4)
         .map(|i| {
             let name = format!("layer-{:x}/file-{i}.bin", spec.seed);
-            (name, rng.bytes(spec.size / 4))
+            (
+                name,
+                pseudo_random(spec.seed * 4 + i, spec.size / 4).to_vec(),
+            )
         })
         .collect();
     let tar = tar(&files);
-    let diff_id = digest_of(&tar);
+    let diff_id = sha256(&tar);
     let blob = if spec.gzip {
         Blob::new(OCI_LAYER_GZIP, gzip_stored(&tar))
     } else {
@@ -332,7 +305,7 @@ mod tests {
 
     #[test]
     fn gzip_stored_round_trips_through_gunzip() {
-        let data = Prng::new(7).bytes(200_000);
+        let data = pseudo_random(7, 200_000).to_vec();
         let gz = gzip_stored(&data);
         let out = std::process::Command::new("gzip")
             .args(["-dc"])
@@ -351,7 +324,11 @@ mod tests {
 
     #[test]
     fn tar_lists_with_system_tar() {
-        let t = tar(&[("a/b.bin".into(), vec![1; 1000]), ("c".into(), vec![])]);
+        let t = tar(&[
+            ("a/".into(), vec![]),
+            ("a/b.bin".into(), vec![1; 1000]),
+            ("c".into(), vec![]),
+        ]);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.tar");
         std::fs::write(&path, t).unwrap();
@@ -364,6 +341,12 @@ mod tests {
         let listing = String::from_utf8_lossy(&out.stdout);
         assert!(
             listing.contains("a/b.bin") && listing.contains(" 1000 "),
+            "{listing}"
+        );
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.starts_with("drwxr-xr-x") && l.ends_with(" a/")),
             "{listing}"
         );
     }

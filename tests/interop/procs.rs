@@ -1,53 +1,77 @@
-//! The processes an interop test runs: the distribution registry as upstream, berth, skopeo.
+//! The processes an interop test runs: the distribution registry as upstream, berth, skopeo,
+//! containerd; and what every module uses to run them: finding a tool, a [`Proc`] stopped when
+//! dropped, [`wait_for`] a condition with a deadline, a minimal HTTP client, free ports.
 //!
-//! Every server binds 127.0.0.1 only, is killed when its guard drops, and is waited for by
-//! polling `GET /v2/` against a deadline. A guard dropped during a panic prints the tail of its
-//! process's log, so a failing test shows what the servers saw.
-//!
-//! Shared by several test crates (`tests/interop.rs`, `tests/interop_tls.rs`), each of which uses
-//! only part of it.
-#![allow(dead_code)]
+//! Every server binds 127.0.0.1 only, is stopped when its [`Proc`] drops, and is waited for by
+//! polling `GET /v2/` against a deadline. A process dropped during a panic prints the tail of its
+//! logs, so a failing test shows what the servers saw.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub use crate::support::free_port;
+
 /// How long a server may take to answer `GET /v2/` after it is started.
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Panics, naming the Debian package, unless `tool` is an executable on PATH.
-pub fn require_tool(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(dir.join(tool))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+/// Where tools are looked for: PATH, then the sbin and bin dirs a non-login PATH may lack.
+pub fn search_path() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    for d in [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ] {
+        if !dirs.iter().any(|x| x == Path::new(d)) {
+            dirs.push(PathBuf::from(d));
+        }
+    }
+    dirs
+}
+
+/// [`search_path`] as a `PATH` value, for daemons started with a cleared environment.
+pub fn search_path_env() -> OsString {
+    std::env::join_paths(search_path()).expect("a PATH of plain directories")
+}
+
+/// The executable `tool` in [`search_path`]; panics, naming the Debian package, if there is none.
+pub fn find_tool(tool: &str, package: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    search_path()
+        .into_iter()
+        .map(|dir| dir.join(tool))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
-    });
-    assert!(
-        found,
-        "the interop tests need `{tool}`, which is not on PATH: install the Debian package \
-         `{package}` (apt-get install -y {package}; .ci/run does this)"
-    );
+        .unwrap_or_else(|| {
+            panic!(
+                "the interop tests need `{tool}`, which is not installed: install the Debian \
+                 package `{package}` (apt-get install -y {package}; .ci/run does this)"
+            )
+        })
+}
+
+/// Panics, naming the Debian package, unless `tool` is installed (see [`find_tool`]).
+pub fn require_tool(tool: &str, package: &str) {
+    find_tool(tool, package);
 }
 
 /// Both tools every interop test uses.
 pub fn require_tools() {
     require_tool("docker-registry", "docker-registry");
     require_tool("skopeo", "skopeo");
-}
-
-/// A port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0 to find a free port")
-        .port()
 }
 
 /// Polls `cond` every 20 ms until it returns `Some`, or panics with `what` after `deadline`.
@@ -65,18 +89,63 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut cond: impl FnMut() -> Opt
     }
 }
 
-/// A minimal HTTP/1.1 GET: the status code, or `None` if nothing answered.
+/// A response's status and headers (the body is read and dropped).
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A minimal HTTP/1.1 request on a new connection to `addr` (`IP:PORT`), for readiness checks
+/// and probes.
+pub fn http(
+    method: &str,
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpReply> {
+    let sock: SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("{addr}: {e}")))?;
+    let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let _ = s.shutdown(Shutdown::Both);
+    let text = String::from_utf8_lossy(&buf);
+    let head = text.split("\r\n\r\n").next().unwrap_or("");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:?}")))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Ok(HttpReply { status, headers })
+}
+
+/// `GET path`: the status code, or `None` if nothing answered.
 pub fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).ok()?;
-    std::str::from_utf8(head.get(9..12)?).ok()?.parse().ok()
+    http("GET", &addr.to_string(), path, &[])
+        .ok()
+        .map(|r| r.status)
 }
 
 /// The last `lines` lines of a log file, for failure messages.
@@ -86,51 +155,121 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A child process killed (and reaped) on drop.
-struct Guard {
-    name: &'static str,
-    child: Child,
+/// A child process with its output in log files: stopped (and reaped) when dropped, then, if
+/// the thread is panicking, the tail of its logs printed. By default it is killed at once; with
+/// [`Proc::graceful`] it is sent SIGTERM first.
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
     logs: Vec<PathBuf>,
+    grace: Duration,
 }
 
-impl Guard {
-    fn spawn(name: &'static str, mut cmd: Command, stdout: &Path, stderr: &Path) -> Guard {
+impl Proc {
+    /// Starts `cmd` with stdin closed and stdout and stderr appended to these files (the same
+    /// path for both gives one log).
+    pub fn spawn(name: &str, cmd: &mut Command, stdout: &Path, stderr: &Path) -> Proc {
         let out = File::create(stdout).expect("create a log file");
-        let err = File::create(stderr).expect("create a log file");
+        let err = if stderr == stdout {
+            out.try_clone().expect("share the log file")
+        } else {
+            File::create(stderr).expect("create a log file")
+        };
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Guard {
-            name,
-            child,
-            logs: vec![stdout.to_owned(), stderr.to_owned()],
+        let mut logs = vec![stdout.to_owned()];
+        if stderr != stdout {
+            logs.push(stderr.to_owned());
+        }
+        Proc {
+            name: name.to_owned(),
+            child: Some(child),
+            logs,
+            grace: Duration::ZERO,
+        }
+    }
+
+    /// When dropped, SIGTERM first and SIGKILL only if it has not exited within `grace`.
+    pub fn graceful(mut self, grace: Duration) -> Proc {
+        self.grace = grace;
+        self
+    }
+
+    /// The first log file (stdout's).
+    pub fn log(&self) -> &Path {
+        &self.logs[0]
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Panics, with the end of its log, if the process has exited.
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("started");
+        if let Ok(Some(status)) = child.try_wait() {
+            self.child = None;
+            panic!(
+                "{} exited ({status}) before it was ready; the end of {}:\n{}",
+                self.name,
+                self.log().display(),
+                tail(self.log(), 40)
+            );
         }
     }
 
     /// Waits until `GET /v2/` answers 200, failing at once if the process exits.
-    fn wait_ready(&mut self, addr: SocketAddr) {
-        let name = self.name;
+    pub fn wait_ready(&mut self, addr: SocketAddr) {
+        let name = self.name.clone();
         wait_for(
             &format!("{name} to answer GET /v2/ on {addr}"),
             START_DEADLINE,
             || {
-                if let Ok(Some(status)) = self.child.try_wait() {
-                    panic!("{name} exited with {status} before it was ready");
-                }
+                self.assert_running();
                 // 401 is ready too: a registry with users answers /v2/ with a Basic challenge.
                 matches!(http_status(addr, "/v2/"), Some(200 | 401)).then_some(())
             },
         );
     }
+
+    /// SIGTERM (unless `grace` is zero), then SIGKILL if it has not exited within `grace`.
+    /// Never panics.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if !grace.is_zero() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+            let end = Instant::now() + grace;
+            while Instant::now() < end {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Some(status);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            eprintln!(
+                "interop: {} ignored SIGTERM for {grace:?}; killing it",
+                self.name
+            );
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
 }
 
-impl Drop for Guard {
+impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop(self.grace);
         if std::thread::panicking() {
             for log in &self.logs {
                 eprintln!(
@@ -156,7 +295,7 @@ pub struct Access {
 pub struct Registry {
     pub addr: SocketAddr,
     access_log: PathBuf,
-    _guard: Guard,
+    _proc: Proc,
     _dir: TempDir,
 }
 
@@ -180,17 +319,17 @@ impl Registry {
         let access_log = dir.path().join("access.log");
         let mut cmd = Command::new("docker-registry");
         cmd.arg("serve").arg(&config);
-        let mut guard = Guard::spawn(
+        let mut proc = Proc::spawn(
             "docker-registry",
-            cmd,
+            &mut cmd,
             &access_log,
             &dir.path().join("registry.log"),
         );
-        guard.wait_ready(addr);
+        proc.wait_ready(addr);
         Registry {
             addr,
             access_log,
-            _guard: guard,
+            _proc: proc,
             _dir: dir,
         }
     }
@@ -253,7 +392,7 @@ pub struct Served {
 pub struct Berth {
     pub addr: SocketAddr,
     log: PathBuf,
-    guard: Guard,
+    proc: Proc,
     _dir: TempDir,
 }
 
@@ -281,12 +420,12 @@ impl Berth {
             .env("BERTH_LOG", "info")
             .env("NO_COLOR", "1");
         let log = dir.path().join("berth.log");
-        let mut guard = Guard::spawn("berth", cmd, &dir.path().join("berth.stdout"), &log);
-        guard.wait_ready(addr);
+        let mut proc = Proc::spawn("berth", &mut cmd, &dir.path().join("berth.stdout"), &log);
+        proc.wait_ready(addr);
         Berth {
             addr,
             log,
-            guard,
+            proc,
             _dir: dir,
         }
     }
@@ -336,7 +475,7 @@ impl Berth {
     }
 
     pub fn is_running(&mut self) -> bool {
-        matches!(self.guard.child.try_wait(), Ok(None))
+        self.proc.is_running()
     }
 }
 
@@ -423,7 +562,7 @@ const CTR_TIMEOUT: &str = "120s";
 pub struct Containerd {
     pub socket: PathBuf,
     log: PathBuf,
-    guard: Guard,
+    proc: Proc,
     _dir: TempDir,
 }
 
@@ -458,14 +597,12 @@ impl Containerd {
         let mut cmd = Command::new("containerd");
         cmd.arg("--config").arg(&config);
         let log = path("containerd.log");
-        let mut guard = Guard::spawn("containerd", cmd, &path("containerd.stdout"), &log);
+        let mut proc = Proc::spawn("containerd", &mut cmd, &path("containerd.stdout"), &log);
         wait_for(
             &format!("containerd to answer `ctr version` on {}", socket.display()),
             START_DEADLINE,
             || {
-                if let Ok(Some(status)) = guard.child.try_wait() {
-                    panic!("containerd exited with {status} before it was ready");
-                }
+                proc.assert_running();
                 let ok = Command::new("ctr")
                     .arg("--address")
                     .arg(&socket)
@@ -481,7 +618,7 @@ impl Containerd {
         Containerd {
             socket,
             log,
-            guard,
+            proc,
             _dir: dir,
         }
     }
@@ -515,7 +652,7 @@ impl Containerd {
     }
 
     pub fn is_running(&mut self) -> bool {
-        matches!(self.guard.child.try_wait(), Ok(None))
+        self.proc.is_running()
     }
 }
 

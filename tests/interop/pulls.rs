@@ -1,6 +1,5 @@
 //! Pushing test images to the upstream registry and checking what a pull through berth wrote:
-//! shared by the interop test crates (`tests/interop.rs`, `tests/interop_tls.rs`).
-#![allow(dead_code)] // shared by several test crates, each using part of it
+//! shared by the skopeo and containerd tests (`skopeo.rs`, `tls.rs`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -121,9 +120,9 @@ pub fn assert_pulled(out: &Path, expected: &BTreeMap<String, Vec<u8>>, what: &st
             "{what}: {name} differs from what was pushed: got {} bytes (sha256 {}), \
              want {} bytes (sha256 {})",
             got.len(),
-            oci::digest_of(got),
+            oci::sha256(got),
             want.len(),
-            oci::digest_of(want),
+            oci::sha256(want),
         );
     }
 }

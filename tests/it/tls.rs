@@ -2,9 +2,7 @@
 //! 127.0.0.1, using certificates from `berth::certs`, and a rustls + hyper client talks to it.
 //!
 //! The upstream is a port nothing listens on (`/v2/` never contacts it), except where a test
-//! needs content: then it is the in-process fake of `common`.
-
-mod common;
+//! needs content: then it is the in-process fake of `support::fake`.
 
 use std::future::Future;
 use std::io;
@@ -474,15 +472,15 @@ async fn h2_over_tls_delivers_large_and_small_responses_whole() {
     // holds must still go out when the connection has nothing more to write.
     within(async {
         let certs = Certs::valid();
-        let upstream = common::Fake::start().await;
-        let blob = common::pseudo_random(7, 3 * 1024 * 1024 + 4321);
+        let upstream = crate::support::Fake::start().await;
+        let blob = crate::support::pseudo_random(7, 3 * 1024 * 1024 + 4321);
         let digest = upstream.add_blob(blob.clone());
         let tls = TlsConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             cert: certs.cert(),
             key: certs.key(),
         };
-        let berth = common::Berth::start(&upstream, |c| c.tls = Some(tls)).await;
+        let berth = crate::support::Berth::start(&upstream, |c| c.tls = Some(tls)).await;
         let addr = berth.running.as_ref().unwrap().tls_addr.unwrap();
         let stream = connect(
             addr,
@@ -550,15 +548,15 @@ async fn a_blob_file_cut_short_while_it_is_sent_fails_that_response_not_the_proc
     // reads the bytes, where a mapped page that cannot be read would be SIGBUS.
     within(async {
         let certs = Certs::valid();
-        let upstream = common::Fake::start().await;
-        let blob = common::pseudo_random(8, 32 << 20);
+        let upstream = crate::support::Fake::start().await;
+        let blob = crate::support::pseudo_random(8, 32 << 20);
         let digest = upstream.add_blob(blob.clone());
         let tls = TlsConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             cert: certs.cert(),
             key: certs.key(),
         };
-        let berth = common::Berth::start(&upstream, |c| c.tls = Some(tls)).await;
+        let berth = crate::support::Berth::start(&upstream, |c| c.tls = Some(tls)).await;
         let running = berth.running.as_ref().unwrap();
         let tls_addr = running.tls_addr.unwrap();
         let path = format!("/v2/library/x/blobs/{digest}");
@@ -733,7 +731,7 @@ async fn a_client_that_never_finishes_the_handshake_is_closed() {
             1
         );
         let app = running.app.clone();
-        common::wait_for("the connection's place given back", DEADLINE, || {
+        crate::support::wait_for("the connection's place given back", DEADLINE, || {
             app.ops.conns.open() == 0
         })
         .await;

@@ -5,19 +5,12 @@
 //! back through berth with skopeo into `dir:` layouts whose files are compared byte for byte with
 //! what was pushed. The registry's access log tells how many blob GETs reached upstream.
 //!
-//! Built and run only with `cargo test --features interop --test interop`. A missing tool fails
+//! Built and run only with `cargo test --features interop --test interop` (`skopeo::` alone). A missing tool fails
 //! the test with the Debian package to install; nothing is skipped.
 
-#[path = "interop/oci.rs"]
-mod oci;
-#[path = "interop/procs.rs"]
-mod procs;
-#[path = "interop/pulls.rs"]
-mod pulls;
-
-use oci::{Artifact, Image, LayerSpec};
-use procs::{Berth, Registry, Skopeo};
-use pulls::{
+use crate::oci::{self, Artifact, Image, LayerSpec};
+use crate::procs::{self, Berth, Registry, Skopeo};
+use crate::pulls::{
     assert_blob_hits, assert_fetched_once, assert_no_new_blob_gets, assert_pulled, expected_files,
     pull, pull_with, push,
 };

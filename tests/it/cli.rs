@@ -1,11 +1,9 @@
 //! The command line: config errors, defaults, signals.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 fn berth() -> Command {
     Command::new(env!("CARGO_BIN_EXE_berth"))
@@ -46,11 +44,7 @@ fn an_invalid_config_is_one_line_naming_the_key_and_exit_code_2() {
 fn a_missing_htpasswd_file_stops_the_start_with_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-htpasswd");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let out = exits_within(
         berth()
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -112,11 +106,7 @@ async fn sigterm_stops_the_server_cleanly() {
     let img = Image::new(1, &[1000]);
     up.add_image("library/sig", "1", &img);
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut child = berth()
         .args([
             "serve",

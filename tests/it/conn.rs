@@ -3,16 +3,13 @@
 //! address, so tests that are not about the per-client cap raise it), except for the
 //! file-descriptor test, which needs a process of its own with a low limit.
 
-mod common;
-
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::support::*;
 use berth::config::{Config, Seconds};
 use berth::ops::metrics::sample;
 use bytes::Bytes;
-use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -254,36 +251,6 @@ async fn the_global_cap_closes_new_connections_at_once_and_counts_them() {
     assert_eq!(sample(&text, "berth_connections_max", &[]), 5.0);
 }
 
-/// Log lines written by every test of this binary, as JSON.
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_max_level(tracing::Level::INFO)
-            .with_writer(move || LogWriter(writer.clone()))
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).unwrap();
-        buf
-    })
-    .clone()
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_client_cap_refuses_with_one_warning_per_burst() {
     let logs = captured_logs();
@@ -476,11 +443,7 @@ async fn under_a_low_fd_limit_idle_clients_cannot_take_what_the_cache_and_upstre
     let blob = pseudo_random(14, 1 << 20);
     let digest = up.add_blob(blob.clone());
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let log_path = dir.path().join("berth.log");
     // Idle connections stay for the whole test: only the caps stand between them and the

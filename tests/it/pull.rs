@@ -1,8 +1,6 @@
 //! The pull path against an in-process fake upstream: bytes, digests, headers, errors.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn base_endpoint_announces_the_api_version() {

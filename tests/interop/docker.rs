@@ -7,7 +7,7 @@
 //! `registry-mirrors`. `docker pull NAME` then resolves to docker.io/library/NAME, which dockerd
 //! asks the mirror for first.
 //!
-//! Run with `cargo test --features interop --test interop_docker` as root. Missing tools are a
+//! Run with `cargo test --features interop --test interop docker::` as root. Missing tools are a
 //! failure, never a skip: the panic names the apt package. See docs/docker.md.
 //!
 //! The TLS test puts berth's CA where dockerd 20.10 reads it, `/etc/docker/certs.d/HOST:PORT/`
@@ -15,24 +15,22 @@
 //! verifies a mirror in 127.0.0.0/8. The private-namespace test runs `docker login`, `docker
 //! push` and `docker pull` against berth with an htpasswd file.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sha2::{Digest as _, Sha256};
+
+use crate::oci::{self, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST};
+use crate::procs::{find_tool, free_port, http, search_path_env, tail, wait_for, Proc};
+use crate::support::{pseudo_random, sha256};
 
 /// The daemons are heavy for a 2-core machine, and /etc/hosts is shared: one world at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 /// The name the hosts-file tests map to 127.0.0.1.
 const MIRROR_HOST: &str = "berth-mirror.test";
@@ -46,6 +44,9 @@ const MIRROR_HOST6: &str = "berth-mirror6.test";
 const CERTS_D: &str = "/etc/docker/certs.d";
 
 const PULL_DEADLINE: Duration = Duration::from_secs(120);
+
+/// How long a daemon may take to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // The tests
@@ -649,9 +650,15 @@ impl World {
         .unwrap();
         let mut cmd = Command::new(&self.tools.registry);
         cmd.arg("serve").arg(&config);
-        let mut p = Proc::spawn("docker-registry", &mut cmd, &self.upstream_log);
+        let mut p = Proc::spawn(
+            "docker-registry",
+            &mut cmd,
+            &self.upstream_log,
+            &self.upstream_log,
+        )
+        .graceful(STOP_GRACE);
         let addr = format!("127.0.0.1:{port}");
-        wait_until(
+        wait_for(
             "the upstream registry to answer /v2/",
             Duration::from_secs(30),
             || {
@@ -768,7 +775,7 @@ impl World {
         let port = old.port;
         drop(old);
         let addr = format!("127.0.0.1:{port}");
-        wait_until(
+        wait_for(
             "berth's old port to be free",
             Duration::from_secs(10),
             || TcpListener::bind(&addr).ok().map(drop),
@@ -833,12 +840,12 @@ impl Drop for World {
         drop(self.ca.take());
         if let Some(tmp) = self.tmp.take() {
             if std::env::var_os("BERTH_INTEROP_KEEP").is_some() {
-                eprintln!("interop_docker: keeping {}", tmp.keep().display());
+                eprintln!("interop docker: keeping {}", tmp.keep().display());
                 return;
             }
             let path = tmp.path().to_path_buf();
             if let Err(e) = tmp.close() {
-                eprintln!("interop_docker: could not remove {}: {e}", path.display());
+                eprintln!("interop docker: could not remove {}: {e}", path.display());
             }
         }
     }
@@ -878,144 +885,22 @@ impl Tools {
                     .and_then(|l| l.split_whitespace().next().map(str::to_owned))
             })
             .unwrap_or_default();
-        assert_eq!(uid, "0", "interop_docker runs dockerd, which needs root");
+        assert_eq!(uid, "0", "the docker tests run dockerd, which need root");
         let tools = Tools {
-            dockerd: require("dockerd", "docker.io"),
-            docker: require("docker", "docker.io"),
-            registry: require("docker-registry", "docker-registry"),
-            skopeo: require("skopeo", "skopeo"),
+            dockerd: find_tool("dockerd", "docker.io"),
+            docker: find_tool("docker", "docker.io"),
+            registry: find_tool("docker-registry", "docker-registry"),
+            skopeo: find_tool("skopeo", "skopeo"),
         };
         // dockerd starts these itself; name their packages now rather than fail obscurely later.
-        require("containerd", "containerd");
-        require("runc", "runc");
+        find_tool("containerd", "containerd");
+        find_tool("runc", "runc");
         tools
     }
 }
 
-/// The search path for tools: PATH, then the sbin dirs a non-login PATH may lack.
-fn search_path() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    for d in [
-        "/usr/local/sbin",
-        "/usr/local/bin",
-        "/usr/sbin",
-        "/usr/bin",
-        "/sbin",
-        "/bin",
-    ] {
-        if !dirs.iter().any(|x| x == Path::new(d)) {
-            dirs.push(PathBuf::from(d));
-        }
-    }
-    dirs
-}
-
-fn require(tool: &str, apt: &str) -> PathBuf {
-    search_path()
-        .into_iter()
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "interop_docker needs `{tool}`, which is not installed: \
-                 apt-get install -y {apt} (see docs/docker.md)"
-            )
-        })
-}
-
-fn path_env() -> std::ffi::OsString {
-    std::env::join_paths(search_path()).unwrap()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Processes
-
-/// A child process with its stdout and stderr in a log file; stopped when dropped.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
-        let out = File::create(log).expect("create log");
-        let err = out.try_clone().unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc {
-            name: name.to_owned(),
-            child: Some(child),
-            log: log.to_path_buf(),
-        }
-    }
-
-    /// Panics, with the end of its log, if the process has exited.
-    fn assert_running(&mut self) {
-        let child = self.child.as_mut().expect("started");
-        if let Ok(Some(status)) = child.try_wait() {
-            self.child = None;
-            panic!(
-                "{} exited ({status}); the end of {}:\n{}",
-                self.name,
-                self.log.display(),
-                tail(&self.log, 40)
-            );
-        }
-    }
-
-    /// SIGTERM, then SIGKILL if it has not exited within `grace`. Never panics.
-    fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let end = Instant::now() + grace;
-        while Instant::now() < end {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!(
-            "interop_docker: {} ignored SIGTERM for {grace:?}; killing it",
-            self.name
-        );
-        let _ = child.kill();
-        child.wait().ok()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop(Duration::from_secs(30));
-    }
-}
-
-/// Polls `cond` every 50 ms until it yields a value; panics at the deadline.
-fn wait_until<T>(what: &str, deadline: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(v) = cond() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 struct Output {
     status: ExitStatus,
@@ -1086,19 +971,6 @@ fn run_ok(cmd: &mut Command, what: &str, deadline: Duration) -> String {
     o.stdout
 }
 
-fn tail(path: &Path, lines: usize) -> String {
-    let s = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = s.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
-}
-
 // ---------------------------------------------------------------------------------------------
 // berth
 
@@ -1152,16 +1024,17 @@ impl Berth {
             .unwrap();
             cmd.arg("--config").arg(config);
         }
-        let mut proc = Proc::spawn("berth", &mut cmd, &dir.join(format!("berth-{run}.log")));
+        let log = dir.join(format!("berth-{run}.log"));
+        let mut proc = Proc::spawn("berth", &mut cmd, &log, &log).graceful(STOP_GRACE);
         let addr = format!("127.0.0.1:{port}");
         // With an htpasswd file, `/v2/` asks for credentials: 401 is ready too.
-        wait_until("berth to answer /v2/", Duration::from_secs(30), || {
+        wait_for("berth to answer /v2/", Duration::from_secs(30), || {
             proc.assert_running();
             matches!(http("GET", &addr, "/v2/", &[]), Ok(r) if r.status == 200 || r.status == 401)
                 .then_some(())
         });
         if let Some(tls) = &opts.tls_addr {
-            wait_until("berth's TLS listener", Duration::from_secs(30), || {
+            wait_for("berth's TLS listener", Duration::from_secs(30), || {
                 proc.assert_running();
                 TcpStream::connect(tls).ok().map(drop)
             });
@@ -1176,7 +1049,7 @@ impl Berth {
 
     /// The requests this run has logged, in order.
     fn requests(&self) -> Vec<Req> {
-        fs::read_to_string(&self.proc.log)
+        fs::read_to_string(self.proc.log())
             .unwrap_or_default()
             .lines()
             .filter(|l| l.contains(" request ") && l.contains(" path="))
@@ -1192,7 +1065,7 @@ impl Berth {
 
     /// How many lines of this run's log contain `needle`.
     fn log_count(&self, needle: &str) -> usize {
-        fs::read_to_string(&self.proc.log)
+        fs::read_to_string(self.proc.log())
             .unwrap_or_default()
             .lines()
             .filter(|l| l.contains(needle))
@@ -1200,7 +1073,7 @@ impl Berth {
     }
 
     fn log_tail(&self) -> String {
-        tail(&self.proc.log, 30)
+        tail(self.proc.log(), 30)
     }
 
     /// How many requests this run has logged so far.
@@ -1256,7 +1129,7 @@ impl Dockerd {
         let dead_proxy = format!("http://127.0.0.1:{}", free_port());
         let mut cmd = Command::new(&tools.dockerd);
         cmd.env_clear()
-            .env("PATH", path_env())
+            .env("PATH", search_path_env())
             .env("HOME", &root)
             .env("HTTP_PROXY", &dead_proxy)
             .env("HTTPS_PROXY", &dead_proxy)
@@ -1282,7 +1155,8 @@ impl Dockerd {
                 "--bridge=none",
                 "--userland-proxy=false",
             ]);
-        let proc = Proc::spawn("dockerd", &mut cmd, &root.join("dockerd.log"));
+        let log = root.join("dockerd.log");
+        let proc = Proc::spawn("dockerd", &mut cmd, &log, &log).graceful(STOP_GRACE);
         let mut d = Dockerd {
             proc: Some(proc),
             root,
@@ -1291,7 +1165,7 @@ impl Dockerd {
             docker: tools.docker.clone(),
             arch: String::new(),
         };
-        wait_until("dockerd's API", Duration::from_secs(60), || {
+        wait_for("dockerd's API", Duration::from_secs(60), || {
             d.proc.as_mut().unwrap().assert_running();
             let o = run(
                 &mut d.cli(&["version", "--format", "{{.Server.Version}}"]),
@@ -1312,7 +1186,7 @@ impl Dockerd {
     fn cli(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.docker);
         cmd.env_clear()
-            .env("PATH", path_env())
+            .env("PATH", search_path_env())
             .env("HOME", &self.root)
             .env("DOCKER_CONFIG", &self.cli_config)
             .env("DOCKER_HOST", format!("unix://{}", self.sock.display()))
@@ -1413,7 +1287,7 @@ impl Drop for Dockerd {
             let pid = pid.trim();
             let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             if String::from_utf8_lossy(&cmdline).contains(&*exec.to_string_lossy()) {
-                eprintln!("interop_docker: containerd {pid} outlived dockerd; killing it");
+                eprintln!("interop docker: containerd {pid} outlived dockerd; killing it");
                 let _ = Command::new("kill").args(["-KILL", pid]).status();
             }
         }
@@ -1433,7 +1307,7 @@ fn unmount_under(dir: &Path) {
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
     for p in points {
-        eprintln!("interop_docker: unmounting {}", p.display());
+        eprintln!("interop docker: unmounting {}", p.display());
         let ok = Command::new("umount")
             .arg(&p)
             .status()
@@ -1476,10 +1350,10 @@ impl Drop for HostsEntry {
         match fs::read_to_string(HOSTS) {
             Ok(hosts) => {
                 if let Err(e) = fs::write(HOSTS, strip_line(&hosts, &self.line)) {
-                    eprintln!("interop_docker: could not restore /etc/hosts: {e}");
+                    eprintln!("interop docker: could not restore /etc/hosts: {e}");
                 }
             }
-            Err(e) => eprintln!("interop_docker: could not read /etc/hosts: {e}"),
+            Err(e) => eprintln!("interop docker: could not read /etc/hosts: {e}"),
         }
     }
 }
@@ -1529,14 +1403,14 @@ impl Drop for CertsDEntry {
         if let Err(e) = fs::remove_file(&self.file) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 eprintln!(
-                    "interop_docker: could not remove {}: {e}",
+                    "interop docker: could not remove {}: {e}",
                     self.file.display()
                 );
             }
         }
         for d in self.created.iter().rev() {
             if let Err(e) = fs::remove_dir(d) {
-                eprintln!("interop_docker: could not remove {}: {e}", d.display());
+                eprintln!("interop docker: could not remove {}: {e}", d.display());
             }
         }
     }
@@ -1723,146 +1597,23 @@ impl Layout {
     }
 }
 
-fn sha256(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
-}
-
 /// A layer from `(path, seed, size)` entries: a path ending in `/` is a directory, anything
 /// else a file of `size` deterministic bytes.
 fn layer(entries: &[(&str, u64, usize)]) -> Layer {
-    let mut tar = Vec::new();
-    for &(path, seed, size) in entries {
-        if path.ends_with('/') {
-            tar.extend_from_slice(&tar_header(path, 0, b'5', 0o755));
-        } else {
-            let data = pseudo_random(seed, size);
-            tar.extend_from_slice(&tar_header(path, data.len(), b'0', 0o644));
-            tar.extend_from_slice(&data);
-            tar.resize(tar.len().div_ceil(512) * 512, 0);
-        }
-    }
-    tar.resize(tar.len() + 1024, 0);
+    let files: Vec<(String, Vec<u8>)> = entries
+        .iter()
+        .map(|&(path, seed, size)| {
+            let data = if path.ends_with('/') {
+                Vec::new()
+            } else {
+                pseudo_random(seed, size).to_vec()
+            };
+            (path.to_owned(), data)
+        })
+        .collect();
+    let tar = oci::tar(&files);
     Layer {
         diff_id: sha256(&tar),
-        gz: gzip_stored(&tar),
+        gz: oci::gzip_stored(&tar),
     }
-}
-
-/// A ustar header for a regular file (`b'0'`) or directory (`b'5'`), owned by root, mtime 0.
-fn tar_header(path: &str, size: usize, kind: u8, mode: u64) -> [u8; 512] {
-    assert!(path.len() < 100, "tar path too long: {path}");
-    let mut h = [0u8; 512];
-    h[..path.len()].copy_from_slice(path.as_bytes());
-    octal(&mut h[100..108], mode);
-    octal(&mut h[108..116], 0); // uid
-    octal(&mut h[116..124], 0); // gid
-    octal(&mut h[124..136], size as u64);
-    octal(&mut h[136..148], 0); // mtime
-    h[148..156].fill(b' ');
-    h[156] = kind;
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    h
-}
-
-fn octal(field: &mut [u8], v: u64) {
-    let width = field.len() - 1;
-    field[..width].copy_from_slice(format!("{v:0width$o}").as_bytes());
-    field[width] = 0;
-}
-
-/// Deterministic, incompressible bytes.
-fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// gzip (RFC 1952) of `data` in stored (uncompressed) deflate blocks: byte-for-byte
-/// deterministic, and no compression library needed.
-fn gzip_stored(data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
-    let mut chunks = data.chunks(0xffff).peekable();
-    if data.is_empty() {
-        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
-    }
-    while let Some(chunk) = chunks.next() {
-        out.push(u8::from(chunks.peek().is_none()));
-        let n = chunk.len() as u16;
-        out.extend_from_slice(&n.to_le_bytes());
-        out.extend_from_slice(&(!n).to_le_bytes());
-        out.extend_from_slice(chunk);
-    }
-    out.extend_from_slice(&crc32(data).to_le_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
-}
-
-// ---------------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 client for readiness checks
-
-struct HttpReply {
-    status: u16,
-    headers: Vec<(String, String)>,
-}
-
-impl HttpReply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-fn http(
-    method: &str,
-    addr: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> std::io::Result<HttpReply> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let _ = s.shutdown(Shutdown::Both);
-    let text = String::from_utf8_lossy(&buf);
-    let head = text.split("\r\n\r\n").next().unwrap_or("");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:?}")))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    Ok(HttpReply { status, headers })
 }

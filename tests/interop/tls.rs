@@ -15,25 +15,18 @@
 //! `ghcr.io/...` that succeeds went through berth; the upstream is Debian's distribution registry
 //! on 127.0.0.1, and what the clients stored is compared byte for byte with what was pushed.
 //!
-//! `cargo test --features interop --test interop_tls`; needs the Debian packages
+//! `cargo test --features interop --test interop tls::`; needs the Debian packages
 //! `docker-registry`, `skopeo` and `containerd`. A missing tool fails the test; nothing is
 //! skipped.
-
-#[path = "interop/oci.rs"]
-mod oci;
-#[path = "interop/procs.rs"]
-mod procs;
-#[path = "interop/pulls.rs"]
-mod pulls;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use oci::{Artifact, LayerSpec};
-use procs::{Berth, Containerd, Registry, Skopeo};
-use pulls::{
+use crate::oci::{self, Artifact, LayerSpec};
+use crate::procs::{self, Berth, Containerd, Registry, Skopeo};
+use crate::pulls::{
     assert_blob_hits, assert_fetched_once, assert_no_new_blob_gets, assert_pulled, expected_files,
     push, push_repo,
 };
@@ -457,7 +450,7 @@ fn assert_containerd_holds(containerd: &Containerd, reference: &str, artifact: &
              want {} bytes",
             blob.digest,
             got.len(),
-            oci::digest_of(&got),
+            oci::sha256(&got),
             blob.bytes.len()
         );
     }

@@ -1,8 +1,6 @@
 //! The private namespace: pushes (monolithic, chunked, mounted), manifests, referrers, listings,
 //! deletes, authentication, garbage collection and webhooks, against berth in-process.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -11,7 +9,7 @@ use bytes::Bytes;
 use http::Method;
 use serde_json::{json, Value};
 
-use common::*;
+use crate::support::*;
 
 const USER: &str = "alice";
 const PASSWORD: &str = "correct horse";

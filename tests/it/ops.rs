@@ -1,17 +1,14 @@
 //! Operating berth: metrics, client rate limits, X-Forwarded-For, the status page, CORS and the
 //! request log.
 
-mod common;
-
-use std::io::Write;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::*;
 use berth::config::Seconds;
 use berth::ops::metrics::sample;
 use bytes::Bytes;
-use common::*;
 use http::Method;
 use serde_json::json;
 use tokio::sync::Notify;
@@ -710,36 +707,6 @@ async fn cors_preflight_and_headers_for_a_browser_ui() {
         .get_with("/v2/", &[("origin", "https://x.example")])
         .await;
     assert_eq!(r.header("access-control-allow-origin"), "*");
-}
-
-/// Log lines written by every test of this binary, as JSON.
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_max_level(tracing::Level::INFO)
-            .with_writer(move || LogWriter(writer.clone()))
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).unwrap();
-        buf
-    })
-    .clone()
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 fn request_lines(logs: &Mutex<Vec<u8>>, path: &str) -> Vec<serde_json::Value> {

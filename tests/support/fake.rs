@@ -1,116 +1,24 @@
-//! Test harness: an in-process fake upstream registry with fault injection, a berth started
-//! in-process against it, synthetic images, and a small HTTP client.
-#![allow(dead_code)]
+//! The in-process fake upstream registry: manifests, blobs, tags, token auth, redirects to a
+//! "CDN", and fault injection per blob (corrupt, truncated, gated, slow).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, Notify};
 
-use berth::config::{Config, UpstreamUrl, DOCKER_HUB};
+use super::image::{pseudo_random, sha256, Image};
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
-
-pub const S2_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const S2_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-
-pub fn sha256(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
-}
-
-/// Deterministic pseudo-random bytes (incompressible, unlike zeros).
-pub fn pseudo_random(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    Bytes::from(out)
-}
-
-/// A synthetic single-platform image.
-#[derive(Clone)]
-pub struct Image {
-    pub manifest: Bytes,
-    pub media_type: &'static str,
-    pub digest: String,
-    pub config: Bytes,
-    pub layers: Vec<Bytes>,
-}
-
-impl Image {
-    pub fn new(seed: u64, layer_sizes: &[usize]) -> Image {
-        let config = Bytes::from(format!(
-            r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#
-        ));
-        let layers: Vec<Bytes> = layer_sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| pseudo_random(seed * 1000 + i as u64, n))
-            .collect();
-        let layer_json: Vec<_> = layers
-            .iter()
-            .map(|l| serde_json::json!({"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": l.len(), "digest": sha256(l)}))
-            .collect();
-        let manifest = serde_json::to_vec_pretty(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": S2_MANIFEST,
-            "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": config.len(), "digest": sha256(&config)},
-            "layers": layer_json,
-        }))
-        .unwrap();
-        let manifest = Bytes::from(manifest);
-        Image {
-            digest: sha256(&manifest),
-            manifest,
-            media_type: S2_MANIFEST,
-            config,
-            layers,
-        }
-    }
-
-    pub fn blobs(&self) -> Vec<Bytes> {
-        let mut v = vec![self.config.clone()];
-        v.extend(self.layers.iter().cloned());
-        v
-    }
-}
-
-/// A manifest list over some images.
-pub fn index_of(images: &[&Image]) -> (Bytes, String) {
-    let archs = ["amd64", "arm64", "s390x", "ppc64le"];
-    let entries: Vec<_> = images
-        .iter()
-        .enumerate()
-        .map(|(i, im)| serde_json::json!({"mediaType": im.media_type, "size": im.manifest.len(), "digest": im.digest, "platform": {"architecture": archs[i % 4], "os": "linux"}}))
-        .collect();
-    let bytes = Bytes::from(
-        serde_json::to_vec(
-            &serde_json::json!({"schemaVersion": 2, "mediaType": S2_LIST, "manifests": entries}),
-        )
-        .unwrap(),
-    );
-    let d = sha256(&bytes);
-    (bytes, d)
-}
 
 /// How the fake answers one blob.
 #[derive(Clone)]
@@ -121,8 +29,6 @@ pub enum BlobFault {
     Truncate(usize),
     /// Sends this many bytes, then waits for `gate` before the rest.
     Gate(usize, Arc<Notify>),
-    /// Sends in pieces of `chunk` bytes with a pause between them.
-    Slow { chunk: usize, pause: Duration },
 }
 
 #[derive(Clone)]
@@ -523,14 +429,6 @@ impl Fake {
                     gate.notified().await;
                     send(b.slice(n..)).await;
                 }
-                Some(BlobFault::Slow { chunk, pause }) => {
-                    for c in b.chunks(chunk) {
-                        if !send(b.slice_ref(c)).await {
-                            return;
-                        }
-                        tokio::time::sleep(pause).await;
-                    }
-                }
             }
         });
         let stream = tokio_stream_from(rx);
@@ -602,257 +500,4 @@ fn error(code: u16, c: &str) -> Response<Body> {
         .header("content-type", "application/json")
         .body(full(body))
         .unwrap()
-}
-
-/// A berth running in-process on a free port, with its own data dir.
-pub struct Berth {
-    pub running: Option<berth::http::server::Running>,
-    pub addr: SocketAddr,
-    pub dir: tempfile::TempDir,
-}
-
-impl Berth {
-    pub async fn start(upstream: &Fake, tweak: impl FnOnce(&mut Config)) -> Berth {
-        let dir = tempfile::tempdir().unwrap();
-        Berth::start_in(dir, upstream, tweak).await
-    }
-
-    pub async fn start_in(
-        dir: tempfile::TempDir,
-        upstream: &Fake,
-        tweak: impl FnOnce(&mut Config),
-    ) -> Berth {
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.data_dir = dir.path().to_path_buf();
-        config.shutdown_grace = berth::config::Seconds(Duration::from_secs(2));
-        let up = config.upstreams.get_mut(DOCKER_HUB).unwrap();
-        up.url = UpstreamUrl::parse(&upstream.url()).unwrap();
-        up.response_timeout = berth::config::Seconds(Duration::from_secs(5));
-        up.connect_timeout = berth::config::Seconds(Duration::from_secs(2));
-        tweak(&mut config);
-        config.validate().unwrap();
-        let running = berth::http::server::start(config).await.unwrap();
-        Berth {
-            addr: running.addr,
-            running: Some(running),
-            dir,
-        }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    /// Waits until no download is running: a client has its bytes as soon as they are
-    /// verified, and the blob becomes a cache entry a moment later.
-    pub async fn settle(&self) {
-        let app = self.running.as_ref().expect("berth is running").app.clone();
-        wait_for("downloads to finish", Duration::from_secs(10), || {
-            app.mirror.fetches.in_flight() == 0
-        })
-        .await;
-    }
-
-    pub async fn get(&self, path: &str) -> Reply {
-        send(Method::GET, &self.url(path), &[]).await
-    }
-
-    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
-        send(Method::GET, &self.url(path), headers).await
-    }
-
-    pub async fn head(&self, path: &str) -> Reply {
-        send(Method::HEAD, &self.url(path), &[]).await
-    }
-
-    pub async fn stop(mut self) -> tempfile::TempDir {
-        if let Some(r) = self.running.take() {
-            r.shutdown().await;
-        }
-        self.dir
-    }
-}
-
-/// A response with its body read to the end (or the error that cut it short).
-pub struct Reply {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Result<Bytes, String>,
-}
-
-impl Reply {
-    pub fn bytes(&self) -> Bytes {
-        self.body
-            .clone()
-            .unwrap_or_else(|e| panic!("body failed: {e}"))
-    }
-
-    pub fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.bytes())
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-
-    /// The first registry error code of a JSON error body.
-    pub fn error_code(&self) -> String {
-        self.json()["errors"][0]["code"]
-            .as_str()
-            .unwrap_or("")
-            .to_owned()
-    }
-}
-
-pub async fn send(method: Method, url: &str, headers: &[(&str, &str)]) -> Reply {
-    let resp = match try_send_head(method, url, headers).await {
-        Ok(resp) => resp,
-        // The server closed the connection before a response: an aborted transfer, which
-        // tests of failing downloads expect to see.
-        Err(e) => {
-            return Reply {
-                status: StatusCode::from_u16(599).unwrap(),
-                headers: HeaderMap::new(),
-                body: Err(format!("no response: {e}")),
-            }
-        }
-    };
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| e.to_string());
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-/// Sends a request and returns as soon as the response headers are in.
-pub async fn send_head(method: Method, url: &str, headers: &[(&str, &str)]) -> Response<Incoming> {
-    try_send_head(method, url, headers).await.unwrap()
-}
-
-async fn try_send_head(
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-) -> Result<Response<Incoming>, hyper::Error> {
-    try_send(method, url, headers, Empty::<Bytes>::new()).await
-}
-
-/// Sends one request on a new HTTP/1.1 connection; returns when the response headers are in.
-async fn try_send<B>(
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: B,
-) -> Result<Response<Incoming>, hyper::Error>
-where
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let uri: http::Uri = url.parse().unwrap();
-    let authority = uri.authority().unwrap().clone();
-    let stream = tokio::net::TcpStream::connect(authority.as_str())
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(uri.path_and_query().unwrap().as_str())
-        .header("host", authority.as_str());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    sender.send_request(req.body(body).unwrap()).await
-}
-
-/// Sends a request with a body (with its Content-Length) and reads the response.
-pub async fn send_body(
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Reply {
-    send_any(method, url, headers, Full::new(body.into())).await
-}
-
-/// Sends a request whose body is streamed in these chunks, without a Content-Length (chunked
-/// transfer encoding), and reads the response.
-pub async fn send_stream(
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-    chunks: Vec<Bytes>,
-) -> Reply {
-    let stream = futures_util::stream::iter(
-        chunks
-            .into_iter()
-            .map(|c| Ok::<_, std::io::Error>(Frame::data(c))),
-    );
-    send_any(method, url, headers, StreamBody::new(stream)).await
-}
-
-async fn send_any<B>(method: Method, url: &str, headers: &[(&str, &str)], body: B) -> Reply
-where
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let resp = try_send(method, url, headers, body).await.unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| e.to_string());
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-/// Waits for a condition with a deadline, re-checking when woken by time slices.
-pub async fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let end = tokio::time::Instant::now() + deadline;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Sends a GET from its own task (owning its arguments), for concurrent clients.
-pub fn spawn_get(url: &str, headers: &[(&str, &str)]) -> tokio::task::JoinHandle<Reply> {
-    let url = url.to_owned();
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    tokio::spawn(async move {
-        let h: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        send(Method::GET, &url, &h).await
-    })
 }

@@ -1,12 +1,10 @@
 //! One download, many readers: single-flight, streaming, failure, disconnects, crash safety.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use http::Method;
 use http_body_util::BodyExt;
 use tokio::sync::Notify;
@@ -373,11 +371,7 @@ struct BerthProcess {
 
 impl BerthProcess {
     async fn spawn(data: &std::path::Path, upstream: &str) -> BerthProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
             .args([

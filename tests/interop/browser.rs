@@ -1,15 +1,15 @@
 //! The status page in a real browser: Debian's headless chromium renders berth's `/` after some
-//! pulls, dumps the DOM and takes a screenshot (`target/status-page.png`).
+//! pulls, dumps the DOM and takes a screenshot (`status-page.png` in cargo's
+//! `CARGO_TARGET_TMPDIR`, `target/tmp/` by default, kept for a look after the run).
 //!
-//! Interop tier: `cargo test --features interop --test interop_browser`; needs `/usr/bin/chromium`
-//! (Debian package `chromium`).
-
-mod common;
+//! Interop tier: `cargo test --features interop --test interop browser::`; needs
+//! `/usr/bin/chromium` (Debian package `chromium`). berth and its upstream are the in-process
+//! ones of the fresh-machine tier (`tests/support`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// A cold chromium start in a busy container can take a while; a hung one must not hang CI.
@@ -152,7 +152,7 @@ async fn the_status_page_renders_in_chromium() {
         .unwrap_or_else(|| panic!("no hit ratio on the page: {text}"));
     assert!(ratio > 0.0, "hit ratio {ratio}: {text}");
 
-    let shot: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/status-page.png");
+    let shot: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
     let _ = std::fs::remove_file(&shot);
     chromium(
         &[

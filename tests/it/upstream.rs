@@ -1,12 +1,10 @@
 //! Talking to upstreams the way Docker does: tokens, redirects, TTLs, outages, several upstreams.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::support::*;
 use berth::config::{Seconds, UpstreamConfig, UpstreamUrl};
-use common::*;
 
 fn bearer() -> Auth {
     Auth {
