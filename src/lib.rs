@@ -14,12 +14,14 @@
 //! - [`http`]: requests and responses — routing a request to the mirror or the registry, bodies,
 //!   error documents, ranges, listeners with their connection caps and timeouts, TLS;
 //! - [`ops`]: around every request — client address, CORS, rate limits, the request log,
-//!   metrics, the status page.
+//!   metrics, the status page;
+//! - [`app`] wires them together and starts the listeners.
 //!
 //! A pull goes `http` (route, auth) → `mirror` (cache, or fetch from the upstream) → `store`.
 
 #![deny(unsafe_code)]
 
+pub mod app;
 pub mod auth;
 pub mod certs;
 pub mod config;

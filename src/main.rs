@@ -251,7 +251,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> ExitCode {
-    let running = match berth::http::server::start(config).await {
+    let running = match berth::app::start(config).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("berth: {e}");

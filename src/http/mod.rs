@@ -8,7 +8,6 @@ pub mod private;
 pub mod server;
 pub mod tls;
 
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,9 +46,19 @@ pub struct App {
     pub auth: crate::auth::Authenticator,
     /// The private namespace's registry (see `private`).
     pub private: Arc<crate::registry::Registry>,
-    pub ops: crate::ops::Ops,
-    /// What keeps the status pages cheap (see `status`).
-    pub pages: crate::ops::status::Pages,
+}
+
+/// The pages the ops layer serves on the main listener (the status page, `/metrics`). The
+/// handlers authorize their routes like any other, then hand them over.
+pub trait OpsPages: Send + Sync {
+    fn metrics(&self, head: bool) -> Result<Response<Body>, RegistryError>;
+    fn status<'a>(
+        &'a self,
+        path: &'a str,
+        req: &'a Request<Incoming>,
+        head: bool,
+        client: std::net::IpAddr,
+    ) -> futures_util::future::BoxFuture<'a, Result<Response<Body>, RegistryError>>;
 }
 
 /// Marks a request that arrived over TLS (set by the TLS listener).
@@ -68,7 +77,6 @@ pub struct Served {
 
 impl App {
     pub fn new(config: Config, mirror: Mirror) -> App {
-        let ops = crate::ops::Ops::new(&config, &mirror);
         App {
             auth: crate::auth::Authenticator::new(&config),
             private: Arc::new(crate::registry::Registry::new(
@@ -78,70 +86,46 @@ impl App {
             config,
             mirror: Arc::new(mirror),
             started: Instant::now(),
-            ops,
-            pages: crate::ops::status::Pages::new(),
         }
     }
 
-    /// The service entry point: never fails, errors become registry JSON errors. The ops layer
-    /// (client address, CORS, rate limits, metrics, the log line) wraps the dispatch.
-    pub async fn handle(
-        self: Arc<Self>,
+    /// Answers a routed request (a route that did not parse too): errors become registry JSON
+    /// errors, and a 401 carries the challenge that says where to get a token.
+    pub async fn respond(
+        &self,
+        route: Result<Route, RegistryError>,
         req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Result<Response<Body>, Infallible> {
-        let route = Route::parse(req.uri().path());
-        let info = crate::ops::begin(&self, &req, peer, route.as_ref().ok());
-        let client_ip = info.client.ip;
-        let need = route.as_ref().ok().and_then(|r| Need::of(r, req.method()));
+        client: std::net::IpAddr,
+        pages: &dyn OpsPages,
+    ) -> Response<Body> {
+        let method = req.method().clone();
+        let need = route.as_ref().ok().and_then(|r| Need::of(r, &method));
         let challenge = self.challenge(&req, need.as_ref());
-        let write = !matches!(*req.method(), Method::GET | Method::HEAD);
-        let manifest = matches!(route, Ok(Route::Manifest { .. }));
-        let mut resp = match crate::ops::intercept(&self, &info, &req) {
-            Some(resp) => resp,
-            None => {
-                let method = req.method().clone();
-                let path = &info.path;
-                let served = async {
-                    match route {
-                        Ok(route) => self
-                            .dispatch(route, req, client_ip, need.as_ref())
-                            .await
-                            .unwrap_or_else(|e| {
-                                if let RegistryError::Unavailable(why) = &e {
-                                    tracing::warn!(client = %client_ip, %path, reason = %why, "answering 503");
-                                }
-                                error_response(&e, &method)
-                            }),
-                        // A tag that cannot exist names no manifest: what the OCI conformance
-                        // suite expects of a pull. A push of it stays 400 TAG_INVALID.
-                        Err(RegistryError::TagInvalid(tag))
-                            if matches!(method, Method::GET | Method::HEAD) =>
-                        {
-                            error_response(&RegistryError::ManifestUnknown(tag), &method)
-                        }
-                        Err(e) => error_response(&e, &method),
+        let path = req.uri().path().to_owned();
+        let mut resp = match route {
+            Ok(route) => self
+                .dispatch(route, req, client, need.as_ref(), pages)
+                .await
+                .unwrap_or_else(|e| {
+                    if let RegistryError::Unavailable(why) = &e {
+                        tracing::warn!(%client, %path, reason = %why, "answering 503");
                     }
-                };
-                self.ops.limits.scope(info.client.ip, served).await
+                    error_response(&e, &method)
+                }),
+            // A tag that cannot exist names no manifest: what the OCI conformance suite
+            // expects of a pull. A push of it stays 400 TAG_INVALID.
+            Err(RegistryError::TagInvalid(tag)) if matches!(method, Method::GET | Method::HEAD) => {
+                error_response(&RegistryError::ManifestUnknown(tag), &method)
             }
+            Err(e) => error_response(&e, &method),
         };
-        // What the status pages list changes when a tag comes from upstream, or with a push
-        // or delete; their listings are made anew then.
-        if let Some(served) = resp.extensions().get::<Served>() {
-            if (manifest && served.outcome == Outcome::Miss)
-                || (served.outcome == Outcome::Local && write && resp.status().is_success())
-            {
-                self.pages.changed();
-            }
-        }
         if resp.status() == StatusCode::UNAUTHORIZED {
             if let Some(challenge) = challenge {
                 resp.headers_mut()
                     .insert(http::header::WWW_AUTHENTICATE, challenge);
             }
         }
-        Ok(crate::ops::finish(&self, info, resp))
+        resp
     }
 
     /// The Bearer challenge for this request: Docker's token flow, with berth's own token
@@ -176,6 +160,7 @@ impl App {
         req: Request<Incoming>,
         client: std::net::IpAddr,
         need: Option<&Need>,
+        pages: &dyn OpsPages,
     ) -> Result<Response<Body>, RegistryError> {
         let query = Query::parse(req.uri().query());
         let method = req.method().clone();
@@ -213,11 +198,9 @@ impl App {
                     .map_err(internal)?)
             }
             (Route::Readyz, Method::GET | Method::HEAD) => self.ready().await,
-            (Route::Metrics, Method::GET | Method::HEAD) => {
-                crate::ops::metrics::main_listener(self, head)
-            }
+            (Route::Metrics, Method::GET | Method::HEAD) => pages.metrics(head),
             (Route::Status { path }, Method::GET | Method::HEAD) => {
-                crate::ops::status::page(self, &path, &req, head, client).await
+                pages.status(&path, &req, head, client).await
             }
             (Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
                 let accept = AcceptSet::from_headers(

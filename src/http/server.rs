@@ -10,6 +10,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -17,153 +19,26 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
-use crate::config::Config;
-use crate::http::conn::{Activity, ConnGuard, Ended, Io, Watched};
-use crate::http::tls::{CertResolver, Tls, TlsError};
-use crate::http::{App, LocalAddr, OverTls};
+use crate::http::conn::{Activity, ConnGuard, Conns, Ended, Io, Watched};
+use crate::http::tls::Tls;
+use crate::http::{Body, LocalAddr, OverTls};
 use crate::mirror::Mirror;
-use crate::store::Store;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("data dir {0}: {1}")]
-    Store(String, std::io::Error),
-    #[error("{0}")]
-    Setup(String),
-    #[error("cannot listen on {0}: {1}")]
-    Bind(SocketAddr, std::io::Error),
-    #[error("{0}")]
-    Tls(#[from] TlsError),
+/// What answers each request: the ops layer around the handlers (`ops::Service`). Never
+/// fails: errors are responses too.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> BoxFuture<'static, Response<Body>>;
 }
 
-/// A started server. Dropping it does not stop it; call `shutdown`.
-pub struct Running {
-    pub addr: SocketAddr,
-    /// The TLS listener's address, when `tls` is configured.
-    pub tls_addr: Option<SocketAddr>,
-    /// The TLS certificate; `reload()` it on SIGHUP. `None` without TLS.
-    pub tls: Option<Arc<CertResolver>>,
-    /// The `/metrics` listener's address, when `metrics_listen` is set.
-    pub metrics_addr: Option<SocketAddr>,
-    pub app: Arc<App>,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    /// Stops accepting, lets in-flight responses finish (within the grace period), and returns.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-    }
-
-    /// Waits until the server stops by itself (it does not, except through `shutdown`).
-    pub async fn wait(self) {
-        let _ = self.task.await;
-    }
-
-    pub fn stopper(&self) -> watch::Sender<bool> {
-        self.stop.clone()
-    }
-}
-
-/// Opens the store, builds the mirror and starts listening.
-pub async fn start(mut config: Config) -> Result<Running, StartError> {
-    fd_budget(&mut config);
-    let store = Store::open(&config.data_dir)
-        .map_err(|e| StartError::Store(config.data_dir.display().to_string(), e))?;
-    store
-        .remove_leftovers()
-        .map_err(|e| StartError::Store(config.data_dir.display().to_string(), e))?;
-    let mirror = Mirror::new(&config, store).map_err(|e| StartError::Setup(e.to_string()))?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| StartError::Bind(config.listen, e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| StartError::Bind(config.listen, e))?;
-    let tls = match &config.tls {
-        Some(tls_config) => {
-            let tls = Tls::new(tls_config)?;
-            let listener = TcpListener::bind(tls_config.listen)
-                .await
-                .map_err(|e| StartError::Bind(tls_config.listen, e))?;
-            let tls_addr = listener
-                .local_addr()
-                .map_err(|e| StartError::Bind(tls_config.listen, e))?;
-            tracing::info!(addr = %tls_addr, cert = %tls_config.cert.display(), "listening (TLS)");
-            Some((listener, tls_addr, tls))
-        }
-        None => None,
-    };
-    let tls_addr = tls.as_ref().map(|(_, a, _)| *a);
-    let resolver = tls.as_ref().map(|(_, _, t)| t.resolver.clone());
-    let tls = tls.map(|(l, _, t)| (l, t));
-    let grace = config.shutdown_grace.0;
-    let app = Arc::new(App::new(config, mirror));
-    let (stop, stopped) = watch::channel(false);
-    let metrics_addr = match app.config.metrics_listen {
-        Some(at) => Some(
-            crate::ops::metrics::listen(app.clone(), at, stopped.clone())
-                .await
-                .map_err(|e| StartError::Bind(at, e))?
-                .0,
-        ),
-        None => None,
-    };
-    tokio::spawn(crate::registry::expire_uploads(
-        app.private.clone(),
-        stopped.clone(),
-    ));
-    tracing::info!(%addr, "listening (plain HTTP)");
-    let task = tokio::spawn(serve(listener, tls, app.clone(), stopped, grace));
-    Ok(Running {
-        addr,
-        tls_addr,
-        tls: resolver,
-        metrics_addr,
-        app,
-        stop,
-        task,
-    })
-}
-
-/// Raises the open-file limit and derives the default connection cap from it, so that clients
-/// can never take the descriptors the cache and the upstream connections need.
-fn fd_budget(config: &mut Config) {
-    match crate::http::conn::raise_fd_limit() {
-        Ok((before, after)) if after > before => {
-            tracing::info!(
-                before,
-                after,
-                "raised the open-file limit to the hard limit"
-            )
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
-    }
-    let limits = &mut config.limits;
-    let fd_limit = crate::http::conn::fd_limit();
-    let budget = crate::http::conn::connection_budget(fd_limit, limits.fd_reserve);
-    match limits.max_connections {
-        None => limits.max_connections = Some(budget),
-        Some(max) if max > budget => tracing::warn!(
-            max_connections = max,
-            fd_limit,
-            budget,
-            "limits.max_connections is more than the open-file limit leaves for clients: \
-             raise the limit (LimitNOFILE=) or lower limits.max_connections"
-        ),
-        Some(_) => {}
-    }
-    tracing::info!(
-        fd_limit,
-        max_connections = limits.max_connections.unwrap_or(budget),
-        max_connections_per_client = limits.max_connections_per_client,
-        "connection limits"
-    );
+/// The listeners a server accepts on.
+pub struct Listeners {
+    pub plain: TcpListener,
+    pub tls: Option<(TcpListener, Tls)>,
 }
 
 /// The HTTP settings of every client connection.
@@ -195,7 +70,7 @@ pub(crate) async fn serve_http<I>(
     io: I,
     arrival: Arrival,
     act: Arc<Activity>,
-    app: Arc<App>,
+    handler: Arc<dyn Handler>,
     builder: auto::Builder<TokioExecutor>,
     stopped: watch::Receiver<bool>,
 ) where
@@ -215,9 +90,9 @@ pub(crate) async fn serve_http<I>(
             req.extensions_mut().insert(LocalAddr(local));
         }
         let guard = requests.begin();
-        let handled = app.clone().handle(req, peer);
+        let handled = handler.clone().handle(req, peer);
         async move {
-            let resp = handled.await?;
+            let resp = handled.await;
             Ok::<_, Infallible>(resp.map(|body| Watched::new(body, guard)))
         }
     });
@@ -235,7 +110,7 @@ async fn serve_plain(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     guard: ConnGuard,
-    app: Arc<App>,
+    handler: Arc<dyn Handler>,
     builder: auto::Builder<TokioExecutor>,
     stopped: watch::Receiver<bool>,
 ) {
@@ -245,7 +120,7 @@ async fn serve_plain(
         local: stream.local_addr().ok(),
         over_tls: false,
     };
-    serve_http(stream, arrival, act, app, builder, stopped).await;
+    serve_http(stream, arrival, act, handler, builder, stopped).await;
     drop(guard);
 }
 
@@ -259,14 +134,20 @@ async fn accept_tls(
     }
 }
 
-async fn serve(
-    listener: TcpListener,
-    tls: Option<(TcpListener, Tls)>,
-    app: Arc<App>,
+/// Accepts on the listeners (connections admitted under `conns`) until `stopped` changes; then
+/// lets in-flight responses and the mirror's downloads finish within `grace`.
+pub async fn serve(
+    listeners: Listeners,
+    handler: Arc<dyn Handler>,
+    conns: Arc<Conns>,
+    mirror: Arc<Mirror>,
     mut stopped: watch::Receiver<bool>,
     grace: std::time::Duration,
 ) {
-    let conns = app.ops.conns.clone();
+    let Listeners {
+        plain: listener,
+        tls,
+    } = listeners;
     let builder = builder(&conns);
     loop {
         tokio::select! {
@@ -283,7 +164,7 @@ async fn serve(
                 // Over a cap the connection is closed at once, before anything is read.
                 let Some(guard) = conns.admit(peer.ip()) else { continue };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_plain(stream, peer, guard, app.clone(), builder.clone(), stopped.clone()));
+                tokio::spawn(serve_plain(stream, peer, guard, handler.clone(), builder.clone(), stopped.clone()));
             }
             accepted = accept_tls(&tls) => {
                 let (stream, peer) = match accepted {
@@ -302,7 +183,7 @@ async fn serve(
                     stream,
                     peer,
                     guard,
-                    app.clone(),
+                    handler.clone(),
                     builder.clone(),
                     stopped.clone(),
                 ));
@@ -316,7 +197,7 @@ async fn serve(
     let drained = async {
         conns.wait_closed().await;
         // A download whose clients are served may still be making its blob durable.
-        app.mirror.fetches.wait_idle().await;
+        mirror.fetches.wait_idle().await;
     };
     if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(

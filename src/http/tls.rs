@@ -28,8 +28,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
 use crate::http::conn::{Activity, ConnGuard, Reason};
-use crate::http::server::{serve_http, Arrival};
-use crate::http::App;
+use crate::http::server::{serve_http, Arrival, Handler};
 
 /// ALPN protocols offered, most preferred first.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -216,7 +215,7 @@ pub async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     guard: ConnGuard,
-    app: Arc<App>,
+    handler: Arc<dyn Handler>,
     builder: auto::Builder<TokioExecutor>,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -248,9 +247,9 @@ pub async fn serve_connection(
         act.set_h2();
         let builder = builder.http2_only();
         let io = Coalesce::new(stream);
-        serve_http(io, arrival, act, app, builder, stopped).await;
+        serve_http(io, arrival, act, handler, builder, stopped).await;
     } else {
-        serve_http(stream, arrival, act, app, builder, stopped).await;
+        serve_http(stream, arrival, act, handler, builder, stopped).await;
     }
     drop(guard);
 }

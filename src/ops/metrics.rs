@@ -31,9 +31,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::http::{empty, full, App, Body};
+use crate::http::{empty, full, Body};
 use crate::oci::error::RegistryError;
 use crate::ops::ratelimit::Refusal;
+use crate::ops::Service;
 
 pub const CONTENT_TYPE_OPENMETRICS: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -194,7 +195,7 @@ impl Metrics {
     }
 
     /// The text exposition: the counted metrics, then the ones read from the components now.
-    pub fn render(&self, app: &App) -> String {
+    pub fn render(&self, app: &Service) -> String {
         let mut out = String::with_capacity(8 << 10);
         let mut scraped = Registry::default();
         scraped.register_collector(Box::new(Scraped::of(app)));
@@ -207,7 +208,7 @@ impl Metrics {
 }
 
 /// The `/metrics` response.
-pub fn response(app: &App, head: bool) -> Response<Body> {
+pub fn response(app: &Service, head: bool) -> Response<Body> {
     let text = app.ops.metrics.render(app);
     Response::builder()
         .status(StatusCode::OK)
@@ -218,7 +219,7 @@ pub fn response(app: &App, head: bool) -> Response<Body> {
 }
 
 /// `/metrics` on the main listener: 404 when it has a listener of its own (`metrics_listen`).
-pub fn main_listener(app: &App, head: bool) -> Result<Response<Body>, RegistryError> {
+pub fn main_listener(app: &Service, head: bool) -> Result<Response<Body>, RegistryError> {
     if app.config.metrics_listen.is_some() {
         return Err(RegistryError::NotFound(
             "/metrics is served on the metrics_listen address".into(),
@@ -229,7 +230,7 @@ pub fn main_listener(app: &App, head: bool) -> Result<Response<Body>, RegistryEr
 
 /// Serves `/metrics` alone on its own address (`metrics_listen`), until `stopped` changes.
 pub async fn listen(
-    app: Arc<App>,
+    app: Arc<Service>,
     addr: SocketAddr,
     mut stopped: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
@@ -262,7 +263,7 @@ pub async fn listen(
     Ok((local, task))
 }
 
-fn metrics_only<B>(app: &App, req: &Request<B>) -> Response<Body> {
+fn metrics_only<B>(app: &Service, req: &Request<B>) -> Response<Body> {
     let head = req.method() == Method::HEAD;
     match (req.uri().path(), req.method()) {
         ("/metrics", &Method::GET | &Method::HEAD) => response(app, head),
@@ -289,7 +290,7 @@ struct Sampled {
 }
 
 impl Scraped {
-    fn of(app: &App) -> Scraped {
+    fn of(app: &Service) -> Scraped {
         let mirror = &app.mirror;
         let ops = &app.ops;
         let mut s = Scraped::default();

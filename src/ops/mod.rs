@@ -1,8 +1,9 @@
 //! The operations layer around every request: client address, CORS, client rate limits, the
 //! request log line, metrics and the statistics the status page shows.
 //!
-//! `App::handle` calls [`begin`] when a request arrives, [`intercept`] to answer it early (CORS
-//! preflight, rate limit), and [`finish`] with the response. `finish` wraps the response body so
+//! [`Service`] is the handlers with this layer around them: for each request it calls
+//! [`begin`] when the request arrives, [`intercept`] to answer it early (CORS preflight, rate
+//! limit), then the handlers, and [`finish`] with the response. `finish` wraps the response body so
 //! that the bytes really sent are counted and the log line is written when the body is done (or
 //! dropped because the client went away), not when the headers leave.
 //!
@@ -29,7 +30,8 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use crate::config::Config;
-use crate::http::{error_response, App, Body, Served};
+use crate::http::server::Handler;
+use crate::http::{error_response, App, Body, OpsPages, Served};
 use crate::mirror::upstream::{UpstreamError, UpstreamObserver};
 use crate::mirror::{Mirror, Outcome};
 use crate::oci::names::Reference;
@@ -39,6 +41,89 @@ use crate::ops::metrics::Metrics;
 use crate::ops::ratelimit::{Client, ClientLimits, UpstreamRate};
 use crate::ops::status::{PullStats, Traffic, PRIVATE};
 use crate::store::now_secs;
+
+/// The handlers with the ops layer around them: what the listeners serve. It dereferences to
+/// the [`App`] it wraps, so the ops code reads the mirror and the config as `app.mirror`.
+pub struct Service {
+    pub app: Arc<App>,
+    pub ops: Ops,
+    /// What keeps the status pages cheap (see `status`).
+    pub pages: status::Pages,
+}
+
+impl std::ops::Deref for Service {
+    type Target = App;
+
+    fn deref(&self) -> &App {
+        &self.app
+    }
+}
+
+impl Service {
+    pub fn new(app: App) -> Service {
+        Service {
+            ops: Ops::new(&app.config, &app.mirror),
+            app: Arc::new(app),
+            pages: status::Pages::new(),
+        }
+    }
+
+    /// One request, start to end: never fails, errors become registry JSON errors.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<hyper::body::Incoming>,
+        peer: std::net::SocketAddr,
+    ) -> Response<Body> {
+        let route = Route::parse(req.uri().path());
+        let info = begin(&self, &req, peer, route.as_ref().ok());
+        let write = !matches!(*req.method(), Method::GET | Method::HEAD);
+        let manifest = matches!(route, Ok(Route::Manifest { .. }));
+        let resp = match intercept(&self, &info, &req) {
+            Some(resp) => resp,
+            None => {
+                let served = self.app.respond(route, req, info.client.ip, &*self);
+                self.ops.limits.scope(info.client.ip, served).await
+            }
+        };
+        // What the status pages list changes when a tag comes from upstream, or with a push
+        // or delete; their listings are made anew then.
+        if let Some(served) = resp.extensions().get::<Served>() {
+            if (manifest && served.outcome == Outcome::Miss)
+                || (served.outcome == Outcome::Local && write && resp.status().is_success())
+            {
+                self.pages.changed();
+            }
+        }
+        finish(&self, info, resp)
+    }
+}
+
+impl Handler for Service {
+    fn handle(
+        self: Arc<Self>,
+        req: Request<hyper::body::Incoming>,
+        peer: std::net::SocketAddr,
+    ) -> futures_util::future::BoxFuture<'static, Response<Body>> {
+        Box::pin(Service::handle(self, req, peer))
+    }
+}
+
+impl OpsPages for Service {
+    fn metrics(&self, head: bool) -> Result<Response<Body>, crate::oci::error::RegistryError> {
+        metrics::main_listener(self, head)
+    }
+
+    fn status<'a>(
+        &'a self,
+        path: &'a str,
+        req: &'a Request<hyper::body::Incoming>,
+        head: bool,
+        client: std::net::IpAddr,
+    ) -> futures_util::future::BoxFuture<'a, Result<Response<Body>, crate::oci::error::RegistryError>>
+    {
+        Box::pin(status::page(self, path, req, head, client))
+    }
+}
 
 /// Everything the ops layer keeps, one per server.
 pub struct Ops {
@@ -115,7 +200,7 @@ impl RequestInfo {
 
 /// Notes what the ops layer needs before the request is handed to the handlers.
 pub fn begin<B>(
-    app: &App,
+    app: &Service,
     req: &Request<B>,
     peer: std::net::SocketAddr,
     route: Option<&Route>,
@@ -173,7 +258,7 @@ pub fn begin<B>(
 
 /// A response that answers the request before the handlers see it: a CORS preflight, or a 429
 /// for a client over its limit (unless only upstream work is counted).
-pub fn intercept<B>(app: &App, info: &RequestInfo, req: &Request<B>) -> Option<Response<Body>> {
+pub fn intercept<B>(app: &Service, info: &RequestInfo, req: &Request<B>) -> Option<Response<Body>> {
     if let Some(resp) = app
         .ops
         .cors
@@ -193,7 +278,7 @@ pub fn intercept<B>(app: &App, info: &RequestInfo, req: &Request<B>) -> Option<R
 
 /// Counts the response, adds CORS headers and wraps the body so the log line and the byte
 /// counts are written when it has been sent.
-pub fn finish(app: &Arc<App>, info: RequestInfo, mut resp: Response<Body>) -> Response<Body> {
+pub fn finish(app: &Arc<Service>, info: RequestInfo, mut resp: Response<Body>) -> Response<Body> {
     let outcome = resp.extensions().get::<Served>().map(|s| s.outcome);
     let status = resp.status();
     if let (Some(kind), Some(outcome)) = (info.kind, outcome) {
@@ -265,7 +350,7 @@ struct Tracked {
 }
 
 struct Done {
-    app: Arc<App>,
+    app: Arc<Service>,
     info: RequestInfo,
     status: StatusCode,
     outcome: Option<Outcome>,

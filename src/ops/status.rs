@@ -23,11 +23,13 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 
-use crate::http::{empty, full, App, Body};
+use crate::http::App;
+use crate::http::{empty, full, Body};
 use crate::mirror::fetch::Fetches;
 use crate::mirror::Outcome;
 use crate::oci::error::RegistryError;
 use crate::oci::names::{Digest, RepoName};
+use crate::ops::Service;
 use crate::store::blocking;
 use crate::store::{now_secs, Area, Store};
 
@@ -219,7 +221,7 @@ impl App {
 
 /// Answers `/` and `/ui/...`.
 pub async fn page<B>(
-    app: &App,
+    app: &Service,
     path: &str,
     req: &Request<B>,
     head: bool,
@@ -661,7 +663,7 @@ fn size_text(size: u64, complete: bool) -> String {
     }
 }
 
-async fn overview(app: &App, private: bool) -> Result<String, RegistryError> {
+async fn overview(app: &Service, private: bool) -> Result<String, RegistryError> {
     let store = app.mirror.store().clone();
     let key = ListingKey::Overview {
         generation: app.pages.generation.load(Ordering::Relaxed),
@@ -805,7 +807,7 @@ async fn overview(app: &App, private: bool) -> Result<String, RegistryError> {
     Ok(h)
 }
 
-fn upstreams(app: &App, h: &mut String) {
+fn upstreams(app: &Service, h: &mut String) {
     h.push_str(
         "<section><h2>Upstreams</h2><table><tr><th>Upstream</th><th>URL</th>\
          <th>Last success</th><th>Last error</th><th>Rate limit remaining</th></tr>",
@@ -869,7 +871,11 @@ fn upstreams(app: &App, h: &mut String) {
     h.push_str("</section>");
 }
 
-async fn repo_page(app: &App, rest: &str, private: bool) -> Result<Option<String>, RegistryError> {
+async fn repo_page(
+    app: &Service,
+    rest: &str,
+    private: bool,
+) -> Result<Option<String>, RegistryError> {
     let Some((upstream, name)) = rest.split_once('/') else {
         return Ok(None);
     };

@@ -54,7 +54,7 @@ async fn wait_metrics(b: &Berth, wants: &[Want<'_>]) -> String {
     }
 }
 
-fn app(b: &Berth) -> Arc<berth::http::App> {
+fn app(b: &Berth) -> Arc<berth::ops::Service> {
     b.running.as_ref().unwrap().app.clone()
 }
 

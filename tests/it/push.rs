@@ -1308,7 +1308,7 @@ async fn docker_token_flow_anonymous_and_with_credentials() {
 
 // --- password floods, token scopes, the token realm ---------------------------------------
 
-fn app_of(b: &Berth) -> Arc<berth::http::App> {
+fn app_of(b: &Berth) -> Arc<berth::ops::Service> {
     b.running.as_ref().expect("berth is running").app.clone()
 }
 

@@ -22,9 +22,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use berth::app::{Running, StartError};
 use berth::certs::{self, Ca, Host, Validity};
 use berth::config::{Config, Seconds, TlsConfig, UpstreamUrl};
-use berth::http::server::{Running, StartError};
 
 /// Every test finishes within this, or fails.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -116,9 +116,7 @@ fn config(certs: &Certs, data: &Path) -> Config {
 
 async fn start(certs: &Certs) -> Server {
     let data = tempfile::tempdir().unwrap();
-    let running = berth::http::server::start(config(certs, data.path()))
-        .await
-        .unwrap();
+    let running = berth::app::start(config(certs, data.path())).await.unwrap();
     Server {
         running,
         _data: data,
@@ -408,7 +406,7 @@ async fn a_missing_key_stops_start_and_names_the_file() {
         let certs = Certs::valid();
         std::fs::remove_file(certs.key()).unwrap();
         let data = tempfile::tempdir().unwrap();
-        let e = match berth::http::server::start(config(&certs, data.path())).await {
+        let e = match berth::app::start(config(&certs, data.path())).await {
             Err(e) => e,
             Ok(_) => panic!("started without a key"),
         };
@@ -432,7 +430,7 @@ async fn certs_bundle_serves_as_written() {
             cert: paths.server_cert.clone(),
             key: paths.server_key.clone(),
         });
-        let running = berth::http::server::start(config).await.unwrap();
+        let running = berth::app::start(config).await.unwrap();
         let ca = std::fs::read_to_string(&paths.ca_cert).unwrap();
         let stream = connect(
             running.tls_addr.unwrap(),
@@ -639,7 +637,7 @@ async fn the_token_realm_over_tls_is_the_tls_listener() {
         berth::auth::add_user(&htpasswd, "alice", "secret", 4).unwrap();
         let mut config = config(&certs, data.path());
         config.htpasswd = Some(htpasswd);
-        let running = berth::http::server::start(config).await.unwrap();
+        let running = berth::app::start(config).await.unwrap();
         let tls_addr = running.tls_addr.expect("TLS is configured");
         let stream = connect(
             tls_addr,
@@ -673,7 +671,7 @@ async fn an_idle_h2_connection_over_tls_is_closed_after_the_idle_timeout() {
         let data = tempfile::tempdir().unwrap();
         let mut config = config(&certs, data.path());
         config.limits.idle_timeout = Seconds(Duration::from_millis(400));
-        let running = berth::http::server::start(config).await.unwrap();
+        let running = berth::app::start(config).await.unwrap();
         let stream = connect(
             running.tls_addr.unwrap(),
             client_config(&certs.ca.cert_pem(), &[b"h2"]),
@@ -711,7 +709,7 @@ async fn a_client_that_never_finishes_the_handshake_is_closed() {
         let data = tempfile::tempdir().unwrap();
         let mut config = config(&certs, data.path());
         config.limits.handshake_timeout = Seconds(Duration::from_millis(300));
-        let running = berth::http::server::start(config).await.unwrap();
+        let running = berth::app::start(config).await.unwrap();
         // Connected, and silent: no ClientHello.
         let mut tcp = TcpStream::connect(running.tls_addr.unwrap()).await.unwrap();
         let mut buf = [0u8; 64];

@@ -11,7 +11,7 @@ use super::fake::Fake;
 
 /// A berth running in-process on a free port, with its own data dir.
 pub struct Berth {
-    pub running: Option<berth::http::server::Running>,
+    pub running: Option<berth::app::Running>,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
 }
@@ -37,7 +37,7 @@ impl Berth {
         up.connect_timeout = berth::config::Seconds(Duration::from_secs(2));
         tweak(&mut config);
         config.validate().unwrap();
-        let running = berth::http::server::start(config).await.unwrap();
+        let running = berth::app::start(config).await.unwrap();
         Berth {
             addr: running.addr,
             running: Some(running),
