@@ -46,6 +46,8 @@ pub struct App {
     pub auth: crate::auth::Authenticator,
     /// The private namespace's registry (see `private`).
     pub private: Arc<crate::registry::Registry>,
+    /// Manifests by digest, for both halves (the mirror holds the same).
+    pub manifests: Arc<crate::store::manifests::Manifests>,
 }
 
 /// The pages the ops layer serves on the main listener (the status page, `/metrics`). The
@@ -83,6 +85,7 @@ impl App {
                 &config,
                 mirror.store().clone(),
             )),
+            manifests: mirror.manifests.clone(),
             config,
             mirror: Arc::new(mirror),
             started: Instant::now(),

@@ -688,12 +688,11 @@ async fn get_manifest(
 ) -> Result<Response<Body>, RegistryError> {
     let unknown = || RegistryError::ManifestUnknown(format!("{name}:{reference}"));
     let digest = resolve(app, &name, &reference).await?.ok_or_else(unknown)?;
-    let served = app
-        .mirror
-        .local_manifest(Area::Local, &digest)
+    let m = app
+        .manifests
+        .get(Area::Local, &digest)
         .await?
         .ok_or_else(unknown)?;
-    let m = &served.manifest;
     respond(
         StatusCode::OK,
         vec![
@@ -929,7 +928,7 @@ async fn delete_manifest(
     .ok_or_else(unknown)?;
     let (digest, media_type) = deleted;
     if matches!(reference, Reference::Digest(_)) {
-        app.mirror.forget_manifest(Area::Local, &digest).await;
+        app.manifests.forget(Area::Local, &digest).await;
     }
     tracing::info!(repository = %name, reference = %reference, user = actor.as_deref().unwrap_or("-"), "manifest deleted");
     app.private.webhooks.notify(Event {

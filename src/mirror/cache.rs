@@ -14,34 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-
 use crate::oci::names::Digest;
 use crate::store::{Area, Store};
 
 /// Don't rewrite a blob's mtime more often than this (seconds): after a restart, last use
 /// needs minutes of precision, not nanoseconds.
 const TOUCH_EVERY: u64 = 60;
-
-/// A manifest held in memory: its bytes and media type.
-#[derive(Clone)]
-pub struct CachedManifest {
-    pub bytes: Bytes,
-    pub media_type: Arc<str>,
-}
-
-pub type ManifestCache = moka::future::Cache<(Area, Digest), CachedManifest>;
-
-pub fn manifest_cache(max_bytes: u64) -> ManifestCache {
-    moka::future::Cache::builder()
-        .max_capacity(max_bytes)
-        .weigher(|_, m: &CachedManifest| {
-            (m.bytes.len() + m.media_type.len() + 64)
-                .try_into()
-                .unwrap_or(u32::MAX)
-        })
-        .build()
-}
 
 /// Recency order of the cache area. In memory every use moves an entry to the back; on disk the
 /// file's mtime records the use, rewritten at most once a minute, which is all a restart needs.

@@ -23,13 +23,14 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 
 use crate::config::Config;
-use crate::mirror::cache::{manifest_cache, CachedManifest, DiskCache, ManifestCache};
+use crate::mirror::cache::DiskCache;
 use crate::mirror::fetch::{Attach, Fetches};
 use crate::mirror::singleflight::SingleFlight;
 use crate::mirror::slots::UpstreamSlots;
 use crate::mirror::upstream::{Upstream, UpstreamError, UpstreamSetupError};
 use crate::oci::error::RegistryError;
 use crate::oci::names::{Digest, Reference, RepoName, Tag};
+use crate::store::manifests::{CachedManifest, Manifests};
 use crate::store::{blocking, now_secs, Area, Store, TagEntry};
 
 /// The largest tag list taken from an upstream.
@@ -144,7 +145,8 @@ pub struct Mirror {
     pub fetches: Arc<Fetches>,
     upstreams: HashMap<String, Arc<Upstream>>,
     default_upstream: String,
-    manifests: ManifestCache,
+    /// Manifests by digest, shared with the private registry.
+    pub manifests: Arc<Manifests>,
     tags: moka::future::Cache<TagKey, TagEntry>,
     manifest_flights: SingleFlight<ManifestKey, ManifestResult>,
     tag_lists: moka::future::Cache<TagListKey, TagList>,
@@ -172,10 +174,10 @@ impl Mirror {
             ),
             slots,
             disk,
+            manifests: Arc::new(Manifests::new(store.clone(), config.memory_cache_size.0)),
             store,
             upstreams,
             default_upstream: config.default_upstream.clone(),
-            manifests: manifest_cache(config.memory_cache_size.0),
             // Tag resolutions are small; a quarter of the memory budget holds a great many.
             tags: moka::future::Cache::builder()
                 .max_capacity(config.memory_cache_size.0 / 4)
@@ -244,7 +246,7 @@ impl Mirror {
     ) -> Result<(ServedManifest, Outcome), RegistryError> {
         match reference {
             Reference::Digest(d) => {
-                if let Some(m) = self.local_manifest(Area::Cache, d).await? {
+                if let Some(m) = self.cached_manifest(d).await? {
                     return Ok((m, Outcome::Hit));
                 }
             }
@@ -481,39 +483,22 @@ impl Mirror {
         entry: &TagEntry,
     ) -> Result<Option<ServedManifest>, RegistryError> {
         match Digest::parse(&entry.digest) {
-            Ok(d) => self.local_manifest(Area::Cache, &d).await,
+            Ok(d) => self.cached_manifest(&d).await,
             Err(_) => Ok(None),
         }
     }
 
-    /// A manifest from memory or disk, without asking anyone.
-    pub async fn local_manifest(
+    /// A mirrored manifest from memory or disk, without asking anyone.
+    pub async fn cached_manifest(
         &self,
-        area: Area,
         digest: &Digest,
     ) -> Result<Option<ServedManifest>, RegistryError> {
-        if let Some(m) = self.manifests.get(&(area, *digest)).await {
-            return Ok(Some(ServedManifest {
-                manifest: m,
-                digest: *digest,
-            }));
-        }
-        let store = self.store.clone();
-        let d = *digest;
-        let Some((bytes, media_type)) = blocking(move || store.get_manifest(area, &d)).await?
-        else {
+        let Some(manifest) = self.manifests.get(Area::Cache, digest).await? else {
             return Ok(None);
         };
-        let m = CachedManifest {
-            bytes,
-            media_type: media_type.into(),
-        };
-        self.manifests.insert((area, *digest), m.clone()).await;
-        if area == Area::Cache {
-            self.disk.touch(digest);
-        }
+        self.disk.touch(digest);
         Ok(Some(ServedManifest {
-            manifest: m,
+            manifest,
             digest: *digest,
         }))
     }
@@ -524,32 +509,13 @@ impl Mirror {
         media_type: &str,
         bytes: Bytes,
     ) -> Result<ServedManifest, RegistryError> {
-        let store = self.store.clone();
-        let (mt, b) = (media_type.to_owned(), bytes.clone());
         let len = bytes.len() as u64;
-        blocking(move || {
-            store
-                .put_manifest(Area::Cache, digest, &mt, &b)
-                .map_err(std::io::Error::other)
-        })
-        .await?;
+        let manifest = self
+            .manifests
+            .put(Area::Cache, digest, media_type, bytes)
+            .await?;
         self.disk.added(digest, len);
-        let m = CachedManifest {
-            bytes,
-            media_type: media_type.into(),
-        };
-        self.manifests
-            .insert((Area::Cache, digest), m.clone())
-            .await;
-        Ok(ServedManifest {
-            manifest: m,
-            digest,
-        })
-    }
-
-    /// Forgets a manifest held in memory (after a delete in the private namespace).
-    pub async fn forget_manifest(&self, area: Area, digest: &Digest) {
-        self.manifests.invalidate(&(area, *digest)).await;
+        Ok(ServedManifest { manifest, digest })
     }
 
     /// Starts or joins the download of a mirrored blob.

@@ -16,6 +16,7 @@
 
 pub mod gc;
 mod listing;
+pub mod manifests;
 pub mod pages;
 pub mod private;
 
