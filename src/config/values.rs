@@ -287,4 +287,11 @@ mod tests {
         );
         assert!(Seconds::parse("soon").is_err());
     }
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
+    }
 }
