@@ -833,15 +833,8 @@ fn parse_challenge(header: &str) -> Option<Challenge> {
     })
 }
 
-/// RFC 3986's unreserved characters stay; everything else is escaped.
-const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
-
 fn urlencode(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
+    percent_encoding::utf8_percent_encode(s, crate::oci::routes::UNRESERVED).to_string()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -1047,12 +1047,7 @@ pub fn esc(s: &str) -> String {
 }
 
 /// Unreserved characters and `:` (as in `localhost:5000`) stay; everything else is escaped.
-const UPSTREAM_KEY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~')
-    .remove(b':');
+const UPSTREAM_KEY: &percent_encoding::AsciiSet = &crate::oci::routes::UNRESERVED.remove(b':');
 
 fn percent_encode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, UPSTREAM_KEY).to_string()
