@@ -31,7 +31,6 @@ pub mod oci;
 pub mod ops;
 pub mod registry;
 pub mod store;
-pub mod tls_cli;
 
 /// Locks a mutex, carrying on past poisoning: every lock in berth guards plain bookkeeping that
 /// stays consistent between statements, so a panic elsewhere must not take the server down.

@@ -18,10 +18,9 @@
 
 use crate::lock;
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, BufRead, IsTerminal, Write};
+use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -851,7 +850,8 @@ fn decode_basic(encoded: &str) -> Option<(String, String)> {
 
 // --- the htpasswd file --------------------------------------------------------------------
 
-fn check_user_name(name: &str) -> io::Result<()> {
+/// Checks a user name the htpasswd file can hold (as [`add_user`] does before anything else).
+pub fn check_user_name(name: &str) -> io::Result<()> {
     if name.is_empty()
         || name.len() > 255
         || name
@@ -964,145 +964,6 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = std::fs::remove_file(&temp);
     }
     result
-}
-
-// --- the `berth user` command -------------------------------------------------------------
-
-/// `berth user …`: manage the htpasswd file.
-#[derive(clap::Subcommand)]
-pub enum UserCommand {
-    /// Add a user, or change the password of an existing one (the password is read from stdin).
-    Add(UserAddArgs),
-    /// Remove a user.
-    Remove(UserFileArgs),
-}
-
-#[derive(clap::Args)]
-pub struct UserFileArgs {
-    /// The user name.
-    pub name: String,
-    /// The htpasswd file [default: the `htpasswd` of --config]
-    #[arg(long)]
-    pub htpasswd: Option<PathBuf>,
-    /// Config file naming the htpasswd file.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-}
-
-#[derive(clap::Args)]
-pub struct UserAddArgs {
-    #[command(flatten)]
-    pub file: UserFileArgs,
-    /// Read the password from stdin without prompting (as `docker login --password-stdin`).
-    #[arg(long)]
-    pub password_stdin: bool,
-    /// bcrypt cost (4 to 31); each step doubles the time a login takes.
-    #[arg(long, default_value_t = DEFAULT_COST)]
-    pub cost: u32,
-}
-
-impl UserFileArgs {
-    fn path(&self) -> Result<PathBuf, String> {
-        if let Some(p) = &self.htpasswd {
-            return Ok(p.clone());
-        }
-        let Some(config) = &self.config else {
-            return Err("give --htpasswd FILE (or --config with an htpasswd key)".into());
-        };
-        Config::from_file(config)
-            .map_err(|e| e.to_string())?
-            .htpasswd
-            .ok_or_else(|| format!("{} sets no htpasswd file", config.display()))
-    }
-}
-
-impl UserCommand {
-    pub fn run(self) -> ExitCode {
-        let result = match self {
-            UserCommand::Add(args) => run_add(&args),
-            UserCommand::Remove(args) => run_remove(&args),
-        };
-        match result {
-            Ok(message) => {
-                eprintln!("{message}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("berth: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    }
-}
-
-fn run_add(args: &UserAddArgs) -> Result<String, String> {
-    let path = args.file.path()?;
-    check_user_name(&args.file.name).map_err(|e| e.to_string())?;
-    if !(4..=31).contains(&args.cost) {
-        return Err("--cost must be between 4 and 31".into());
-    }
-    let password = read_password(args.password_stdin).map_err(|e| e.to_string())?;
-    let existed = add_user(&path, &args.file.name, &password, args.cost)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(format!(
-        "{} user {:?} in {}",
-        if existed { "updated" } else { "added" },
-        args.file.name,
-        path.display()
-    ))
-}
-
-fn run_remove(args: &UserFileArgs) -> Result<String, String> {
-    let path = args.path()?;
-    match remove_user(&path, &args.name) {
-        Ok(true) => Ok(format!(
-            "removed user {:?} from {}",
-            args.name,
-            path.display()
-        )),
-        Ok(false) => Err(format!("no user {:?} in {}", args.name, path.display())),
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
-}
-
-/// Reads the password: one line from stdin, or from the terminal with echo off (twice).
-fn read_password(from_stdin: bool) -> io::Result<String> {
-    let stdin = io::stdin();
-    if from_stdin || !stdin.is_terminal() {
-        let mut line = String::new();
-        stdin.lock().read_line(&mut line)?;
-        return Ok(line.trim_end_matches(['\r', '\n']).to_owned());
-    }
-    let first = prompt("Password: ")?;
-    let second = prompt("Repeat the password: ")?;
-    if first != second {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the passwords differ",
-        ));
-    }
-    Ok(first)
-}
-
-fn prompt(text: &str) -> io::Result<String> {
-    let stty = |arg: &str| {
-        std::process::Command::new("stty")
-            .arg(arg)
-            .stdin(std::process::Stdio::inherit())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    eprint!("{text}");
-    io::stderr().flush()?;
-    let hidden = stty("-echo");
-    let mut line = String::new();
-    let read = io::stdin().lock().read_line(&mut line);
-    if hidden {
-        stty("echo");
-        eprintln!();
-    }
-    read?;
-    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
 }
 
 #[cfg(test)]

@@ -834,15 +834,7 @@ fn parse_challenge(header: &str) -> Option<Challenge> {
 }
 
 fn urlencode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, crate::oci::routes::UNRESERVED).to_string()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -7,6 +7,13 @@
 use crate::oci::error::RegistryError;
 use crate::oci::names::{Digest, Reference, RepoName};
 
+/// RFC 3986's unreserved characters, which a percent-encoded URL component keeps as they are.
+pub const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// `/v2/`: API version check, and where `docker login` authenticates.

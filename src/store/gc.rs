@@ -11,10 +11,8 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use crate::config::{human_bytes, Config, Seconds};
 use crate::oci::manifest;
 use crate::oci::names::Digest;
 use crate::oci::routes::UploadId;
@@ -154,20 +152,6 @@ pub fn collect(store: &Store, opts: &GcOptions) -> io::Result<GcReport> {
     Ok(report)
 }
 
-/// `1h`, `90s`, `250ms`: the grace period as the user would write it.
-fn humantime(d: Duration) -> String {
-    let (secs, ms) = (d.as_secs(), d.subsec_millis());
-    if ms != 0 {
-        format!("{}ms", d.as_millis())
-    } else if secs != 0 && secs % 3600 == 0 {
-        format!("{}h", secs / 3600)
-    } else if secs != 0 && secs % 60 == 0 {
-        format!("{}m", secs / 60)
-    } else {
-        format!("{secs}s")
-    }
-}
-
 fn age(now: SystemTime, then: SystemTime) -> Duration {
     now.duration_since(then).unwrap_or(Duration::ZERO)
 }
@@ -177,106 +161,5 @@ fn read_dir_or_empty(dir: &std::path::Path) -> io::Result<Vec<PathBuf>> {
         Ok(entries) => Ok(entries.filter_map(Result::ok).map(|e| e.path()).collect()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e),
-    }
-}
-
-/// `berth gc`: the command-line front of `collect`.
-#[derive(clap::Args)]
-pub struct GcArgs {
-    /// TOML config file (for data_dir and upload_max_age).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// The data dir [default: data_dir of --config, else ./berth-data]
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// Show what would be removed without removing anything.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Keep unreferenced blobs written or linked less than this long ago (`0s`, `10m`, `1h`):
-    /// they may belong to a push whose manifest has not arrived yet. `0s` reclaims the space of
-    /// a delete at once, but is safe only while nobody pushes.
-    #[arg(long, value_parser = parse_grace, default_value = "1h")]
-    pub grace: Seconds,
-}
-
-fn parse_grace(s: &str) -> Result<Seconds, String> {
-    Seconds::parse(s)
-}
-
-impl GcArgs {
-    pub fn run(self) -> ExitCode {
-        let config = match &self.config {
-            Some(path) => match Config::from_file(path) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("berth: {e}");
-                    return ExitCode::from(2);
-                }
-            },
-            None => Config::default(),
-        };
-        let data_dir = self.data_dir.clone().unwrap_or(config.data_dir.clone());
-        let store = match Store::open_existing(&data_dir) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("berth: {}: {e}", data_dir.display());
-                return ExitCode::FAILURE;
-            }
-        };
-        let mut opts = GcOptions::new(config.upload_max_age.0);
-        opts.dry_run = self.dry_run;
-        opts.blob_min_age = self.grace.0;
-        let report = match collect(&store, &opts) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("berth: gc: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let (verb, freed) = if self.dry_run {
-            ("would remove", "would be freed")
-        } else {
-            ("removed", "freed")
-        };
-        for (d, size) in &report.blobs {
-            println!("{verb} blob {d} ({size} bytes)");
-        }
-        for (id, size) in &report.uploads {
-            println!("{verb} upload {id} ({size} bytes)");
-        }
-        println!(
-            "{verb} {} blob(s), {} abandoned upload(s), {} dangling link(s); {} {freed} ({} bytes); kept {} referenced and {} recent unreferenced blob(s) (--grace {})",
-            report.blobs.len(),
-            report.uploads.len(),
-            report.links,
-            human_bytes(report.bytes_freed),
-            report.bytes_freed,
-            report.kept_referenced,
-            report.kept_recent,
-            humantime(self.grace.0),
-        );
-        ExitCode::SUCCESS
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_for_people() {
-        assert_eq!(human_bytes(12), "12 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
-    }
-
-    #[test]
-    fn grace_periods_for_people() {
-        let d = |s| humantime(Seconds::parse(s).unwrap().0);
-        assert_eq!(d("1h"), "1h");
-        assert_eq!(d("0s"), "0s");
-        assert_eq!(d("90s"), "90s");
-        assert_eq!(d("10m"), "10m");
-        assert_eq!(d("250ms"), "250ms");
     }
 }

@@ -1,5 +1,5 @@
-//! The TLS side of the command line: `berth serve`'s TLS flags, `berth certs`, and the SIGHUP
-//! certificate reload. Kept apart from `main.rs` so the binary only wires them in.
+//! `berth serve`: its flags (the TLS ones with them), which override the config file, and the
+//! signals it stops on (SIGTERM, SIGINT) or reloads its certificate on (SIGHUP).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,12 +8,169 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use crate::certs;
-use crate::config::{Config, ConfigError, TlsConfig};
-use crate::http::tls::CertResolver;
+use berth::certs;
+use berth::config::{Config, ConfigError, LogFormat, TlsConfig, UpstreamUrl};
+use berth::http::tls::CertResolver;
 
-/// The TLS port used when a certificate is given without `--tls-listen`.
-pub const DEFAULT_TLS_PORT: u16 = 5443;
+use super::DEFAULT_TLS_PORT;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// TOML config file; flags given here override its values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Plain-HTTP listen address [default: 0.0.0.0:5000]
+    #[arg(long)]
+    listen: Option<String>,
+    /// Where the cache and private repositories live [default: ./berth-data]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// URL of the default upstream (Docker Hub) [default: https://registry-1.docker.io]
+    #[arg(long)]
+    upstream: Option<String>,
+    /// User for the default upstream (with --upstream-password-file)
+    #[arg(long)]
+    upstream_user: Option<String>,
+    /// File holding the default upstream's password or access token
+    #[arg(long)]
+    upstream_password_file: Option<PathBuf>,
+    /// Namespace stored locally and open to pushes (repeatable)
+    #[arg(long)]
+    private_ns: Vec<String>,
+    /// htpasswd file (bcrypt entries) with the users who may push
+    #[arg(long)]
+    htpasswd: Option<PathBuf>,
+    /// Log format
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+impl ServeArgs {
+    /// Exits 2 on a bad flag or config file, 1 when berth cannot start, 0 after a signal
+    /// stopped it.
+    pub fn run(self) -> ExitCode {
+        let mut config = match self.config() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("berth: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        super::init_logs(config.log_format);
+        if let Err(e) = self.tls.apply_self_signed(&mut config) {
+            eprintln!("berth: {e}");
+            return ExitCode::FAILURE;
+        }
+        let runtime = match tokio::runtime::Runtime::new() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("berth: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        runtime.block_on(serve(config))
+    }
+
+    fn config(&self) -> Result<Config, ConfigError> {
+        let flag = |key: &str, message: String| ConfigError {
+            key: format!("--{key}"),
+            message,
+        };
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(listen) = &self.listen {
+            config.listen = listen
+                .parse()
+                .map_err(|e| flag("listen", format!("{listen:?}: {e}")))?;
+        }
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(url) = &self.upstream {
+            config.default_upstream_config_mut().url =
+                UpstreamUrl::parse(url).map_err(|e| flag("upstream", e))?;
+        }
+        if let Some(user) = &self.upstream_user {
+            config.default_upstream_config_mut().user = Some(user.clone());
+        }
+        if let Some(file) = &self.upstream_password_file {
+            config.default_upstream_config_mut().password_file = Some(file.clone());
+        }
+        if !self.private_ns.is_empty() {
+            config.private_ns = self.private_ns.clone();
+        }
+        if let Some(h) = &self.htpasswd {
+            config.htpasswd = Some(h.clone());
+        }
+        if let Some(f) = self.log_format {
+            config.log_format = f;
+        }
+        self.tls.apply(&mut config)?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let running = match berth::app::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::spawn(reload_on_hangup(running.tls.clone()));
+    let stop = running.stopper();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received");
+        let _ = stop.send(true);
+    });
+    running.wait().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on SIGTERM, just not gracefully.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Reloads the TLS certificate on every SIGHUP (a failed reload logs and keeps the old one).
+/// Without TLS, SIGHUP is still caught, since it would otherwise end the process, and ignored.
+pub async fn reload_on_hangup(resolver: Option<Arc<CertResolver>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP; certificates will not reload");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        match &resolver {
+            Some(resolver) => {
+                tracing::info!("SIGHUP: reloading the TLS certificate");
+                let _ = resolver.reload();
+            }
+            None => tracing::info!("SIGHUP: no TLS certificate to reload"),
+        }
+    }
+}
 
 fn default_tls_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], DEFAULT_TLS_PORT))
@@ -117,70 +274,6 @@ impl TlsArgs {
             key: paths.server_key,
         });
         Ok(())
-    }
-}
-
-/// `berth certs`.
-#[derive(Args, Debug)]
-pub struct CertsArgs {
-    /// DNS name or IP address clients use to reach berth (repeatable; IPs become IP SANs)
-    #[arg(long = "host", value_name = "NAME", required = true)]
-    pub hosts: Vec<String>,
-    /// Directory for ca.crt, ca.key, server.crt and server.key
-    #[arg(long, value_name = "DIR", default_value = "certs")]
-    pub out: PathBuf,
-    /// Replace existing files
-    #[arg(long)]
-    pub force: bool,
-    /// Days the server certificate is valid (the CA lives at least ten years)
-    #[arg(long, value_name = "N", default_value_t = certs::DEFAULT_DAYS,
-          value_parser = clap::value_parser!(u32).range(1..=36500))]
-    pub days: u32,
-    /// TLS port clients will use, for the printed instructions
-    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_TLS_PORT)]
-    pub port: u16,
-}
-
-impl CertsArgs {
-    /// Generates and writes the files, then prints how to trust the CA.
-    pub fn run(&self) -> ExitCode {
-        let written = certs::generate(&self.hosts, self.days)
-            .and_then(|bundle| certs::write_bundle(&self.out, &bundle, self.force));
-        match written {
-            Ok(paths) => {
-                println!(
-                    "{}",
-                    certs::trust_instructions(&paths, &self.hosts, self.port)
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("berth: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    }
-}
-
-/// Reloads the TLS certificate on every SIGHUP (a failed reload logs and keeps the old one).
-/// Without TLS, SIGHUP is still caught, since it would otherwise end the process, and ignored.
-pub async fn reload_on_hangup(resolver: Option<Arc<CertResolver>>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot handle SIGHUP; certificates will not reload");
-            return;
-        }
-    };
-    while hup.recv().await.is_some() {
-        match &resolver {
-            Some(resolver) => {
-                tracing::info!("SIGHUP: reloading the TLS certificate");
-                let _ = resolver.reload();
-            }
-            None => tracing::info!("SIGHUP: no TLS certificate to reload"),
-        }
     }
 }
 

@@ -1,0 +1,75 @@
+//! The command line: clap's definitions, the prompts, and what each command prints. The work
+//! they start lives in the library: [`berth::app`], [`berth::store`], [`berth::auth`],
+//! [`berth::certs`].
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use berth::config::{Config, LogFormat};
+
+mod certs;
+mod fsck;
+mod gc;
+mod serve;
+mod user;
+
+#[derive(Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "A pull-through caching mirror for container registries"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing buys nothing
+pub enum Command {
+    /// Run the mirror.
+    Serve(serve::ServeArgs),
+    /// Re-hash every stored blob and check private tags; report (or, with --repair, remove)
+    /// corrupt blobs and dangling tags.
+    Fsck(fsck::FsckArgs),
+    /// Generate a local CA and a server certificate signed by it, and print how to trust it.
+    Certs(certs::CertsArgs),
+    /// Manage the users of the htpasswd file.
+    #[command(subcommand)]
+    User(user::UserCommand),
+    /// Remove private blobs no manifest refers to, and abandoned uploads.
+    Gc(gc::GcArgs),
+}
+
+/// The TLS port used when a certificate is given without `--tls-listen`, and the one `berth
+/// certs` names in its instructions unless told another.
+pub const DEFAULT_TLS_PORT: u16 = 5443;
+
+/// The config of `--config`, or the defaults without one. A file that does not load is
+/// reported on stderr, and the command exits with 2, as for a bad flag.
+fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
+    match path {
+        Some(path) => Config::from_file(path).map_err(|e| {
+            eprintln!("berth: {e}");
+            ExitCode::from(2)
+        }),
+        None => Ok(Config::default()),
+    }
+}
+
+/// Logs to stderr, filtered by `BERTH_LOG` (default `info`).
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: journald and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
