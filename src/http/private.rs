@@ -481,20 +481,28 @@ fn parse_content_range(v: &str) -> Option<(u64, u64)> {
     (a <= b).then_some((a, b))
 }
 
-/// Appends a request body to an upload. `Ok(Err(response))` is a refusal to send as is.
+/// What became of a chunk sent to an upload.
+enum Chunk {
+    /// Taken whole: the upload's size now.
+    Appended(u64),
+    /// Not taken (the upload is as it was): a 416 to send as is.
+    Refused(Response<Body>),
+}
+
+/// Appends a request body to an upload.
 async fn append_chunk(
     app: &App,
     name: &RepoName,
     id: &UploadId,
     size: u64,
     req: Request<Incoming>,
-) -> Result<Result<u64, Response<Body>>, RegistryError> {
+) -> Result<Chunk, RegistryError> {
     let declared = match req.headers().get(http::header::CONTENT_RANGE) {
         None => None,
         Some(v) => match v.to_str().ok().and_then(parse_content_range) {
             Some(r) => Some(r),
             None => {
-                return range_refused(name, id, size, "unreadable Content-Range".into()).map(Err)
+                return range_refused(name, id, size, "unreadable Content-Range".into()).map(Chunk::Refused)
             }
         },
     };
@@ -506,7 +514,7 @@ async fn append_chunk(
                 size,
                 format!("the chunk starts at {start} but the upload holds {size} bytes"),
             )
-            .map(Err);
+            .map(Chunk::Refused);
         }
     }
     let ps = app.private.store.clone();
@@ -539,10 +547,10 @@ async fn append_chunk(
                     end - start + 1
                 ),
             )
-            .map(Err);
+            .map(Chunk::Refused);
         }
     }
-    Ok(Ok(size + written))
+    Ok(Chunk::Appended(size + written))
 }
 
 async fn patch_upload(
@@ -554,8 +562,8 @@ async fn patch_upload(
     let _guard = app.private.lock_upload(&id).await;
     let size = upload_size(app, &name, &id).await?;
     match append_chunk(app, &name, &id, size, req).await? {
-        Ok(size) => upload_accepted(StatusCode::ACCEPTED, &name, &id, size),
-        Err(refusal) => Ok(refusal),
+        Chunk::Appended(size) => upload_accepted(StatusCode::ACCEPTED, &name, &id, size),
+        Chunk::Refused(refusal) => Ok(refusal),
     }
 }
 
@@ -570,7 +578,7 @@ async fn finish_upload(
     let size = upload_size(app, &name, &id).await?;
     let digest = digest_param(query)?
         .ok_or_else(|| RegistryError::DigestInvalid("finishing an upload needs ?digest=".into()))?;
-    if let Err(refusal) = append_chunk(app, &name, &id, size, req).await? {
+    if let Chunk::Refused(refusal) = append_chunk(app, &name, &id, size, req).await? {
         return Ok(refusal);
     }
     let (ps, n, i) = (app.private.store.clone(), name.clone(), id.clone());
