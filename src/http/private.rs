@@ -502,7 +502,8 @@ async fn append_chunk(
         Some(v) => match v.to_str().ok().and_then(parse_content_range) {
             Some(r) => Some(r),
             None => {
-                return range_refused(name, id, size, "unreadable Content-Range".into()).map(Chunk::Refused)
+                return range_refused(name, id, size, "unreadable Content-Range".into())
+                    .map(Chunk::Refused)
             }
         },
     };
