@@ -32,6 +32,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::http::{empty, full, Body};
+use crate::mirror::upstream::UpstreamError;
+use crate::mirror::Outcome;
 use crate::oci::error::RegistryError;
 use crate::ops::ratelimit::Refusal;
 use crate::ops::Service;
@@ -73,6 +75,62 @@ struct UpstreamLabels {
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// What a request the cache answers is for: the `kind` label of the cache metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Content {
+    Manifest,
+    Blob,
+}
+
+impl Content {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Content::Manifest => "manifest",
+            Content::Blob => "blob",
+        }
+    }
+}
+
+/// What one request sent to an upstream came to: the `status` label of the upstream metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamStatus {
+    /// A response (a 429 the client turned into an error counts as one).
+    Answered(StatusCode),
+    Timeout,
+    Unreachable,
+}
+
+impl UpstreamStatus {
+    pub fn of(result: Result<StatusCode, &UpstreamError>) -> UpstreamStatus {
+        match result {
+            Ok(s) => UpstreamStatus::Answered(s),
+            Err(UpstreamError::Timeout) => UpstreamStatus::Timeout,
+            Err(UpstreamError::TooManyRequests { .. }) => {
+                UpstreamStatus::Answered(StatusCode::TOO_MANY_REQUESTS)
+            }
+            Err(_) => UpstreamStatus::Unreachable,
+        }
+    }
+
+    /// Whether it counts as an upstream error: no answer, a 429 or a 5xx.
+    pub fn is_error(self) -> bool {
+        match self {
+            UpstreamStatus::Answered(s) => {
+                s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS
+            }
+            UpstreamStatus::Timeout | UpstreamStatus::Unreachable => true,
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            UpstreamStatus::Answered(s) => s.as_u16().to_string(),
+            UpstreamStatus::Timeout => "timeout".to_owned(),
+            UpstreamStatus::Unreachable => "unreachable".to_owned(),
+        }
+    }
+}
 
 /// The metrics counted as things happen.
 pub struct Metrics {
@@ -156,7 +214,7 @@ impl Metrics {
         route: &'static str,
         status: u16,
         elapsed: Duration,
-        outcome: &'static str,
+        outcome: Option<Outcome>,
         bytes: u64,
     ) {
         self.requests
@@ -167,29 +225,34 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
         if bytes > 0 {
             self.served_bytes
-                .get_or_create(&OutcomeLabels { outcome })
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.map_or("-", Outcome::as_str),
+                })
                 .inc_by(bytes);
-            if matches!(outcome, "hit" | "stale") {
+            if matches!(outcome, Some(Outcome::Hit | Outcome::Stale)) {
                 self.cache_served_bytes.inc_by(bytes);
             }
         }
     }
 
     /// A manifest or blob response started, with how the cache answered it.
-    pub fn cache_outcome(&self, kind: &'static str, outcome: &'static str) {
+    pub fn cache_outcome(&self, kind: Content, outcome: Outcome) {
         self.cache
-            .get_or_create(&CacheLabels { kind, outcome })
+            .get_or_create(&CacheLabels {
+                kind: kind.as_str(),
+                outcome: outcome.as_str(),
+            })
             .inc();
     }
 
-    /// One request sent to an upstream; `status` is the HTTP status or the failure kind.
-    pub fn upstream(&self, upstream: &str, status: &str, error: bool) {
+    /// One request sent to an upstream.
+    pub fn upstream(&self, upstream: &str, status: UpstreamStatus) {
         let labels = UpstreamLabels {
             upstream: upstream.to_owned(),
-            status: status.to_owned(),
+            status: status.label(),
         };
         self.upstream_requests.get_or_create(&labels).inc();
-        if error {
+        if status.is_error() {
             self.upstream_errors.get_or_create(&labels).inc();
         }
     }
@@ -641,4 +704,53 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         }
     }
     sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_statuses_label_and_count_errors() {
+        let of = |r: Result<StatusCode, &UpstreamError>| {
+            let s = UpstreamStatus::of(r);
+            (s.label(), s.is_error())
+        };
+        assert_eq!(of(Ok(StatusCode::OK)), ("200".into(), false));
+        assert_eq!(of(Ok(StatusCode::NOT_FOUND)), ("404".into(), false));
+        assert_eq!(of(Ok(StatusCode::BAD_GATEWAY)), ("502".into(), true));
+        assert_eq!(of(Ok(StatusCode::TOO_MANY_REQUESTS)), ("429".into(), true));
+        assert_eq!(
+            of(Err(&UpstreamError::TooManyRequests {
+                retry_after: Duration::from_secs(1)
+            })),
+            ("429".into(), true)
+        );
+        assert_eq!(of(Err(&UpstreamError::Timeout)), ("timeout".into(), true));
+        assert_eq!(
+            of(Err(&UpstreamError::Unreachable("refused".into()))),
+            ("unreachable".into(), true)
+        );
+    }
+
+    #[test]
+    fn cache_served_bytes_count_hits_and_stale_serves_only() {
+        let m = Metrics::new();
+        let d = Duration::from_millis(1);
+        m.request("blob", 200, d, Some(Outcome::Hit), 10);
+        m.request("blob", 200, d, Some(Outcome::Stale), 5);
+        m.request("blob", 200, d, Some(Outcome::Miss), 100);
+        m.request("blob", 200, d, None, 1000);
+        assert_eq!(m.cache_served_bytes.get(), 15);
+        let mut text = String::new();
+        encode_registry(&mut text, &m.registry).unwrap();
+        assert_eq!(
+            sample(&text, "berth_served_bytes_total", &[("outcome", "-")]),
+            1000.0
+        );
+        assert_eq!(
+            sample(&text, "berth_served_bytes_total", &[("outcome", "miss")]),
+            100.0
+        );
+    }
 }

@@ -136,10 +136,9 @@ mod tests {
             .enable_time()
             .build()
             .unwrap()
-            .block_on(tokio::time::timeout(
-                std::time::Duration::ZERO,
-                std::future::pending::<()>(),
-            ))
+            .block_on(async {
+                tokio::time::timeout(std::time::Duration::ZERO, std::future::pending::<()>()).await
+            })
             .unwrap_err();
         let connect = Wrapping(
             "tcp connect error",
