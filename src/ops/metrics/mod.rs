@@ -3,7 +3,8 @@
 //! Per-request metrics (requests, latency, cache outcomes, bytes sent) are counted by the ops
 //! layer as responses are served; upstream requests by the hook every upstream client calls.
 //! Everything else (disk cache, downloads, upstream rate-limit headers, limiter refusals) is read
-//! from the components at scrape time ([`scraped`]), so there is one source of truth for each number.
+//! from the components at scrape time ([`scraped`]), so there is one source of truth for each
+//! number.
 //!
 //! With `metrics_listen` set, `/metrics` is served on that listener only.
 
