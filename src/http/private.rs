@@ -737,24 +737,28 @@ async fn read_manifest_body(req: Request<Incoming>) -> Result<Bytes, RegistryErr
     }
 }
 
+/// Whether what a manifest refers to is in the repository.
+enum References {
+    /// Everything, at the sizes the manifest gives.
+    Present,
+    /// A reference missing or of another size: the error to answer the push with.
+    Unmet(RegistryError),
+}
+
 /// Checks that everything a manifest refers to is in the repository.
-fn check_references(
-    ps: &PrivateStore,
-    repo: &RepoName,
-    parsed: &Parsed,
-) -> io::Result<Result<(), RegistryError>> {
+fn check_references(ps: &PrivateStore, repo: &RepoName, parsed: &Parsed) -> io::Result<References> {
     for b in &parsed.blobs {
         if b.has_urls {
             continue;
         }
         match ps.blob_in_repo(repo, &b.digest)? {
             None => {
-                return Ok(Err(RegistryError::ManifestBlobUnknown(
+                return Ok(References::Unmet(RegistryError::ManifestBlobUnknown(
                     b.digest.to_string(),
                 )))
             }
             Some(len) if len != b.size => {
-                return Ok(Err(RegistryError::ManifestInvalid(format!(
+                return Ok(References::Unmet(RegistryError::ManifestInvalid(format!(
                     "{} has {len} bytes, the manifest says {}",
                     b.digest, b.size
                 ))))
@@ -770,12 +774,12 @@ fn check_references(
         };
         match len {
             None => {
-                return Ok(Err(RegistryError::ManifestBlobUnknown(
+                return Ok(References::Unmet(RegistryError::ManifestBlobUnknown(
                     c.digest.to_string(),
                 )))
             }
             Some(len) if len != c.size => {
-                return Ok(Err(RegistryError::ManifestInvalid(format!(
+                return Ok(References::Unmet(RegistryError::ManifestInvalid(format!(
                     "{} has {len} bytes, the index says {}",
                     c.digest, c.size
                 ))))
@@ -787,7 +791,7 @@ fn check_references(
     for b in &parsed.blobs {
         ps.touch_blob(&b.digest);
     }
-    Ok(Ok(()))
+    Ok(References::Present)
 }
 
 /// The descriptor of a pushed manifest, as listed by the referrers API.
@@ -843,10 +847,11 @@ async fn put_manifest(
         media_type.clone(),
     );
     let guard = app.private.lock_repo(&name).await;
-    blocking(move || {
+    let references = blocking(move || {
         let _guard = guard;
-        if let Err(e) = check_references(&ps, &n, &parsed)? {
-            return Ok(Err(e));
+        let references = check_references(&ps, &n, &parsed)?;
+        if let References::Unmet(_) = references {
+            return Ok(references);
         }
         ps.store()
             .put_manifest(Area::Local, digest, &mt, &bytes)
@@ -858,9 +863,12 @@ async fn put_manifest(
         if let Some(t) = &t {
             ps.set_tag(&n, t, &digest, &mt)?;
         }
-        Ok(Ok(()))
+        Ok(references)
     })
-    .await??;
+    .await?;
+    if let References::Unmet(e) = references {
+        return Err(e);
+    }
     tracing::info!(repository = %name, reference = %reference, %digest, user = actor.as_deref().unwrap_or("-"), "manifest pushed");
     app.private.webhooks.notify(Event {
         action: "push",
