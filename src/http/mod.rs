@@ -23,7 +23,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 
-use crate::auth::Need;
+use crate::auth::{Access, Namespaces, Need, Repository};
 use crate::config::Config;
 use crate::mirror::fetch::Attach;
 use crate::mirror::upstream::Upstream;
@@ -169,14 +169,16 @@ impl App {
         let method = req.method().clone();
         let head = method == Method::HEAD;
         // Credentials first; then the private namespace (and the catalog) is the registry's.
-        let private = crate::http::private::route_repo(&route).is_some_and(|n| self.is_private(n));
-        let access =
-            crate::auth::Access::of(&route, &method, private, !self.config.private_ns.is_empty());
+        let repo = match crate::http::private::route_repo(&route) {
+            Some(n) if self.is_private(n) => Repository::Private,
+            _ => Repository::Mirrored,
+        };
+        let access = Access::of(&route, &method, repo, Namespaces::of(&self.config));
         let user = self
             .auth
             .authorize(&self.config, access, need, req.headers(), client)
             .await?;
-        if private || route == Route::Catalog {
+        if repo == Repository::Private || route == Route::Catalog {
             return crate::http::private::dispatch(self, route, req, query, user).await;
         }
         match (route, method) {

@@ -481,20 +481,29 @@ fn parse_content_range(v: &str) -> Option<(u64, u64)> {
     (a <= b).then_some((a, b))
 }
 
-/// Appends a request body to an upload. `Ok(Err(response))` is a refusal to send as is.
+/// What became of a chunk sent to an upload.
+enum Chunk {
+    /// Taken whole: the upload's size now.
+    Appended(u64),
+    /// Not taken (the upload is as it was): a 416 to send as is.
+    Refused(Response<Body>),
+}
+
+/// Appends a request body to an upload.
 async fn append_chunk(
     app: &App,
     name: &RepoName,
     id: &UploadId,
     size: u64,
     req: Request<Incoming>,
-) -> Result<Result<u64, Response<Body>>, RegistryError> {
+) -> Result<Chunk, RegistryError> {
     let declared = match req.headers().get(http::header::CONTENT_RANGE) {
         None => None,
         Some(v) => match v.to_str().ok().and_then(parse_content_range) {
             Some(r) => Some(r),
             None => {
-                return range_refused(name, id, size, "unreadable Content-Range".into()).map(Err)
+                return range_refused(name, id, size, "unreadable Content-Range".into())
+                    .map(Chunk::Refused)
             }
         },
     };
@@ -506,7 +515,7 @@ async fn append_chunk(
                 size,
                 format!("the chunk starts at {start} but the upload holds {size} bytes"),
             )
-            .map(Err);
+            .map(Chunk::Refused);
         }
     }
     let ps = app.private.store.clone();
@@ -539,10 +548,10 @@ async fn append_chunk(
                     end - start + 1
                 ),
             )
-            .map(Err);
+            .map(Chunk::Refused);
         }
     }
-    Ok(Ok(size + written))
+    Ok(Chunk::Appended(size + written))
 }
 
 async fn patch_upload(
@@ -554,8 +563,8 @@ async fn patch_upload(
     let _guard = app.private.lock_upload(&id).await;
     let size = upload_size(app, &name, &id).await?;
     match append_chunk(app, &name, &id, size, req).await? {
-        Ok(size) => upload_accepted(StatusCode::ACCEPTED, &name, &id, size),
-        Err(refusal) => Ok(refusal),
+        Chunk::Appended(size) => upload_accepted(StatusCode::ACCEPTED, &name, &id, size),
+        Chunk::Refused(refusal) => Ok(refusal),
     }
 }
 
@@ -570,7 +579,7 @@ async fn finish_upload(
     let size = upload_size(app, &name, &id).await?;
     let digest = digest_param(query)?
         .ok_or_else(|| RegistryError::DigestInvalid("finishing an upload needs ?digest=".into()))?;
-    if let Err(refusal) = append_chunk(app, &name, &id, size, req).await? {
+    if let Chunk::Refused(refusal) = append_chunk(app, &name, &id, size, req).await? {
         return Ok(refusal);
     }
     let (ps, n, i) = (app.private.store.clone(), name.clone(), id.clone());
@@ -727,24 +736,28 @@ async fn read_manifest_body(req: Request<Incoming>) -> Result<Bytes, RegistryErr
     }
 }
 
+/// Whether what a manifest refers to is in the repository.
+enum References {
+    /// Everything, at the sizes the manifest gives.
+    Present,
+    /// A reference missing or of another size: the error to answer the push with.
+    Unmet(RegistryError),
+}
+
 /// Checks that everything a manifest refers to is in the repository.
-fn check_references(
-    ps: &PrivateStore,
-    repo: &RepoName,
-    parsed: &Parsed,
-) -> io::Result<Result<(), RegistryError>> {
+fn check_references(ps: &PrivateStore, repo: &RepoName, parsed: &Parsed) -> io::Result<References> {
     for b in &parsed.blobs {
         if b.has_urls {
             continue;
         }
         match ps.blob_in_repo(repo, &b.digest)? {
             None => {
-                return Ok(Err(RegistryError::ManifestBlobUnknown(
+                return Ok(References::Unmet(RegistryError::ManifestBlobUnknown(
                     b.digest.to_string(),
                 )))
             }
             Some(len) if len != b.size => {
-                return Ok(Err(RegistryError::ManifestInvalid(format!(
+                return Ok(References::Unmet(RegistryError::ManifestInvalid(format!(
                     "{} has {len} bytes, the manifest says {}",
                     b.digest, b.size
                 ))))
@@ -760,12 +773,12 @@ fn check_references(
         };
         match len {
             None => {
-                return Ok(Err(RegistryError::ManifestBlobUnknown(
+                return Ok(References::Unmet(RegistryError::ManifestBlobUnknown(
                     c.digest.to_string(),
                 )))
             }
             Some(len) if len != c.size => {
-                return Ok(Err(RegistryError::ManifestInvalid(format!(
+                return Ok(References::Unmet(RegistryError::ManifestInvalid(format!(
                     "{} has {len} bytes, the index says {}",
                     c.digest, c.size
                 ))))
@@ -777,7 +790,7 @@ fn check_references(
     for b in &parsed.blobs {
         ps.touch_blob(&b.digest);
     }
-    Ok(Ok(()))
+    Ok(References::Present)
 }
 
 /// The descriptor of a pushed manifest, as listed by the referrers API.
@@ -833,10 +846,11 @@ async fn put_manifest(
         media_type.clone(),
     );
     let guard = app.private.lock_repo(&name).await;
-    blocking(move || {
+    let references = blocking(move || {
         let _guard = guard;
-        if let Err(e) = check_references(&ps, &n, &parsed)? {
-            return Ok(Err(e));
+        let references = check_references(&ps, &n, &parsed)?;
+        if let References::Unmet(_) = references {
+            return Ok(references);
         }
         ps.store()
             .put_manifest(Area::Local, digest, &mt, &bytes)
@@ -848,9 +862,12 @@ async fn put_manifest(
         if let Some(t) = &t {
             ps.set_tag(&n, t, &digest, &mt)?;
         }
-        Ok(Ok(()))
+        Ok(references)
     })
-    .await??;
+    .await?;
+    if let References::Unmet(e) = references {
+        return Err(e);
+    }
     tracing::info!(repository = %name, reference = %reference, %digest, user = actor.as_deref().unwrap_or("-"), "manifest pushed");
     app.private.webhooks.notify(Event {
         action: "push",

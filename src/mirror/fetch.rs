@@ -32,6 +32,27 @@ use crate::store::{Area, BlobWriter, StoreError};
 /// Upstream frames are coalesced into writes of up to this size when they arrive faster than disk.
 const WRITE_BATCH: usize = 1 << 20;
 
+/// A write of a batch, giving back the writer and the batch's buffer.
+type Write = tokio::task::JoinHandle<io::Result<(BlobWriter, BytesMut)>>;
+
+/// A download's blob writer: free, with the spare batch buffer, or inside the one write in
+/// flight, which gives both back when it lands.
+// One per download, moved once per batch of a megabyte: boxing the writer would save nothing.
+#[allow(clippy::large_enum_variant)]
+enum Writer {
+    Idle(BlobWriter, BytesMut),
+    Writing(Write),
+}
+
+impl Writer {
+    /// Starts writing `chunk` on a blocking thread.
+    fn write(mut writer: BlobWriter, chunk: BytesMut) -> Writer {
+        Writer::Writing(tokio::task::spawn_blocking(move || {
+            writer.write(&chunk).map(|()| (writer, chunk))
+        }))
+    }
+}
+
 /// Why a download ended without a cache entry.
 #[derive(Debug, Clone)]
 pub enum FetchFailure {
@@ -320,26 +341,22 @@ impl Fetches {
         // download never waits for the disk and the disk never waits for the network. The two
         // batch buffers take turns, so a download allocates them once.
         let mut batch = BytesMut::with_capacity(WRITE_BATCH);
-        let mut spare: Option<BytesMut> = None;
-        let mut in_flight: Option<tokio::task::JoinHandle<io::Result<(BlobWriter, BytesMut)>>> =
-            None;
-        let mut idle_writer = Some(writer);
+        let mut writer = Writer::Idle(writer, BytesMut::with_capacity(WRITE_BATCH));
         loop {
             // While a write is in flight, whichever comes first: its completion is published at
             // once (readers must not wait for the next upstream frame to see those bytes).
-            let next = match in_flight.as_mut() {
-                Some(write) => tokio::select! {
+            let next = match &mut writer {
+                Writer::Writing(write) => tokio::select! {
                     landed = write => Err(landed),
                     frame = tokio::time::timeout(idle, body.frame()) => Ok(frame),
                 },
-                None => Ok(tokio::time::timeout(idle, body.frame()).await),
+                Writer::Idle(..) => Ok(tokio::time::timeout(idle, body.frame()).await),
             };
             let next = match next {
                 Ok(frame) => frame,
                 Err(landed) => {
-                    in_flight = None;
-                    let (writer, buf) = self.landed(download, landed, total)?;
-                    (idle_writer, spare) = (Some(writer), Some(buf));
+                    let (w, spare) = self.landed(download, landed, total)?;
+                    writer = Writer::Idle(w, spare);
                     continue;
                 }
             };
@@ -366,32 +383,17 @@ impl Fetches {
                     }
                 }
             }
-            if let Some(write) = in_flight.take() {
-                let (writer, buf) = self.landed(download, write.await, total)?;
-                (idle_writer, spare) = (Some(writer), Some(buf));
-            }
-            if !batch.is_empty() {
-                let next = spare
-                    .take()
-                    .unwrap_or_else(|| BytesMut::with_capacity(WRITE_BATCH));
-                let chunk = std::mem::replace(&mut batch, next);
-                let Some(mut writer) = idle_writer.take() else {
-                    return Err(FetchFailure::Io("blob writer lost".into()));
-                };
-                in_flight = Some(tokio::task::spawn_blocking(move || {
-                    writer.write(&chunk).map(|()| (writer, chunk))
-                }));
-            }
+            let (w, spare) = self.settle(download, writer, total).await?;
+            writer = if batch.is_empty() {
+                Writer::Idle(w, spare)
+            } else {
+                Writer::write(w, std::mem::replace(&mut batch, spare))
+            };
             if end {
                 break;
             }
         }
-        if let Some(write) = in_flight.take() {
-            idle_writer = Some(self.landed(download, write.await, total)?.0);
-        }
-        let Some(writer) = idle_writer else {
-            return Err(FetchFailure::Io("blob writer lost".into()));
-        };
+        let (writer, _) = self.settle(download, writer, total).await?;
         let written = writer.written();
         if let Some(expected) = total {
             if written != expected {
@@ -418,6 +420,19 @@ impl Fetches {
                 Ok(())
             }
             Err(e) => Err(FetchFailure::Io(e.to_string())),
+        }
+    }
+
+    /// The writer and its spare buffer once no write is in flight: waits for the one that is.
+    async fn settle(
+        &self,
+        download: &Download,
+        writer: Writer,
+        total: Option<u64>,
+    ) -> Result<(BlobWriter, BytesMut), FetchFailure> {
+        match writer {
+            Writer::Idle(w, spare) => Ok((w, spare)),
+            Writer::Writing(write) => self.landed(download, write.await, total),
         }
     }
 

@@ -127,6 +127,8 @@ pub struct ServedManifest {
 }
 
 type TagKey = (String, RepoName, Tag, String);
+/// The length of a digest's string form (`sha256:` and 64 hex digits), as a tag entry weighs.
+const DIGEST_TEXT_LEN: usize = "sha256:".len() + 64;
 /// Upstream, repository, and the `n`/`last` query passed on.
 type TagListKey = (String, RepoName, String);
 
@@ -183,7 +185,7 @@ impl Mirror {
                 .max_capacity(config.memory_cache_size.0 / 4)
                 .weigher(|k: &TagKey, e: &TagEntry| {
                     let bytes = k.0.len() + k.1.as_str().len() + k.2.as_str().len() + k.3.len();
-                    (bytes + e.digest.len() + e.media_type.len() + 64) as u32
+                    (bytes + DIGEST_TEXT_LEN + e.media_type.len() + 64) as u32
                 })
                 .build(),
             manifest_flights: SingleFlight::default(),
@@ -344,7 +346,7 @@ impl Mirror {
                     .keep_manifest(fetched.digest, &fetched.media_type, fetched.bytes)
                     .await?;
                 let entry = TagEntry {
-                    digest: served.digest.to_string(),
+                    digest: served.digest,
                     media_type,
                     fetched_at: now_secs(),
                 };
@@ -482,10 +484,7 @@ impl Mirror {
         &self,
         entry: &TagEntry,
     ) -> Result<Option<ServedManifest>, RegistryError> {
-        match Digest::parse(&entry.digest) {
-            Ok(d) => self.cached_manifest(&d).await,
-            Err(_) => Ok(None),
-        }
+        self.cached_manifest(&entry.digest).await
     }
 
     /// A mirrored manifest from memory or disk, without asking anyone.

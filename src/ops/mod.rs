@@ -37,7 +37,7 @@ use crate::mirror::{Mirror, Outcome};
 use crate::oci::names::Reference;
 use crate::oci::routes::{Query, Route};
 use crate::ops::cors::Cors;
-use crate::ops::metrics::Metrics;
+use crate::ops::metrics::{Content, Metrics, UpstreamStatus};
 use crate::ops::ratelimit::{Client, ClientLimits, UpstreamRate};
 use crate::ops::status::{PullStats, Traffic, PRIVATE};
 use crate::store::now_secs;
@@ -181,8 +181,8 @@ pub struct RequestInfo {
     upstream: Option<String>,
     /// containerd's `?ns=`: the registry the client meant (logged; it is no secret).
     ns: Option<String>,
-    /// `manifest` or `blob`, for cache outcome metrics.
-    kind: Option<&'static str>,
+    /// What a manifest or blob request is for, for cache outcome metrics.
+    kind: Option<Content>,
     /// For manifest requests: (upstream or [`PRIVATE`], repository, tag if by tag).
     pull: Option<(String, String, Option<String>)>,
     origin: Option<HeaderValue>,
@@ -245,8 +245,8 @@ pub fn begin<B>(
         upstream,
         ns,
         kind: match route {
-            Some(Route::Manifest { .. }) => Some("manifest"),
-            Some(Route::Blob { .. }) => Some("blob"),
+            Some(Route::Manifest { .. }) => Some(Content::Manifest),
+            Some(Route::Blob { .. }) => Some(Content::Blob),
             _ => None,
         },
         pull,
@@ -282,7 +282,7 @@ pub fn finish(app: &Arc<Service>, info: RequestInfo, mut resp: Response<Body>) -
     let outcome = resp.extensions().get::<Served>().map(|s| s.outcome);
     let status = resp.status();
     if let (Some(kind), Some(outcome)) = (info.kind, outcome) {
-        app.ops.metrics.cache_outcome(kind, outcome.as_str());
+        app.ops.metrics.cache_outcome(kind, outcome);
         app.ops.traffic.lookup(outcome);
     }
     if status == StatusCode::OK {
@@ -422,12 +422,12 @@ impl Done {
     fn log(self, bytes: u64) {
         let info = &self.info;
         let elapsed = info.started.elapsed();
-        let outcome = self.outcome.map(Outcome::as_str).unwrap_or("-");
         let status = self.status.as_u16();
         self.app
             .ops
             .metrics
-            .request(info.route, status, elapsed, outcome, bytes);
+            .request(info.route, status, elapsed, self.outcome, bytes);
+        let outcome = self.outcome.map_or("-", Outcome::as_str);
         if !info.is_probe() {
             self.app.ops.traffic.sent(self.outcome, bytes);
         }
@@ -483,19 +483,14 @@ impl UpstreamObserver for UpstreamHook {
 
     /// Records what a request sent to `upstream` came to.
     fn record(&self, upstream: &str, result: Result<StatusCode, &UpstreamError>) {
-        let (status, error) = match result {
-            Ok(s) => (
-                s.as_u16().to_string(),
-                (s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS)
-                    .then(|| format!("answered {s}")),
-            ),
-            Err(UpstreamError::Timeout) => ("timeout".to_owned(), Some("timed out".to_owned())),
-            Err(UpstreamError::TooManyRequests { .. }) => {
-                ("429".to_owned(), Some("rate limited (429)".to_owned()))
-            }
-            Err(e) => ("unreachable".to_owned(), Some(e.to_string())),
-        };
-        self.metrics.upstream(upstream, &status, error.is_some());
+        let status = UpstreamStatus::of(result);
+        self.metrics.upstream(upstream, status);
+        let error = status.is_error().then(|| match result {
+            Ok(s) => format!("answered {s}"),
+            Err(UpstreamError::Timeout) => "timed out".to_owned(),
+            Err(UpstreamError::TooManyRequests { .. }) => "rate limited (429)".to_owned(),
+            Err(e) => e.to_string(),
+        });
         let now = now_secs();
         let mut health = lock(&self.health);
         let h = health.entry(upstream.to_owned()).or_default();

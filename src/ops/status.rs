@@ -595,10 +595,11 @@ fn read_repo(
         let Some(entry) = store.get_tag(area, &upstream, &name, tag, variant)? else {
             continue;
         };
-        if !seen.insert((tag.to_string(), entry.digest.clone())) {
+        let digest = entry.digest.to_string();
+        if !seen.insert((tag.to_string(), digest.clone())) {
             continue;
         }
-        let summary = memo.summary(store, area, &entry.digest, budget, false);
+        let summary = memo.summary(store, area, &digest, budget, false);
         let (size, complete, platforms) = match &summary {
             Some(s) => {
                 let unique: HashMap<Digest, u64> = s.blobs.iter().copied().collect();
@@ -610,7 +611,7 @@ fn read_repo(
         size_complete &= complete;
         tags.push(TagRow {
             tag: tag.to_string(),
-            digest: entry.digest,
+            digest,
             media_type: entry.media_type,
             fetched_at: entry.fetched_at,
             size,

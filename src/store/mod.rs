@@ -61,10 +61,29 @@ pub enum StoreError {
 /// A tag resolution as recorded on disk.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TagEntry {
-    pub digest: String,
+    /// Written as its string form (`sha256:…`); a file whose digest does not parse reads as no
+    /// entry.
+    #[serde(with = "digest_string")]
+    pub digest: Digest,
     pub media_type: String,
     /// Seconds since the epoch when the upstream last confirmed this digest.
     pub fetched_at: u64,
+}
+
+/// A digest in its string form, as tag files hold it.
+mod digest_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::oci::names::Digest;
+
+    pub fn serialize<S: Serializer>(digest: &Digest, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(digest)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
+        let text = String::deserialize(d)?;
+        Digest::parse(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// The upstream key private repositories' tags are filed under (not a valid upstream name).
@@ -669,7 +688,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let repo = RepoName::parse("library/alpine").unwrap();
         let entry = TagEntry {
-            digest: Digest::of(b"m").to_string(),
+            digest: Digest::of(b"m"),
             media_type: "x".into(),
             fetched_at: 7,
         };
@@ -706,5 +725,40 @@ mod tests {
             store.list_repos(Area::Cache).unwrap(),
             vec![("docker.io".to_owned(), repo)]
         );
+    }
+
+    #[test]
+    fn tag_files_keep_the_digest_as_its_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let repo = RepoName::parse("library/alpine").unwrap();
+        let tag = Tag::parse("latest").unwrap();
+        let digest = Digest::of(b"m");
+        let entry = TagEntry {
+            digest,
+            media_type: "x".into(),
+            fetched_at: 7,
+        };
+        store
+            .put_tag(Area::Cache, "docker.io", &repo, &tag, "", &entry)
+            .unwrap();
+        let file = store
+            .tags_dir(Area::Cache, "docker.io", &repo)
+            .join("latest");
+        let written = fs::read_to_string(&file).unwrap();
+        assert_eq!(
+            written,
+            format!(r#"{{"digest":"{digest}","media_type":"x","fetched_at":7}}"#)
+        );
+        // A file whose digest does not parse is no entry.
+        fs::write(
+            &file,
+            r#"{"digest":"sha256:nothex","media_type":"x","fetched_at":7}"#,
+        )
+        .unwrap();
+        let got = store
+            .get_tag(Area::Cache, "docker.io", &repo, &tag, "")
+            .unwrap();
+        assert_eq!(got, None);
     }
 }

@@ -135,7 +135,7 @@ impl PrivateStore {
         Ok(self
             .store
             .get_tag(Area::Local, LOCAL_UPSTREAM, repo, tag, "")?
-            .and_then(|e| Digest::parse(&e.digest).ok()))
+            .map(|e| e.digest))
     }
 
     pub fn set_tag(
@@ -146,7 +146,7 @@ impl PrivateStore {
         media_type: &str,
     ) -> io::Result<()> {
         let entry = TagEntry {
-            digest: digest.to_string(),
+            digest: *digest,
             media_type: media_type.to_owned(),
             fetched_at: now_secs(),
         };
@@ -166,7 +166,7 @@ impl PrivateStore {
             .list_tags(Area::Local, LOCAL_UPSTREAM, repo)?
             .into_iter()
             .filter(|(_, variant, _)| variant.is_empty())
-            .filter_map(|(tag, _, e)| Digest::parse(&e.digest).ok().map(|d| (tag, d)))
+            .map(|(tag, _, e)| (tag, e.digest))
             .collect())
     }
 

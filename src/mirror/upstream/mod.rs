@@ -4,13 +4,24 @@
 //! tokens cached per scope and fetched once for concurrent requests), Basic auth, blob redirects
 //! to CDN hosts (never carrying the Authorization header to another host), timeouts, and Docker
 //! Hub's rate-limit headers and 429 back-off.
+//!
+//! [`auth`] holds the token and Basic auth, [`breaker`] the circuit breaker, [`errors`] what can
+//! go wrong and how a failed request is told apart (a timeout or an unreachable upstream).
+
+mod auth;
+mod breaker;
+mod errors;
+
+pub use errors::{UpstreamError, UpstreamSetupError};
+
+use auth::{parse_challenge, pull_scope, token_key, Challenge, Token, TokenExpiry};
+use breaker::Health;
 
 use crate::lock;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
@@ -27,55 +38,6 @@ use crate::oci::names::{Digest, Reference, RepoName};
 /// The largest manifest berth will take from an upstream (Docker Hub's limit is 4 MiB).
 const MAX_MANIFEST: usize = 8 << 20;
 const MAX_REDIRECTS: usize = 5;
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("upstream unreachable: {0}")]
-    Unreachable(String),
-    #[error("upstream timed out")]
-    Timeout,
-    #[error("upstream says not found")]
-    NotFound,
-    #[error("upstream rate limit hit; retry after {retry_after:?}")]
-    TooManyRequests { retry_after: Duration },
-    #[error("upstream denied access ({0})")]
-    Denied(StatusCode),
-    #[error("upstream answered {0}")]
-    Status(StatusCode),
-    #[error("upstream sent invalid content: {0}")]
-    Invalid(String),
-    /// The circuit breaker is open: recent requests failed, so none is sent for a while.
-    #[error("upstream is down ({failures} failed requests in a row); next try in {}s", retry_in.as_secs().max(1))]
-    Down { failures: u32, retry_in: Duration },
-}
-
-impl UpstreamError {
-    /// Whether a cached copy should be served instead: the upstream is down, not saying "no".
-    pub fn is_outage(&self) -> bool {
-        match self {
-            UpstreamError::Unreachable(_)
-            | UpstreamError::Timeout
-            | UpstreamError::Down { .. }
-            | UpstreamError::TooManyRequests { .. } => true,
-            UpstreamError::Status(s) => s.is_server_error(),
-            _ => false,
-        }
-    }
-
-    /// A short name for metric labels and log fields.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            UpstreamError::Unreachable(_) => "unreachable",
-            UpstreamError::Timeout => "timeout",
-            UpstreamError::NotFound => "not_found",
-            UpstreamError::TooManyRequests { .. } => "rate_limited",
-            UpstreamError::Denied(_) => "denied",
-            UpstreamError::Status(_) => "status",
-            UpstreamError::Invalid(_) => "invalid",
-            UpstreamError::Down { .. } => "down",
-        }
-    }
-}
 
 /// Told about every request an upstream client sends. The ops layer implements it: it counts
 /// the requests, keeps each upstream's health for the status page, and admits requests under
@@ -100,76 +62,6 @@ pub struct FetchedManifest {
     pub digest: Digest,
 }
 
-#[derive(Clone)]
-struct Token {
-    value: String,
-    ttl: Duration,
-}
-
-struct TokenExpiry;
-
-impl moka::Expiry<String, Token> for TokenExpiry {
-    fn expire_after_create(&self, _: &String, token: &Token, _: Instant) -> Option<Duration> {
-        // Refresh a little before the registry would refuse the token.
-        Some(
-            token
-                .ttl
-                .mul_f64(0.9)
-                .saturating_sub(Duration::from_secs(1))
-                .max(Duration::from_millis(500)),
-        )
-    }
-}
-
-/// What a 401 asked for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Challenge {
-    Bearer {
-        realm: String,
-        service: Option<String>,
-        scope: Option<String>,
-    },
-    Basic,
-}
-
-/// The circuit breaker's view of the upstream: after `breaker_failures` failed requests in a
-/// row it is taken for down, and requests fail at once instead of each waiting for the full
-/// timeout; after `breaker_cooldown` one probe request may try it again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Health {
-    Up {
-        failures: u32,
-    },
-    Down {
-        since_failures: u32,
-        until: Instant,
-    },
-    /// One probe request is on its way; everything else still fails at once.
-    Probing {
-        since_failures: u32,
-    },
-}
-
-/// Held by the request that probes a down upstream. Dropped without a verdict (the request was
-/// cancelled), it lets the next request probe at once, so the breaker can never stay half-open.
-struct Probe<'a> {
-    upstream: Option<&'a Upstream>,
-}
-
-impl Drop for Probe<'_> {
-    fn drop(&mut self) {
-        if let Some(up) = self.upstream {
-            let mut health = lock(&up.health);
-            if let Health::Probing { since_failures } = *health {
-                *health = Health::Down {
-                    since_failures,
-                    until: Instant::now(),
-                };
-            }
-        }
-    }
-}
-
 pub struct Upstream {
     pub key: String,
     pub url: UpstreamUrl,
@@ -188,12 +80,6 @@ pub struct Upstream {
     pub ratelimit_limit: AtomicI64,
     /// Told about every request sent (metrics, health) and admits it (`upstream_rps`).
     hook: OnceLock<Arc<dyn UpstreamObserver>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamSetupError {
-    #[error("{path}: {message}")]
-    File { path: String, message: String },
 }
 
 impl Upstream {
@@ -472,100 +358,6 @@ impl Upstream {
         self.dispatch(build(auth)?).await
     }
 
-    /// The Authorization header to send up front, when earlier challenges told us what it is.
-    async fn auth_header(&self, repo: &RepoName) -> Result<Option<HeaderValue>, UpstreamError> {
-        let bearer = lock(&self.bearer).clone();
-        match bearer {
-            Some((realm, service)) => self
-                .token(&realm, service.as_deref(), &pull_scope(repo))
-                .await
-                .map(Some),
-            None => Ok(None),
-        }
-    }
-
-    fn basic(&self) -> Option<HeaderValue> {
-        let (user, password) = self.credentials.as_ref()?;
-        let encoded =
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-        let mut v = HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
-        v.set_sensitive(true);
-        Some(v)
-    }
-
-    /// A Bearer token for a scope, from the cache or the realm; concurrent callers share one fetch.
-    async fn token(
-        &self,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
-    ) -> Result<HeaderValue, UpstreamError> {
-        let key = token_key(realm, service, scope);
-        let token = self
-            .tokens
-            .try_get_with(key, self.fetch_token(realm, service, scope))
-            .await
-            .map_err(|e: Arc<UpstreamError>| (*e).clone())?;
-        let mut v = HeaderValue::from_str(&format!("Bearer {}", token.value))
-            .map_err(|_| UpstreamError::Invalid("token is not a header value".into()))?;
-        v.set_sensitive(true);
-        Ok(v)
-    }
-
-    async fn fetch_token(
-        &self,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
-    ) -> Result<Token, UpstreamError> {
-        let mut url = format!("{realm}?scope={}", urlencode(scope));
-        if let Some(service) = service {
-            url.push_str(&format!("&service={}", urlencode(service)));
-        }
-        let uri: Uri = url
-            .parse()
-            .map_err(|_| UpstreamError::Invalid(format!("bad token realm {realm:?}")))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) {
-            return Err(UpstreamError::Invalid(format!("bad token realm {realm:?}")));
-        }
-        let mut req = Request::builder().method(Method::GET).uri(uri);
-        // Credentials go to the token realm the registry named, and nowhere else.
-        if let Some(basic) = self.basic() {
-            req = req.header(AUTHORIZATION, basic);
-        }
-        let req = req
-            .body(Empty::new())
-            .map_err(|e| UpstreamError::Invalid(e.to_string()))?;
-        let resp = self.dispatch(req).await?;
-        match resp.status() {
-            s if s.is_success() => {}
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Err(UpstreamError::Denied(resp.status()))
-            }
-            s => return Err(UpstreamError::Status(s)),
-        }
-        let body = Limited::new(resp.into_body(), 1 << 20)
-            .collect()
-            .await
-            .map_err(|e| UpstreamError::Invalid(format!("token: {e}")))?
-            .to_bytes();
-        #[derive(serde::Deserialize)]
-        struct TokenResponse {
-            token: Option<String>,
-            access_token: Option<String>,
-            expires_in: Option<u64>,
-        }
-        let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
-        let value = parsed
-            .token
-            .or(parsed.access_token)
-            .ok_or_else(|| UpstreamError::Invalid("token response has no token".into()))?;
-        let ttl = Duration::from_secs(parsed.expires_in.unwrap_or(60).max(1));
-        tracing::debug!(upstream = %self.key, scope, ttl_s = ttl.as_secs(), "fetched upstream token");
-        Ok(Token { value, ttl })
-    }
-
     /// Sends one request through the breaker and the hook: admitted under `upstream_rps`, then
     /// recorded.
     async fn dispatch(
@@ -586,85 +378,6 @@ impl Upstream {
         result
     }
 
-    /// Whether the upstream is down, in the breaker's view.
-    pub fn is_down(&self) -> bool {
-        !matches!(*lock(&self.health), Health::Up { .. })
-    }
-
-    /// Lets a request through unless the breaker is open; after the cooldown, the first request
-    /// through is the probe.
-    fn admit_health(&self) -> Result<Probe<'_>, UpstreamError> {
-        let mut health = lock(&self.health);
-        match *health {
-            Health::Up { .. } => Ok(Probe { upstream: None }),
-            Health::Down {
-                since_failures,
-                until,
-            } => {
-                let now = Instant::now();
-                if now < until {
-                    return Err(UpstreamError::Down {
-                        failures: since_failures,
-                        retry_in: until - now,
-                    });
-                }
-                *health = Health::Probing { since_failures };
-                tracing::info!(upstream = %self.key, "probing a down upstream");
-                Ok(Probe {
-                    upstream: Some(self),
-                })
-            }
-            Health::Probing { since_failures } => Err(UpstreamError::Down {
-                failures: since_failures,
-                retry_in: Duration::ZERO,
-            }),
-        }
-    }
-
-    /// Counts a request's outcome: an answer (any status but 5xx) means the upstream is up;
-    /// unreachable, timed out and 5xx count towards taking it for down.
-    fn record_health(
-        &self,
-        mut probe: Probe<'_>,
-        result: &Result<Response<Incoming>, UpstreamError>,
-    ) {
-        let failed = match result {
-            Ok(resp) => resp.status().is_server_error(),
-            Err(e) => matches!(e, UpstreamError::Unreachable(_) | UpstreamError::Timeout),
-        };
-        probe.upstream = None;
-        let mut health = lock(&self.health);
-        let before = *health;
-        *health = match (before, failed) {
-            (_, false) => Health::Up { failures: 0 },
-            (Health::Up { failures }, true) if failures + 1 < self.config.breaker_failures => {
-                Health::Up {
-                    failures: failures + 1,
-                }
-            }
-            (Health::Up { failures }, true) => self.trip(failures + 1),
-            (Health::Probing { since_failures }, true) => {
-                self.trip(since_failures.saturating_add(1))
-            }
-            // A request sent before the breaker opened: it is open already.
-            (down @ Health::Down { .. }, true) => down,
-        };
-        if !failed && !matches!(before, Health::Up { .. }) {
-            tracing::info!(upstream = %self.key, "upstream answers again");
-        }
-    }
-
-    fn trip(&self, failures: u32) -> Health {
-        let cooldown = self.config.breaker_cooldown.0;
-        self.breaker_trips.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(upstream = %self.key, failures, cooldown_s = cooldown.as_secs_f64(),
-            "upstream taken for down: cached tags are served stale and misses answer 503 at once until a probe succeeds");
-        Health::Down {
-            since_failures: failures,
-            until: Instant::now() + cooldown,
-        }
-    }
-
     /// Sends one request with the first-byte timeout, and records rate-limit headers and 429s.
     async fn dispatch_unobserved(
         &self,
@@ -678,14 +391,7 @@ impl Upstream {
         let timeout = self.config.response_timeout.0;
         let resp = match tokio::time::timeout(timeout, self.client.request(req)).await {
             Err(_) => return Err(UpstreamError::Timeout),
-            Ok(Err(e)) => {
-                let msg = error_chain(&e);
-                return Err(if msg.contains("timed out") || msg.contains("timeout") {
-                    UpstreamError::Timeout
-                } else {
-                    UpstreamError::Unreachable(msg)
-                });
-            }
+            Ok(Err(e)) => return Err(UpstreamError::unanswered(&e)),
             Ok(Ok(resp)) => resp,
         };
         self.record_rate_limit(resp.headers());
@@ -736,14 +442,6 @@ impl Upstream {
             }
         }
     }
-}
-
-fn pull_scope(repo: &RepoName) -> String {
-    format!("repository:{repo}:pull")
-}
-
-fn token_key(realm: &str, service: Option<&str>, scope: &str) -> String {
-    format!("{realm}\n{}\n{scope}", service.unwrap_or(""))
 }
 
 fn check_status(resp: Response<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
@@ -797,79 +495,9 @@ fn resolve(base: &Uri, location: &str) -> Result<Uri, UpstreamError> {
     Uri::from_parts(parts).map_err(|_| bad())
 }
 
-/// Parses `WWW-Authenticate: Bearer realm="…",service="…",scope="…"` or `Basic realm="…"`.
-fn parse_challenge(header: &str) -> Option<Challenge> {
-    let (scheme, rest) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
-    if scheme.eq_ignore_ascii_case("basic") {
-        return Some(Challenge::Basic);
-    }
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    let mut realm = None;
-    let mut service = None;
-    let mut scope = None;
-    let mut rest = rest.trim();
-    while !rest.is_empty() {
-        let (key, after) = rest.split_once('=')?;
-        let (value, after) = if let Some(quoted) = after.strip_prefix('"') {
-            let end = quoted.find('"')?;
-            (&quoted[..end], &quoted[end + 1..])
-        } else {
-            after.split_once(',').map_or((after, ""), |(v, a)| (v, a))
-        };
-        match key.trim().to_ascii_lowercase().as_str() {
-            "realm" => realm = Some(value.to_owned()),
-            "service" => service = Some(value.to_owned()),
-            "scope" => scope = Some(value.to_owned()),
-            _ => {}
-        }
-        rest = after.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
-    }
-    Some(Challenge::Bearer {
-        realm: realm?,
-        service,
-        scope,
-    })
-}
-
-fn urlencode(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, crate::oci::routes::UNRESERVED).to_string()
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn challenges_parse() {
-        let c = parse_challenge(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#).unwrap();
-        assert_eq!(
-            c,
-            Challenge::Bearer {
-                realm: "https://auth.docker.io/token".into(),
-                service: Some("registry.docker.io".into()),
-                scope: Some("repository:library/alpine:pull".into()),
-            }
-        );
-        assert_eq!(
-            parse_challenge(r#"Basic realm="registry""#),
-            Some(Challenge::Basic)
-        );
-        assert_eq!(parse_challenge("Negotiate"), None);
-        assert_eq!(parse_challenge(r#"Bearer service="x""#), None);
-    }
 
     #[test]
     fn redirects_resolve() {
