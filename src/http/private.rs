@@ -25,7 +25,8 @@ use crate::auth::User;
 use crate::http::{api_version, empty, error_response, full, App, Body, Served};
 use crate::mirror::Outcome;
 use crate::oci::error::RegistryError;
-use crate::oci::manifest::{self, Parsed, MAX_MANIFEST_BYTES, OCI_INDEX};
+use crate::oci::manifest::{self, Parsed, MAX_MANIFEST_BYTES};
+use crate::oci::media::OCI_INDEX;
 use crate::oci::names::{Digest, Reference, RepoName};
 use crate::oci::routes::{Query, Route, UploadId};
 use crate::registry::webhook::{now_rfc3339, Event};
@@ -781,22 +782,6 @@ fn check_references(
     Ok(Ok(()))
 }
 
-/// The descriptor of a pushed manifest, as listed by the referrers API.
-fn referrer_descriptor(parsed: &Parsed, digest: &Digest, size: usize) -> serde_json::Value {
-    let mut d = serde_json::json!({
-        "mediaType": parsed.media_type,
-        "digest": digest.to_string(),
-        "size": size,
-    });
-    if let Some(t) = &parsed.artifact_type {
-        d["artifactType"] = t.clone().into();
-    }
-    if let Some(a) = &parsed.annotations {
-        d["annotations"] = serde_json::Value::Object(a.clone());
-    }
-    d
-}
-
 async fn put_manifest(
     app: &App,
     name: RepoName,
@@ -824,7 +809,7 @@ async fn put_manifest(
         Reference::Digest(_) => None,
     };
     let size = bytes.len();
-    let descriptor = referrer_descriptor(&parsed, &digest, size);
+    let descriptor = parsed.referrer(digest, size as u64);
     let subject = parsed.subject.as_ref().map(|s| s.digest);
     let media_type = parsed.media_type.clone();
     let (ps, n, t, mt) = (

@@ -3,5 +3,6 @@
 
 pub mod error;
 pub mod manifest;
+pub mod media;
 pub mod names;
 pub mod routes;
