@@ -105,7 +105,9 @@ pub struct Manifest {
 }
 
 /// Manifests and descriptors are JSON objects: serde's derived structs would also take arrays
-/// (fields by position), so these deserialize from maps only.
+/// (fields by position), so these deserialize from maps only. The derive (`remote = "Self"`)
+/// leaves an inherent `deserialize` that takes arrays too: outside this macro, call the trait's
+/// (`<T as Deserialize>::deserialize`, or serde_json).
 macro_rules! from_objects_only {
     ($($t:ident: $what:literal),*) => {$(
         impl<'de> Deserialize<'de> for $t {
@@ -270,8 +272,9 @@ fn references(media_type: String, m: Manifest) -> Result<Parsed, RegistryError> 
         blobs.push(config);
         blobs.extend(m.layers.unwrap_or_default());
         for (i, b) in m.blobs.unwrap_or_default().into_iter().enumerate() {
-            blobs
-                .push(Descriptor::deserialize(b).map_err(|e| invalid(format!("blobs[{i}]: {e}")))?);
+            // The trait's deserialize (objects only), not the derived inherent one.
+            let blob = <Descriptor as Deserialize>::deserialize(b);
+            blobs.push(blob.map_err(|e| invalid(format!("blobs[{i}]: {e}")))?);
         }
     }
     // An image's config comes first in `blobs`; an index has none.
@@ -457,6 +460,8 @@ mod tests {
                 "subject": {"mediaType": "s", "size": 1}}),
             // OCI 1.0 artifact blobs are read as descriptors.
             json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": c, "blobs": [{}]}),
+            json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": c,
+                "blobs": [["c", d(b"c"), 1]]}),
             // Kinds keep to their own fields.
             json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [], "config": c}),
             json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [], "layers": []}),
