@@ -735,23 +735,9 @@ fn check_references(
     repo: &RepoName,
     parsed: &Parsed,
 ) -> io::Result<Result<(), RegistryError>> {
-    for b in &parsed.blobs {
-        if b.has_urls {
-            continue;
-        }
-        match ps.blob_in_repo(repo, &b.digest)? {
-            None => {
-                return Ok(Err(RegistryError::ManifestBlobUnknown(
-                    b.digest.to_string(),
-                )))
-            }
-            Some(len) if len != b.size => {
-                return Ok(Err(RegistryError::ManifestInvalid(format!(
-                    "{} has {len} bytes, the manifest says {}",
-                    b.digest, b.size
-                ))))
-            }
-            Some(_) => {}
+    for b in parsed.blobs.iter().filter(|b| !b.has_urls) {
+        if let Err(e) = b.check_stored(ps.blob_in_repo(repo, &b.digest)?, "manifest") {
+            return Ok(Err(e));
         }
     }
     for c in &parsed.children {
@@ -760,19 +746,8 @@ fn check_references(
         } else {
             None
         };
-        match len {
-            None => {
-                return Ok(Err(RegistryError::ManifestBlobUnknown(
-                    c.digest.to_string(),
-                )))
-            }
-            Some(len) if len != c.size => {
-                return Ok(Err(RegistryError::ManifestInvalid(format!(
-                    "{} has {len} bytes, the index says {}",
-                    c.digest, c.size
-                ))))
-            }
-            Some(_) => {}
+        if let Err(e) = c.check_stored(len, "index") {
+            return Ok(Err(e));
         }
     }
     // Referenced blobs count as in use from now on, for a garbage collection running meanwhile.

@@ -131,6 +131,26 @@ macro_rules! from_objects_only {
 
 from_objects_only!(Descriptor: "a descriptor object", Manifest: "a manifest object");
 
+impl Descriptor {
+    /// Checks what the store holds under this descriptor's digest (`stored_len`, None when
+    /// nothing) against it: MANIFEST_BLOB_UNKNOWN when missing, MANIFEST_INVALID when the sizes
+    /// differ. `listed_by` names what lists it ("manifest", "index").
+    pub fn check_stored(
+        &self,
+        stored_len: Option<u64>,
+        listed_by: &str,
+    ) -> Result<(), RegistryError> {
+        match stored_len {
+            None => Err(RegistryError::ManifestBlobUnknown(self.digest.to_string())),
+            Some(len) if len != self.size => Err(invalid(format!(
+                "{} has {len} bytes, the {listed_by} says {}",
+                self.digest, self.size
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
 impl Serialize for Descriptor {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         Descriptor::serialize(self, s)
