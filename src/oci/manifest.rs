@@ -75,7 +75,7 @@ pub struct Platform {
 }
 
 /// The fields of an image manifest or an index that berth uses; the others are ignored.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(remote = "Self", rename_all = "camelCase")]
 pub struct Manifest {
     /// Checked on push only (2), so read leniently: anything but an unsigned integer is None.

@@ -20,7 +20,7 @@ pub mod pages;
 pub mod private;
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -455,20 +455,11 @@ impl Store {
     }
 }
 
-/// The sha256 and length of a file, read in pieces.
+/// The sha256 and length of a file, read in pieces of 1 MiB.
 pub(crate) fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    let mut f = File::open(path)?;
+    let mut f = io::BufReader::with_capacity(1 << 20, File::open(path)?);
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        len += n as u64;
-    }
+    let len = io::copy(&mut f, &mut hasher)?;
     Ok((Digest::from_sha256(hasher.finalize().into()), len))
 }
 
