@@ -25,7 +25,8 @@ use crate::auth::User;
 use crate::http::{api_version, empty, error_response, full, App, Body, Served};
 use crate::mirror::Outcome;
 use crate::oci::error::RegistryError;
-use crate::oci::manifest::{self, Parsed, MAX_MANIFEST_BYTES, OCI_INDEX};
+use crate::oci::manifest::{self, Parsed, MAX_MANIFEST_BYTES};
+use crate::oci::media::OCI_INDEX;
 use crate::oci::names::{Digest, Reference, RepoName};
 use crate::oci::routes::{Query, Route, UploadId};
 use crate::registry::webhook::{now_rfc3339, Event};
@@ -746,23 +747,9 @@ enum References {
 
 /// Checks that everything a manifest refers to is in the repository.
 fn check_references(ps: &PrivateStore, repo: &RepoName, parsed: &Parsed) -> io::Result<References> {
-    for b in &parsed.blobs {
-        if b.has_urls {
-            continue;
-        }
-        match ps.blob_in_repo(repo, &b.digest)? {
-            None => {
-                return Ok(References::Unmet(RegistryError::ManifestBlobUnknown(
-                    b.digest.to_string(),
-                )))
-            }
-            Some(len) if len != b.size => {
-                return Ok(References::Unmet(RegistryError::ManifestInvalid(format!(
-                    "{} has {len} bytes, the manifest says {}",
-                    b.digest, b.size
-                ))))
-            }
-            Some(_) => {}
+    for b in parsed.blobs.iter().filter(|b| !b.has_urls) {
+        if let Err(e) = b.check_stored(ps.blob_in_repo(repo, &b.digest)?, "manifest") {
+            return Ok(References::Unmet(e));
         }
     }
     for c in &parsed.children {
@@ -771,19 +758,8 @@ fn check_references(ps: &PrivateStore, repo: &RepoName, parsed: &Parsed) -> io::
         } else {
             None
         };
-        match len {
-            None => {
-                return Ok(References::Unmet(RegistryError::ManifestBlobUnknown(
-                    c.digest.to_string(),
-                )))
-            }
-            Some(len) if len != c.size => {
-                return Ok(References::Unmet(RegistryError::ManifestInvalid(format!(
-                    "{} has {len} bytes, the index says {}",
-                    c.digest, c.size
-                ))))
-            }
-            Some(_) => {}
+        if let Err(e) = c.check_stored(len, "index") {
+            return Ok(References::Unmet(e));
         }
     }
     // Referenced blobs count as in use from now on, for a garbage collection running meanwhile.
@@ -791,22 +767,6 @@ fn check_references(ps: &PrivateStore, repo: &RepoName, parsed: &Parsed) -> io::
         ps.touch_blob(&b.digest);
     }
     Ok(References::Present)
-}
-
-/// The descriptor of a pushed manifest, as listed by the referrers API.
-fn referrer_descriptor(parsed: &Parsed, digest: &Digest, size: usize) -> serde_json::Value {
-    let mut d = serde_json::json!({
-        "mediaType": parsed.media_type,
-        "digest": digest.to_string(),
-        "size": size,
-    });
-    if let Some(t) = &parsed.artifact_type {
-        d["artifactType"] = t.clone().into();
-    }
-    if let Some(a) = &parsed.annotations {
-        d["annotations"] = serde_json::Value::Object(a.clone());
-    }
-    d
 }
 
 async fn put_manifest(
@@ -836,7 +796,7 @@ async fn put_manifest(
         Reference::Digest(_) => None,
     };
     let size = bytes.len();
-    let descriptor = referrer_descriptor(&parsed, &digest, size);
+    let descriptor = parsed.referrer(digest, size as u64);
     let subject = parsed.subject.as_ref().map(|s| s.digest);
     let media_type = parsed.media_type.clone();
     let (ps, n, t, mt) = (

@@ -29,70 +29,13 @@ use crate::mirror::singleflight::SingleFlight;
 use crate::mirror::slots::UpstreamSlots;
 use crate::mirror::upstream::{Upstream, UpstreamError, UpstreamSetupError};
 use crate::oci::error::RegistryError;
+use crate::oci::media::AcceptSet;
 use crate::oci::names::{Digest, Reference, RepoName, Tag};
 use crate::store::manifests::{CachedManifest, Manifests};
 use crate::store::{blocking, now_secs, Area, Store, TagEntry};
 
 /// The largest tag list taken from an upstream.
 const MAX_TAG_LIST: usize = 16 << 20;
-
-/// Manifest media types a registry client may ask for, with short names for cache keys.
-const MANIFEST_TYPES: [(&str, &str); 6] = [
-    ("application/vnd.docker.distribution.manifest.v2+json", "s2"),
-    (
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "ml",
-    ),
-    ("application/vnd.oci.image.manifest.v1+json", "om"),
-    ("application/vnd.oci.image.index.v1+json", "oi"),
-    (
-        "application/vnd.docker.distribution.manifest.v1+prettyjws",
-        "s1",
-    ),
-    (
-        "application/vnd.docker.distribution.manifest.v1+json",
-        "s1j",
-    ),
-];
-
-/// The manifest media types a request accepts, as sent upstream and as the tag cache key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct AcceptSet {
-    /// The Accept header forwarded upstream.
-    pub header: String,
-    /// Canonical key: the short names of the accepted types, sorted.
-    pub variant: String,
-}
-
-impl AcceptSet {
-    /// From the client's Accept headers; a client that names no manifest type gets the four
-    /// modern ones, which is what Docker, containerd and skopeo send anyway.
-    pub fn from_headers<'a>(values: impl Iterator<Item = &'a str>) -> AcceptSet {
-        let mut picked: Vec<(&str, &str)> = Vec::new();
-        for value in values {
-            for part in value.split(',') {
-                let media = part.split(';').next().unwrap_or("").trim();
-                if let Some(&t) = MANIFEST_TYPES.iter().find(|(m, _)| *m == media) {
-                    if !picked.contains(&t) {
-                        picked.push(t);
-                    }
-                }
-            }
-        }
-        if picked.is_empty() {
-            picked = MANIFEST_TYPES[..4].to_vec();
-        }
-        picked.sort_by_key(|(_, short)| *short);
-        AcceptSet {
-            header: picked
-                .iter()
-                .map(|(m, _)| *m)
-                .collect::<Vec<_>>()
-                .join(", "),
-            variant: picked.iter().map(|(_, s)| *s).collect::<Vec<_>>().join("."),
-        }
-    }
-}
 
 /// How a request was answered, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -555,31 +498,4 @@ pub fn upstream_error(e: UpstreamError, repo: &RepoName, unknown: RegistryError)
 
 fn manifest_unknown(repo: &RepoName, reference: &Reference) -> RegistryError {
     RegistryError::ManifestUnknown(format!("{repo}:{reference}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accept_sets_are_canonical() {
-        let a = AcceptSet::from_headers(["application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json;q=0.9"].into_iter());
-        let b = AcceptSet::from_headers(
-            [
-                "application/vnd.docker.distribution.manifest.v2+json",
-                "application/vnd.oci.image.index.v1+json",
-            ]
-            .into_iter(),
-        );
-        assert_eq!(a, b);
-        assert_eq!(a.variant, "oi.s2");
-        let s2 = AcceptSet::from_headers(
-            ["application/vnd.docker.distribution.manifest.v2+json"].into_iter(),
-        );
-        assert_ne!(s2.variant, a.variant);
-        assert_eq!(
-            AcceptSet::from_headers(["*/*"].into_iter()).variant,
-            "ml.oi.om.s2"
-        );
-    }
 }

@@ -1,7 +1,9 @@
 //! The protocol's vocabulary, with no I/O: repository names, tags and digests, the routes of the
-//! distribution API, its error codes, and the manifests a registry accepts.
+//! distribution API, its error codes, the manifest model (descriptors, image manifests, indexes)
+//! and the manifest media types.
 
 pub mod error;
 pub mod manifest;
+pub mod media;
 pub mod names;
 pub mod routes;

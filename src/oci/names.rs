@@ -169,6 +169,23 @@ impl FromStr for Digest {
     }
 }
 
+/// In JSON (descriptors), a digest is its string form.
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        Digest::parse(&s).map_err(|_| {
+            let shown: String = s.chars().take(200).collect();
+            serde::de::Error::custom(format_args!("{shown:?} is not a sha256 digest"))
+        })
+    }
+}
+
 /// What a manifest request names: a mutable tag or an immutable digest.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Reference {

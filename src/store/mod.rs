@@ -475,11 +475,26 @@ impl Store {
     }
 }
 
-fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    let mut f = File::open(path)?;
+/// The sha256 and length of a file, read in pieces of 1 MiB.
+pub(crate) fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
+    let mut f = io::BufReader::with_capacity(1 << 20, File::open(path)?);
     let mut hasher = Sha256::new();
     let len = io::copy(&mut f, &mut hasher)?;
     Ok((Digest::from_sha256(hasher.finalize().into()), len))
+}
+
+/// Moves a file into place (creating its directory), then syncs the directory: the rename is
+/// durable only once the directory entry is.
+pub(crate) fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
+    let parent = to.parent();
+    if let Some(parent) = parent {
+        fs::create_dir_all(parent)?;
+    }
+    fs::rename(from, to)?;
+    if let Some(dir) = parent.and_then(|p| File::open(p).ok()) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
 }
 
 fn collect_repos(dir: &Path, prefix: &str, upstream: &str, out: &mut Vec<(String, RepoName)>) {
@@ -595,19 +610,9 @@ impl BlobWriter {
             .temp
             .take()
             .ok_or_else(|| io::Error::other("blob committed twice"))?;
-        let parent = self.dest.parent().map(Path::to_path_buf);
-        if let Some(parent) = &parent {
-            fs::create_dir_all(parent)?;
-        }
-        if let Err(e) = fs::rename(&temp, &self.dest) {
+        if let Err(e) = rename_durable(&temp, &self.dest) {
             let _ = fs::remove_file(&temp);
             return Err(e.into());
-        }
-        if let Some(parent) = parent {
-            // The rename is durable only once the directory entry is.
-            if let Ok(dir) = File::open(parent) {
-                let _ = dir.sync_all();
-            }
         }
         Ok(self.written)
     }

@@ -17,16 +17,18 @@
 //! removed by `berth gc`.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
+use crate::oci::manifest::Descriptor;
 use crate::oci::names::{Digest, RepoName, Tag};
 use crate::oci::routes::UploadId;
-use crate::store::{now_secs, Area, Store, StoreError, TagEntry, LOCAL_UPSTREAM};
+use crate::store::{
+    hash_file, now_secs, rename_durable, Area, Store, StoreError, TagEntry, LOCAL_UPSTREAM,
+};
 
 const LAYERS: &str = "_layers";
 const MANIFESTS: &str = "_manifests";
@@ -209,7 +211,7 @@ impl PrivateStore {
         repo: &RepoName,
         subject: &Digest,
         referrer: &Digest,
-        descriptor: &serde_json::Value,
+        descriptor: &Descriptor,
     ) -> io::Result<()> {
         let path = self
             .repo_dir(repo)
@@ -472,18 +474,7 @@ impl PrivateStore {
             });
         }
         File::open(&data)?.sync_all()?;
-        let dest = self.store.blob_path(Area::Local, expected);
-        let parent = dest.parent().map(Path::to_path_buf);
-        if let Some(parent) = &parent {
-            fs::create_dir_all(parent)?;
-        }
-        fs::rename(&data, &dest)?;
-        if let Some(parent) = parent {
-            // The rename is durable only once the directory entry is.
-            if let Ok(dir) = File::open(parent) {
-                let _ = dir.sync_all();
-            }
-        }
+        rename_durable(&data, &self.store.blob_path(Area::Local, expected))?;
         self.link_blob(repo, expected)?;
         self.remove_upload(id)?;
         Ok(len)
@@ -517,23 +508,6 @@ fn dir_activity(dir: &Path, meta: &fs::Metadata) -> (u64, SystemTime) {
         }
     }
     (size, last)
-}
-
-/// The sha256 and length of a file, read in pieces.
-pub fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    let mut f = File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok((Digest::from_sha256(hasher.finalize().into()), len))
 }
 
 fn touch(path: &Path) {
