@@ -14,9 +14,14 @@
 //! checked against the expected digest, fsynced and renamed into place, so a crash or a mismatch
 //! at any point leaves no entry. Paths are built only from parsed `Digest`s and `RepoName`s.
 
+mod fsck;
 pub mod gc;
 mod listing;
 pub mod manifests;
+mod writer;
+
+pub use fsck::FsckReport;
+pub use writer::BlobWriter;
 pub mod pages;
 pub mod private;
 
@@ -435,68 +440,6 @@ impl Store {
     }
 }
 
-/// What `berth fsck` found.
-#[derive(Debug, Default)]
-pub struct FsckReport {
-    pub checked: u64,
-    pub bytes: u64,
-    /// Blobs whose content does not hash to their name (removed when repairing).
-    pub corrupt: Vec<(Area, PathBuf)>,
-}
-
-impl Store {
-    /// Re-hashes every stored blob; with `repair`, removes the corrupt ones (and a manifest's
-    /// media type with it) so they are fetched again on the next pull.
-    pub fn fsck(&self, repair: bool) -> io::Result<FsckReport> {
-        let mut report = FsckReport::default();
-        for area in [Area::Cache, Area::Local] {
-            for shard in fs::read_dir(self.blobs_dir(area))?.filter_map(Result::ok) {
-                for entry in fs::read_dir(shard.path())?.filter_map(Result::ok) {
-                    let path = entry.path();
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    let expected = Digest::parse(&format!("sha256:{name}")).ok();
-                    let (actual, len) = hash_file(&path)?;
-                    report.checked += 1;
-                    report.bytes += len;
-                    if expected == Some(actual) {
-                        continue;
-                    }
-                    if repair {
-                        fs::remove_file(&path)?;
-                        if let Some(d) = expected {
-                            self.remove_manifest_type(area, &d)?;
-                        }
-                    }
-                    report.corrupt.push((area, path));
-                }
-            }
-        }
-        Ok(report)
-    }
-}
-
-/// The sha256 and length of a file, read in pieces of 1 MiB.
-pub(crate) fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    let mut f = io::BufReader::with_capacity(1 << 20, File::open(path)?);
-    let mut hasher = Sha256::new();
-    let len = io::copy(&mut f, &mut hasher)?;
-    Ok((Digest::from_sha256(hasher.finalize().into()), len))
-}
-
-/// Moves a file into place (creating its directory), then syncs the directory: the rename is
-/// durable only once the directory entry is.
-pub(crate) fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
-    let parent = to.parent();
-    if let Some(parent) = parent {
-        fs::create_dir_all(parent)?;
-    }
-    fs::rename(from, to)?;
-    if let Some(dir) = parent.and_then(|p| File::open(p).ok()) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
-}
-
 fn collect_repos(dir: &Path, prefix: &str, upstream: &str, out: &mut Vec<(String, RepoName)>) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -542,88 +485,26 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// Pieces at least this large are hashed on a second thread while they are written.
-const PARALLEL_HASH_MIN: usize = 256 << 10;
-
-/// A blob being written. Dropping it without `commit` removes the temp file.
-pub struct BlobWriter {
-    file: Arc<File>,
-    temp: Option<PathBuf>,
-    hasher: Sha256,
-    written: u64,
-    dest: PathBuf,
-    expected: Digest,
+/// The sha256 and length of a file, read in pieces of 1 MiB.
+pub(crate) fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
+    let mut f = io::BufReader::with_capacity(1 << 20, File::open(path)?);
+    let mut hasher = Sha256::new();
+    let len = io::copy(&mut f, &mut hasher)?;
+    Ok((Digest::from_sha256(hasher.finalize().into()), len))
 }
 
-impl BlobWriter {
-    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let (file, hasher, offset) = (&self.file, &mut self.hasher, self.written);
-        if bytes.len() >= PARALLEL_HASH_MIN {
-            // Hashing costs about as much as the write: on a large piece do both at once.
-            std::thread::scope(|scope| {
-                let hashing = scope.spawn(|| hasher.update(bytes));
-                let written = file.write_all_at(bytes, offset);
-                hashing
-                    .join()
-                    .map_err(|_| io::Error::other("hashing thread panicked"))?;
-                written
-            })?;
-        } else {
-            file.write_all_at(bytes, offset)?;
-            hasher.update(bytes);
-        }
-        self.written += bytes.len() as u64;
-        Ok(())
+/// Moves a file into place (creating its directory), then syncs the directory: the rename is
+/// durable only once the directory entry is.
+pub(crate) fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
+    let parent = to.parent();
+    if let Some(parent) = parent {
+        fs::create_dir_all(parent)?;
     }
-
-    /// Checks what was written against the expected digest, without making it durable yet.
-    pub fn verify(&self) -> Result<(), StoreError> {
-        let actual = Digest::from_sha256(self.hasher.clone().finalize().into());
-        if actual == self.expected {
-            Ok(())
-        } else {
-            Err(StoreError::DigestMismatch {
-                expected: self.expected,
-                actual,
-            })
-        }
+    fs::rename(from, to)?;
+    if let Some(dir) = parent.and_then(|p| File::open(p).ok()) {
+        let _ = dir.sync_all();
     }
-
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
-    pub fn expected(&self) -> Digest {
-        self.expected
-    }
-
-    /// The temp file, for readers that follow the write as it grows.
-    pub fn shared_file(&self) -> Arc<File> {
-        self.file.clone()
-    }
-
-    /// Verifies the digest, makes the bytes durable and moves them into place.
-    pub fn commit(mut self) -> Result<u64, StoreError> {
-        self.verify()?;
-        self.file.sync_all()?;
-        let temp = self
-            .temp
-            .take()
-            .ok_or_else(|| io::Error::other("blob committed twice"))?;
-        if let Err(e) = rename_durable(&temp, &self.dest) {
-            let _ = fs::remove_file(&temp);
-            return Err(e.into());
-        }
-        Ok(self.written)
-    }
-}
-
-impl Drop for BlobWriter {
-    fn drop(&mut self) {
-        if let Some(temp) = self.temp.take() {
-            let _ = fs::remove_file(temp);
-        }
-    }
+    Ok(())
 }
 
 /// Runs store I/O off the async workers.
