@@ -113,14 +113,15 @@ impl App {
         let method = req.method().clone();
         let need = route.as_ref().ok().and_then(|r| Need::of(r, &method));
         let challenge = self.challenge(&req, need.as_ref());
-        let path = req.uri().path().to_owned();
+        // The URI shares its bytes: no copy of the path unless a 503 logs it.
+        let uri = req.uri().clone();
         let mut resp = match route {
             Ok(route) => self
                 .dispatch(route, req, client, need.as_ref(), pages)
                 .await
                 .unwrap_or_else(|e| {
                     if let RegistryError::Unavailable(why) = &e {
-                        tracing::warn!(%client, %path, reason = %why, "answering 503");
+                        tracing::warn!(%client, path = uri.path(), reason = %why, "answering 503");
                     }
                     error_response(&e, &method)
                 }),

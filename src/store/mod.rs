@@ -169,19 +169,19 @@ impl Store {
     }
 
     pub fn blob_path(&self, area: Area, digest: &Digest) -> PathBuf {
-        let hex = digest.hex();
-        self.root
-            .join(area.dir())
-            .join("blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
+        self.sharded(area, "blobs/sha256", digest)
     }
 
     fn type_path(&self, area: Area, digest: &Digest) -> PathBuf {
+        self.sharded(area, "types/sha256", digest)
+    }
+
+    /// `AREA/KIND/ab/abcd…`: files by digest, spread over 256 directories.
+    fn sharded(&self, area: Area, kind: &str, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.root
             .join(area.dir())
-            .join("types/sha256")
+            .join(kind)
             .join(&hex[..2])
             .join(hex)
     }

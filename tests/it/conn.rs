@@ -363,19 +363,8 @@ async fn a_client_is_served_while_2000_slow_connections_are_open_and_they_all_ti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_stream_the_client_does_not_read_is_aborted_after_the_send_timeout() {
-    let up = Fake::start().await;
-    let blob = pseudo_random(77, 8 << 20);
-    let digest = up.add_blob(blob.clone());
-    let b = Berth::start(&up, |c| {
-        relaxed(c);
-        c.limits.send_timeout = ms(500);
-        c.max_cache_size = berth::config::ByteSize(1 << 30);
-    })
-    .await;
-    let path = format!("/v2/library/big/blobs/{digest}");
     // Cached first, so the stalled response is a cache hit served from the disk.
-    assert_eq!(b.get(&path).await.bytes(), blob);
-    b.settle().await;
+    let (_up, b, path, _blob) = cached_big_blob(77, 8 << 20).await;
     let before = metrics(&b).await;
     let hit_bytes = |t: &str| sample(t, "berth_served_bytes_total", &[("outcome", "hit")]);
 
@@ -550,19 +539,8 @@ async fn under_a_low_fd_limit_idle_clients_cannot_take_what_the_cache_and_upstre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_response_the_client_does_not_read_is_aborted_after_the_send_timeout() {
-    let up = Fake::start().await;
     // Larger than what the loopback socket buffers on both sides can hold.
-    let blob = pseudo_random(78, 48 << 20);
-    let digest = up.add_blob(blob.clone());
-    let b = Berth::start(&up, |c| {
-        relaxed(c);
-        c.limits.send_timeout = ms(500);
-        c.max_cache_size = berth::config::ByteSize(1 << 30);
-    })
-    .await;
-    let path = format!("/v2/library/big/blobs/{digest}");
-    assert_eq!(b.get(&path).await.bytes().len(), blob.len());
-    b.settle().await;
+    let (_up, b, path, blob) = cached_big_blob(78, 48 << 20).await;
     let mut s = connect(b.addr).await;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .await
@@ -581,4 +559,22 @@ async fn an_http1_response_the_client_does_not_read_is_aborted_after_the_send_ti
     let mut got = Vec::new();
     let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut got)).await;
     assert!(got.len() < blob.len(), "the whole response arrived");
+}
+
+/// A berth with a 500 ms send timeout and a blob of `len` bytes in its cache; the upstream
+/// must live as long as the berth.
+async fn cached_big_blob(seed: u64, len: usize) -> (Fake, Berth, String, bytes::Bytes) {
+    let up = Fake::start().await;
+    let blob = pseudo_random(seed, len);
+    let digest = up.add_blob(blob.clone());
+    let b = Berth::start(&up, |c| {
+        relaxed(c);
+        c.limits.send_timeout = ms(500);
+        c.max_cache_size = berth::config::ByteSize(1 << 30);
+    })
+    .await;
+    let path = format!("/v2/library/big/blobs/{digest}");
+    assert_eq!(b.get(&path).await.bytes(), blob);
+    b.settle().await;
+    (up, b, path, blob)
 }

@@ -201,19 +201,13 @@ impl Scraped {
             "berth_connections_refused",
             "Client connections closed on arrival because a connection cap was reached, by limit",
             true,
-            crate::http::conn::Reason::REFUSALS
-                .iter()
-                .map(|r| (vec![("reason", r.as_str().to_owned())], n(conns.count(*r))))
-                .collect(),
+            by_reason(conns, &crate::http::conn::Reason::REFUSALS),
         );
         s.push(
             "berth_connections_closed",
             "Client connections closed by a timeout, by limit",
             true,
-            crate::http::conn::Reason::CLOSES
-                .iter()
-                .map(|r| (vec![("reason", r.as_str().to_owned())], n(conns.count(*r))))
-                .collect(),
+            by_reason(conns, &crate::http::conn::Reason::CLOSES),
         );
         s.push(
             "berth_ratelimited_requests",
@@ -343,4 +337,20 @@ fn encode_sample(
     } else {
         ConstGauge::new(v).encode(e)
     }
+}
+
+/// One sample per connection-limit reason, labelled `reason`.
+fn by_reason(
+    conns: &crate::http::conn::Conns,
+    reasons: &[crate::http::conn::Reason],
+) -> Vec<(Vec<(&'static str, String)>, f64)> {
+    reasons
+        .iter()
+        .map(|r| {
+            (
+                vec![("reason", r.as_str().to_owned())],
+                conns.count(*r) as f64,
+            )
+        })
+        .collect()
 }
