@@ -14,7 +14,7 @@ use crate::http::tls::{CertResolver, Tls, TlsError};
 use crate::http::App;
 use crate::mirror::Mirror;
 use crate::ops::Service;
-use crate::store::Store;
+use crate::store::disk::DiskStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -63,12 +63,13 @@ impl Running {
 /// Opens the store, builds the mirror and starts listening.
 pub async fn start(mut config: Config) -> Result<Running, StartError> {
     fd_budget(&mut config);
-    let store = Store::open(&config.data_dir)
+    let store = DiskStore::open(&config.data_dir)
         .map_err(|e| StartError::Store(config.data_dir.display().to_string(), e))?;
     store
         .remove_leftovers()
         .map_err(|e| StartError::Store(config.data_dir.display().to_string(), e))?;
-    let mirror = Mirror::new(&config, store).map_err(|e| StartError::Setup(e.to_string()))?;
+    let mirror =
+        Mirror::new(&config, store.shared()).map_err(|e| StartError::Setup(e.to_string()))?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| StartError::Bind(config.listen, e))?;

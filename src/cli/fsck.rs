@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use clap::Args;
 
+use berth::store::disk::DiskStore;
+use berth::store::fsck;
 use berth::store::private::PrivateStore;
-use berth::store::Store;
 
 #[derive(Args)]
 pub struct FsckArgs {
@@ -32,23 +33,23 @@ impl FsckArgs {
                 Err(code) => return code,
             },
         };
-        let store = match Store::open_existing(&data_dir) {
+        let store = match DiskStore::open_existing(&data_dir).map(DiskStore::shared) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("berth: data dir {}: {e}", data_dir.display());
                 return ExitCode::FAILURE;
             }
         };
-        let report = match store.fsck(self.repair) {
+        let report = match fsck(store.as_ref(), self.repair) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("berth: fsck: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        for (_, path) in &report.corrupt {
+        for (area, digest) in &report.corrupt {
             let verb = if self.repair { "removed" } else { "corrupt" };
-            println!("{verb}: {}", path.display());
+            println!("{verb}: {} {digest}", area.name());
         }
         println!(
             "checked {} blobs ({} bytes): {} corrupt{}",

@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::Args;
 
 use berth::config::{human_bytes, LogFormat, Seconds};
+use berth::store::disk::DiskStore;
 use berth::store::gc::{collect, GcOptions};
-use berth::store::Store;
 
 #[derive(Args)]
 pub struct GcArgs {
@@ -37,7 +37,7 @@ impl GcArgs {
             Err(code) => return code,
         };
         let data_dir = self.data_dir.clone().unwrap_or(config.data_dir.clone());
-        let store = match Store::open_existing(&data_dir) {
+        let store = match DiskStore::open_existing(&data_dir).map(DiskStore::shared) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("berth: {}: {e}", data_dir.display());

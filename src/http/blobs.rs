@@ -13,9 +13,10 @@ impl App {
     ) -> Result<Option<Response<Body>>, RegistryError> {
         let (range, head) = (read.range.as_deref(), read.head);
         let store = self.mirror.store().clone();
-        let Some((file, len)) = blocking(move || store.open_blob(area, &digest)).await? else {
+        let Some(blob) = blocking(move || store.open_blob(area, &digest)).await? else {
             return Ok(None);
         };
+        let len = blob.len();
         let lease = (area == Area::Cache).then(|| {
             self.mirror.disk.touch(&digest);
             self.mirror.disk.lease(digest)
@@ -37,7 +38,7 @@ impl App {
         } else {
             // The lease rides along with the body, so eviction skips the blob while it is read.
             let stream =
-                futures_util::StreamExt::map(file_reader(file, start, end, read.pages), move |r| {
+                futures_util::StreamExt::map(blob.stream(start, end, read.pages), move |r| {
                     let _keep = &lease;
                     r.map(Frame::data)
                 });

@@ -41,7 +41,7 @@ use crate::oci::media::AcceptSet;
 use crate::oci::names::{Digest, Reference, RepoName};
 use crate::oci::routes::{Query, Route};
 use crate::store::blocking;
-use crate::store::pages::{file_reader, Pages};
+use crate::store::pages::Pages;
 use crate::store::Area;
 
 pub type Body = BoxBody<Bytes, io::Error>;

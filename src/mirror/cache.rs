@@ -8,7 +8,6 @@
 
 use crate::lock;
 use std::collections::{BTreeSet, HashMap};
-use std::fs;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -94,28 +93,11 @@ pub struct DiskCache {
 impl DiskCache {
     /// Scans the cache area to learn sizes and last uses.
     pub fn open(store: Store, max: u64) -> io::Result<DiskCache> {
-        let mut found = Vec::new();
-        let dir = store.blobs_dir(Area::Cache);
-        for shard in fs::read_dir(&dir)?.filter_map(Result::ok) {
-            let Ok(files) = fs::read_dir(shard.path()) else {
-                continue;
-            };
-            for f in files.filter_map(Result::ok) {
-                let Some(digest) = f
-                    .file_name()
-                    .to_str()
-                    .and_then(|n| Digest::parse(&format!("sha256:{n}")).ok())
-                else {
-                    continue;
-                };
-                let Ok(meta) = f.metadata() else { continue };
-                found.push((
-                    secs(meta.modified().unwrap_or(UNIX_EPOCH)),
-                    digest,
-                    meta.len(),
-                ));
-            }
-        }
+        let mut found: Vec<(u64, Digest, u64)> = store
+            .blobs(Area::Cache)?
+            .into_iter()
+            .map(|b| (secs(b.last_used), b.digest, b.len))
+            .collect();
         // Oldest first, so the recency order after a restart is the one before it.
         found.sort();
         let mut lru = Lru::default();
@@ -162,12 +144,7 @@ impl DiskCache {
     pub fn touch(&self, digest: &Digest) {
         let persist = lock(&self.lru).used(digest, now());
         if persist {
-            if let Ok(f) = fs::File::options()
-                .write(true)
-                .open(self.store.blob_path(Area::Cache, digest))
-            {
-                let _ = f.set_modified(SystemTime::now());
-            }
+            self.store.mark_used(Area::Cache, digest);
         }
     }
 
@@ -244,6 +221,7 @@ fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::disk::DiskStore;
 
     fn blob(store: &Store, seed: u8, len: usize) -> Digest {
         let bytes = vec![seed; len];
@@ -255,7 +233,7 @@ mod tests {
     #[test]
     fn evicts_least_recently_used_first_and_skips_leased_blobs() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = DiskStore::open(dir.path()).unwrap().shared();
         let cache = Arc::new(DiskCache::open(store.clone(), 300).unwrap());
         let (a, b, c) = (
             blob(&store, 1, 100),
@@ -288,12 +266,13 @@ mod tests {
     #[test]
     fn recency_survives_a_restart_and_private_blobs_are_not_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let disk = DiskStore::open(dir.path()).unwrap();
+        let store = disk.clone().shared();
         let (old, new) = (blob(&store, 1, 100), blob(&store, 2, 100));
         let hour_ago = SystemTime::now() - Duration::from_secs(3600);
-        let f = fs::File::options()
+        let f = std::fs::File::options()
             .write(true)
-            .open(store.blob_path(Area::Cache, &old))
+            .open(disk.blob_path(Area::Cache, &old))
             .unwrap();
         f.set_modified(hour_ago).unwrap();
         let private = vec![9u8; 1000];

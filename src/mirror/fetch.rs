@@ -569,7 +569,9 @@ mod tests {
     #[test]
     fn a_download_whose_task_dies_fails_its_readers_and_frees_its_slot() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(dir.path()).unwrap();
+        let store = crate::store::disk::DiskStore::open(dir.path())
+            .unwrap()
+            .shared();
         let fetches = Arc::new(Fetches::new(
             Arc::new(DiskCache::open(store, 1 << 30).unwrap()),
             1 << 30,

@@ -133,7 +133,7 @@ impl Registry {
     pub fn new(config: &Config, store: Store) -> Registry {
         let store = PrivateStore::new(store);
         let mut uploads = OpenUploads::default();
-        match store.upload_infos() {
+        match store.uploads.infos() {
             Ok(infos) => {
                 let now = Instant::now();
                 for (id, info) in infos {
@@ -271,7 +271,7 @@ pub async fn expire_uploads_once(reg: &Registry) -> usize {
     let max_age = reg.upload_max_age;
     let scanned_at = Instant::now();
     let ps = reg.store.clone();
-    let sessions = match blocking(move || ps.uploads()).await {
+    let sessions = match blocking(move || ps.uploads.all()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot list upload sessions to expire idle ones");
@@ -301,9 +301,9 @@ pub async fn expire_uploads_once(reg: &Registry) -> usize {
         let removed = blocking(move || {
             let _guard = guard;
             // Looked at again under the lock: a chunk may have arrived since the listing.
-            match ps.upload_activity(&i)? {
+            match ps.uploads.activity(&i)? {
                 Some((size, last)) if idle(SystemTime::now(), last) >= max_age => {
-                    ps.remove_upload(&i)?;
+                    ps.uploads.remove(&i)?;
                     Ok(Some((size, last)))
                 }
                 _ => Ok(None),
@@ -341,7 +341,7 @@ mod tests {
     /// Makes an upload session look idle since `ago`.
     fn backdate(ps: &PrivateStore, id: &UploadId, ago: Duration) {
         let then = SystemTime::now() - ago;
-        let dir = ps.upload_data_path(id).parent().unwrap().to_path_buf();
+        let dir = ps.uploads.data_path(id).parent().unwrap().to_path_buf();
         for f in ["data", "info"] {
             let file = std::fs::File::options()
                 .write(true)
@@ -360,12 +360,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
         config.upload_max_age = crate::config::Seconds(Duration::from_secs(3600));
-        let reg = Registry::new(&config, Store::open(dir.path()).unwrap());
+        let reg = Registry::new(
+            &config,
+            crate::store::disk::DiskStore::open(dir.path())
+                .unwrap()
+                .shared(),
+        );
         let repo = RepoName::parse("private/app").unwrap();
         let (idle, busy, fresh) = (UploadId::new(), UploadId::new(), UploadId::new());
         for id in [&idle, &busy, &fresh] {
             reg.reserve_upload("alice", id).unwrap();
-            reg.store.create_upload(&repo, id, Some("alice")).unwrap();
+            reg.store.uploads.create(&repo, id, Some("alice")).unwrap();
             reg.upload_created(id);
         }
         backdate(&reg.store, &idle, Duration::from_secs(7200));
@@ -373,15 +378,15 @@ mod tests {
         // A chunk being written holds the session's lock, however old its files look.
         let writing = reg.lock_upload(&busy).await;
         assert_eq!(expire_uploads_once(&reg).await, 1);
-        assert!(!reg.store.upload_exists(&idle));
-        assert!(reg.store.upload_exists(&busy) && reg.store.upload_exists(&fresh));
+        assert!(!reg.store.uploads.exists(&idle));
+        assert!(reg.store.uploads.exists(&busy) && reg.store.uploads.exists(&fresh));
         assert_eq!(reg.uploads_open(), 2);
         drop(writing);
         assert_eq!(expire_uploads_once(&reg).await, 1);
         assert_eq!(reg.uploads_open(), 1);
         assert_eq!(reg.uploads_expired.load(Ordering::Relaxed), 2);
         // A session removed behind the server's back (berth gc) stops counting.
-        reg.store.remove_upload(&fresh).unwrap();
+        reg.store.uploads.remove(&fresh).unwrap();
         assert_eq!(expire_uploads_once(&reg).await, 0);
         assert_eq!(reg.uploads_open(), 0);
         assert_eq!(

@@ -8,9 +8,7 @@
 //! `upload_max_age` go as well. Mirrored content is not touched: the cache bounds itself.
 
 use std::collections::HashSet;
-use std::fs;
 use std::io;
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use crate::oci::manifest;
@@ -66,7 +64,7 @@ pub fn collect(store: &Store, opts: &GcOptions) -> io::Result<GcReport> {
     // Mark.
     let mut live: HashSet<Digest> = HashSet::new();
     let mut manifests: Vec<Digest> = Vec::new();
-    for repo in ps.all_repos() {
+    for repo in ps.all_repos()? {
         manifests.extend(ps.manifests_of(&repo)?);
         manifests.extend(ps.tags(&repo)?.into_iter().map(|(_, d)| d));
     }
@@ -91,41 +89,28 @@ pub fn collect(store: &Store, opts: &GcOptions) -> io::Result<GcReport> {
     }
 
     // Sweep blobs.
-    let blobs_dir = store.blobs_dir(Area::Local);
     let mut removed: HashSet<Digest> = HashSet::new();
-    for shard in read_dir_or_empty(&blobs_dir)? {
-        for entry in read_dir_or_empty(&shard)? {
-            let Some(digest) = entry
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| Digest::parse(&format!("sha256:{n}")).ok())
-            else {
-                continue;
-            };
-            if live.contains(&digest) {
-                report.kept_referenced += 1;
-                continue;
-            }
-            let Ok(meta) = fs::metadata(&entry) else {
-                continue;
-            };
-            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            if age(opts.now, modified) < opts.blob_min_age {
-                report.kept_recent += 1;
-                continue;
-            }
-            if !opts.dry_run {
-                store.remove_blob(Area::Local, &digest)?;
-                store.remove_manifest_type(Area::Local, &digest)?;
-            }
-            report.bytes_freed += meta.len();
-            report.blobs.push((digest, meta.len()));
-            removed.insert(digest);
+    for blob in store.blobs(Area::Local)? {
+        let digest = blob.digest;
+        if live.contains(&digest) {
+            report.kept_referenced += 1;
+            continue;
         }
+        if age(opts.now, blob.last_used) < opts.blob_min_age {
+            report.kept_recent += 1;
+            continue;
+        }
+        if !opts.dry_run {
+            store.remove_blob(Area::Local, &digest)?;
+            store.remove_manifest_type(Area::Local, &digest)?;
+        }
+        report.bytes_freed += blob.len;
+        report.blobs.push((digest, blob.len));
+        removed.insert(digest);
     }
 
     // Links to what is gone.
-    for repo in ps.all_repos() {
+    for repo in ps.all_repos()? {
         for d in ps.blobs_of(&repo)? {
             let gone = removed.contains(&d) || store.blob_len(Area::Local, &d)?.is_none();
             if gone {
@@ -138,12 +123,12 @@ pub fn collect(store: &Store, opts: &GcOptions) -> io::Result<GcReport> {
     }
 
     // Abandoned uploads.
-    for (id, size, last) in ps.uploads()? {
+    for (id, size, last) in ps.uploads.all()? {
         if age(opts.now, last) < opts.upload_max_age {
             continue;
         }
         if !opts.dry_run {
-            ps.remove_upload(&id)?;
+            ps.uploads.remove(&id)?;
         }
         report.bytes_freed += size;
         report.uploads.push((id, size));
@@ -154,12 +139,4 @@ pub fn collect(store: &Store, opts: &GcOptions) -> io::Result<GcReport> {
 
 fn age(now: SystemTime, then: SystemTime) -> Duration {
     now.duration_since(then).unwrap_or(Duration::ZERO)
-}
-
-fn read_dir_or_empty(dir: &std::path::Path) -> io::Result<Vec<PathBuf>> {
-    match fs::read_dir(dir) {
-        Ok(entries) => Ok(entries.filter_map(Result::ok).map(|e| e.path()).collect()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
 }

@@ -1,22 +1,49 @@
-//! Writing a blob: into a temp file, hashed as it is written, renamed into place only when the
-//! bytes match the digest (see `BlobWriter::commit`).
+//! Writing a blob: into a local staging file, hashed as it is written, published under its
+//! digest only when the bytes match (see `BlobWriter::commit`). Every backend stages this way:
+//! verification needs the whole blob, and readers that follow a download read the staging file.
 
-use super::*;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+
+use super::StoreError;
+use crate::oci::names::Digest;
 
 /// Pieces at least this large are hashed on a second thread while they are written.
 const PARALLEL_HASH_MIN: usize = 256 << 10;
 
 /// A blob being written. Dropping it without `commit` removes the temp file.
 pub struct BlobWriter {
-    pub(super) file: Arc<File>,
-    pub(super) temp: Option<PathBuf>,
-    pub(super) hasher: Sha256,
-    pub(super) written: u64,
-    pub(super) dest: PathBuf,
-    pub(super) expected: Digest,
+    file: Arc<File>,
+    temp: Option<PathBuf>,
+    hasher: Sha256,
+    written: u64,
+    expected: Digest,
+    /// Makes the verified, durable staging file the blob (the backend's part of a commit).
+    publish: Publish,
 }
 
+/// What a backend does with a verified staging file: move it into place, upload it…
+pub type Publish = Box<dyn FnOnce(&Path) -> io::Result<()> + Send + Sync>;
+
 impl BlobWriter {
+    /// A writer into `temp` (created empty by the backend) of a blob expected to hash to
+    /// `expected`; `publish` runs on commit.
+    pub fn new(file: File, temp: PathBuf, expected: Digest, publish: Publish) -> BlobWriter {
+        BlobWriter {
+            file: Arc::new(file),
+            temp: Some(temp),
+            hasher: Sha256::new(),
+            written: 0,
+            expected,
+            publish,
+        }
+    }
+
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         let (file, hasher, offset) = (&self.file, &mut self.hasher, self.written);
         if bytes.len() >= PARALLEL_HASH_MIN {
@@ -63,7 +90,7 @@ impl BlobWriter {
         self.file.clone()
     }
 
-    /// Verifies the digest, makes the bytes durable and moves them into place.
+    /// Verifies the digest, makes the bytes durable and publishes them.
     pub fn commit(mut self) -> Result<u64, StoreError> {
         self.verify()?;
         self.file.sync_all()?;
@@ -71,7 +98,8 @@ impl BlobWriter {
             .temp
             .take()
             .ok_or_else(|| io::Error::other("blob committed twice"))?;
-        if let Err(e) = rename_durable(&temp, &self.dest) {
+        let publish = std::mem::replace(&mut self.publish, Box::new(|_| Ok(())));
+        if let Err(e) = publish(&temp) {
             let _ = fs::remove_file(&temp);
             return Err(e.into());
         }

@@ -164,9 +164,9 @@ async fn sigterm_stops_the_server_cleanly() {
 fn fsck_reports_dangling_tags_and_repair_removes_them() {
     use berth::oci::names::{Digest, RepoName, Tag};
     use berth::store::private::PrivateStore;
-    use berth::store::{Area, Store};
+    use berth::store::{disk::DiskStore, Area};
     let dir = tempfile::tempdir().unwrap();
-    let ps = PrivateStore::new(Store::open(dir.path()).unwrap());
+    let ps = PrivateStore::new(DiskStore::open(dir.path()).unwrap().shared());
     let repo = RepoName::parse("private/app").unwrap();
     let stored = |bytes: &[u8]| {
         let d = Digest::of(bytes);
@@ -232,9 +232,9 @@ fn fsck_reports_dangling_tags_and_repair_removes_them() {
 #[test]
 fn gc_grace_zero_reclaims_a_just_unreferenced_blob() {
     use berth::oci::names::Digest;
-    use berth::store::{Area, Store};
+    use berth::store::{disk::DiskStore, Area, ContentStore};
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = DiskStore::open(dir.path()).unwrap();
     // A layer whose manifest was just deleted: referenced by nothing, written a moment ago.
     let layer = pseudo_random(7, 10_000);
     let d = Digest::of(&layer);

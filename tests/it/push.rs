@@ -984,7 +984,9 @@ async fn gc_keeps_referenced_and_recent_blobs_and_removes_the_rest() {
     .await;
     assert_eq!(r.status, 202);
 
-    let store = berth::store::Store::open_existing(e.b.dir.path()).unwrap();
+    let store = berth::store::disk::DiskStore::open_existing(e.b.dir.path())
+        .unwrap()
+        .shared();
     let before = e.local_blob_count();
 
     // Now: everything is recent, nothing goes.

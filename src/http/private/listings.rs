@@ -45,7 +45,7 @@ pub(super) async fn tags(
 ) -> Result<Response<Body>, RegistryError> {
     let (ps, n) = (app.private.store.clone(), name.clone());
     let tags = blocking(move || {
-        if !ps.repo_exists(&n) {
+        if !ps.repo_exists(&n)? {
             return Ok(None);
         }
         Ok(Some(

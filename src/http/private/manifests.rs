@@ -17,7 +17,7 @@ pub(super) async fn resolve(
                 None => return Ok(None),
             },
         };
-        Ok(ps.manifest_in_repo(&n, &d).then_some(d))
+        Ok(ps.manifest_in_repo(&n, &d)?.then_some(d))
     })
     .await
 }
@@ -89,7 +89,7 @@ pub(super) fn check_references(
         }
     }
     for c in &parsed.children {
-        let len = if ps.manifest_in_repo(repo, &c.digest) {
+        let len = if ps.manifest_in_repo(repo, &c.digest)? {
             ps.store().blob_len(Area::Local, &c.digest)?
         } else {
             None
@@ -211,7 +211,7 @@ pub(super) async fn delete_manifest(
                 Ok(Some((d, mt)))
             }
             Reference::Digest(d) => {
-                if !ps.manifest_in_repo(&n, d) {
+                if !ps.manifest_in_repo(&n, d)? {
                     return Ok(None);
                 }
                 let stored = store.get_manifest(Area::Local, d)?;

@@ -18,7 +18,6 @@ use manifests::*;
 use uploads::*;
 
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 

@@ -52,16 +52,11 @@ pub(super) async fn pump<S: Send + 'static>(
     }
 }
 
-/// An upload's data file, written at a position.
-pub(super) struct FileSink {
-    file: std::fs::File,
-    pos: u64,
-}
-
-pub(super) fn write_file_sink(s: &mut FileSink, bytes: &[u8]) -> io::Result<()> {
-    s.file.write_all_at(bytes, s.pos)?;
-    s.pos += bytes.len() as u64;
-    Ok(())
+pub(super) fn write_upload_sink(
+    s: &mut crate::store::uploads::Appender,
+    bytes: &[u8],
+) -> io::Result<()> {
+    s.write(bytes)
 }
 
 pub(super) fn write_blob_sink(w: &mut crate::store::BlobWriter, bytes: &[u8]) -> io::Result<()> {
@@ -151,7 +146,7 @@ pub(super) async fn start_upload(
         id: Some(id.clone()),
     };
     let (target, i, owner) = (name.clone(), id.clone(), user.to_owned());
-    blocking(move || ps.create_upload(&target, &i, Some(&owner))).await?;
+    blocking(move || ps.uploads.create(&target, &i, Some(&owner))).await?;
     reservation.keep();
     upload_accepted(StatusCode::ACCEPTED, &name, &id, 0)
 }
@@ -192,7 +187,7 @@ pub(super) async fn reserve_upload(app: &App, user: &str, id: &UploadId) -> Resu
     if let Ok(gone) = blocking(move || {
         Ok(ids
             .into_iter()
-            .filter(|id| !ps.upload_exists(id))
+            .filter(|id| !ps.uploads.exists(id))
             .collect::<std::collections::HashSet<_>>())
     })
     .await
@@ -250,7 +245,7 @@ pub(super) async fn upload_size(
     id: &UploadId,
 ) -> Result<u64, RegistryError> {
     let (ps, n, i) = (app.private.store.clone(), name.clone(), id.clone());
-    blocking(move || ps.upload_size(&n, &i))
+    blocking(move || ps.uploads.size(&n, &i))
         .await?
         .ok_or_else(|| RegistryError::BlobUploadUnknown(id.to_string()))
 }
@@ -317,12 +312,12 @@ pub(super) async fn append_chunk(
     }
     let ps = app.private.store.clone();
     let i = id.clone();
-    let file = blocking(move || ps.open_upload(&i)).await?;
+    let sink = blocking(move || ps.uploads.appender(&i, size)).await?;
     let mut body = req.into_body();
-    let result = pump(&mut body, FileSink { file, pos: size }, write_file_sink).await;
+    let result = pump(&mut body, sink, write_upload_sink).await;
     let undo = || {
         let (ps, i) = (app.private.store.clone(), id.clone());
-        blocking(move || ps.truncate_upload(&i, size))
+        blocking(move || ps.uploads.truncate(&i, size))
     };
     let written = match result {
         Ok((_, n)) => n,
@@ -406,7 +401,7 @@ pub(super) async fn cancel_upload(
     let _guard = app.private.lock_upload(&id).await;
     upload_size(app, &name, &id).await?;
     let (ps, i) = (app.private.store.clone(), id.clone());
-    blocking(move || ps.remove_upload(&i)).await?;
+    blocking(move || ps.uploads.remove(&i)).await?;
     app.private.forget_upload(&id);
     respond(
         StatusCode::NO_CONTENT,

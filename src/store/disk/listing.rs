@@ -2,12 +2,13 @@
 //! a page are read, so a page of the catalog (or of the status page) costs about the same
 //! however many repositories the store holds.
 
-use super::{Area, Store};
+use super::DiskStore;
+use crate::store::Area;
 
-impl Store {
+impl DiskStore {
     /// Up to `n` repository names after `last`, in byte order: the private repositories that
     /// hold something, and the mirrored ones with a tag in the cache, of every upstream.
-    pub fn catalog_names(&self, last: Option<&str>, n: usize) -> Vec<String> {
+    pub(super) fn catalog_page(&self, last: Option<&str>, n: usize) -> Vec<String> {
         let mut names = Vec::new();
         repos_after(
             &self.local_repos_dir(),
@@ -36,7 +37,7 @@ impl Store {
     }
 
     /// Up to `n` repositories of an area with tags, as (upstream, name), in that order.
-    pub fn area_repos(&self, area: Area, n: usize) -> Vec<(String, String)> {
+    pub(super) fn area_page(&self, area: Area, n: usize) -> Vec<(String, String)> {
         let mut names: Vec<(String, String)> = Vec::new();
         for up in self.upstream_dirs(area) {
             let mut found = Vec::new();
