@@ -10,7 +10,6 @@
 
 use crate::lock;
 use std::collections::HashMap;
-use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -124,11 +123,10 @@ struct Progress {
 
 /// One download in flight.
 pub struct Download {
-    file: Arc<File>,
     progress: watch::Sender<Progress>,
     readers: AtomicUsize,
-    /// Mappings of the file shared by its readers.
-    windows: pages::Windows,
+    /// The bytes written so far, shared by the readers.
+    written: pages::Growing,
 }
 
 /// What a blob request attaches to.
@@ -279,10 +277,9 @@ impl Fetches {
             total: None,
         });
         let download = Arc::new(Download {
-            file: writer.shared_file(),
+            written: writer.follow(),
             progress,
             readers: AtomicUsize::new(0),
-            windows: pages::Windows::default(),
         });
         inflight.insert(key.clone(), download.clone());
         self.started.fetch_add(1, Ordering::Relaxed);
@@ -526,18 +523,7 @@ impl Download {
                         None => available,
                     };
                     if pos < limit {
-                        let window_end = (pos / pages::WINDOW + 1) * pages::WINDOW;
-                        let len = (limit.min(window_end) - pos) as usize;
-                        let chunk = match pages {
-                            Pages::Mapped => guard.0.windows.piece(&guard.0.file, pos, len)?,
-                            // Written moments ago, so in memory: read on this thread.
-                            Pages::Copied => pages::read_into(
-                                &guard.0.file,
-                                pos,
-                                len.min(pages::COPY_CHUNK),
-                                &mut buf,
-                            )?,
-                        };
+                        let chunk = guard.0.written.piece(pos, limit, pages, &mut buf)?;
                         let next = pos + chunk.len() as u64;
                         return Ok(Some((chunk, (guard, rx, next, buf))));
                     }

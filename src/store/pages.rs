@@ -24,11 +24,11 @@ use crate::lock;
 const READ_CHUNK: usize = 1 << 20;
 /// Copied reads go in pieces of this size: a piece is encrypted moments after it is read, while
 /// it is still in the CPU's cache, and its buffer is then reused for the next one.
-pub const COPY_CHUNK: usize = 256 << 10;
+const COPY_CHUNK: usize = 256 << 10;
 /// Readers following a download share mappings of it in windows of this size. They read the
 /// same region at about the same time, so the eight clients of one cold blob cost one mapping
 /// (and one unmap, with its cross-CPU TLB flush) per window rather than eight per piece.
-pub const WINDOW: u64 = 1 << 20;
+const WINDOW: u64 = 1 << 20;
 /// Windows a download keeps track of, for readers that are a little behind the others.
 const WINDOWS_KEPT: usize = 4;
 
@@ -46,9 +46,43 @@ pub enum Pages {
     Copied,
 }
 
+/// A blob being written, as the readers that follow the write see it: the bytes already
+/// written, read from the staging file, never past what the writer reports written.
+pub struct Growing {
+    file: Arc<File>,
+    windows: Windows,
+}
+
+impl Growing {
+    pub fn new(file: Arc<File>) -> Growing {
+        Growing {
+            file,
+            windows: Windows::default(),
+        }
+    }
+
+    /// A piece of the written bytes `pos..limit`: up to the end of `pos`'s window (mapped), or
+    /// up to [`COPY_CHUNK`] bytes copied into `buf`.
+    pub fn piece(
+        &self,
+        pos: u64,
+        limit: u64,
+        pages: Pages,
+        buf: &mut BytesMut,
+    ) -> io::Result<Bytes> {
+        let window_end = (pos / WINDOW + 1) * WINDOW;
+        let len = (limit.min(window_end) - pos) as usize;
+        match pages {
+            Pages::Mapped => self.windows.piece(&self.file, pos, len),
+            // Written moments ago, so in memory: read on this thread.
+            Pages::Copied => read_into(&self.file, pos, len.min(COPY_CHUNK), buf),
+        }
+    }
+}
+
 /// Mappings of a growing file shared by the readers that follow it, in windows of [`WINDOW`].
 #[derive(Default)]
-pub struct Windows {
+struct Windows {
     /// Recently mapped windows, by index; alive while a reader holds a piece.
     recent: Mutex<Vec<(u64, Weak<Mmap>)>>,
 }
@@ -59,7 +93,7 @@ impl Windows {
     ///
     /// These bytes were written moments ago and are still in memory, so this runs on the
     /// reader's own thread: mapping them costs less than handing the work to another one.
-    pub fn piece(&self, file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    fn piece(&self, file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
         let index = pos / WINDOW;
         let base = index * WINDOW;
         let map = {
@@ -246,7 +280,7 @@ fn read_now(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
 /// it first. The piece is split off as `Bytes`; once the connection has dropped it, the next
 /// read reuses the same memory, so a long body costs no allocation (and no page faults) per
 /// piece.
-pub fn read_into(file: &File, pos: u64, len: usize, buf: &mut BytesMut) -> io::Result<Bytes> {
+fn read_into(file: &File, pos: u64, len: usize, buf: &mut BytesMut) -> io::Result<Bytes> {
     buf.clear();
     buf.reserve(len);
     let spare = buf.spare_capacity_mut();

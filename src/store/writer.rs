@@ -85,9 +85,9 @@ impl BlobWriter {
         self.expected
     }
 
-    /// The temp file, for readers that follow the write as it grows.
-    pub fn shared_file(&self) -> Arc<File> {
-        self.file.clone()
+    /// The bytes written so far, for readers that follow the write as it grows.
+    pub fn follow(&self) -> super::pages::Growing {
+        super::pages::Growing::new(self.file.clone())
     }
 
     /// Verifies the digest, makes the bytes durable and publishes them.

@@ -14,5 +14,6 @@ mod fetch;
 mod ops;
 mod pull;
 mod push;
+mod store;
 mod tls;
 mod upstream;

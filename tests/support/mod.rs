@@ -4,12 +4,14 @@
 //! - [`image`]: synthetic images and manifest lists, deterministic blobs, digests;
 //! - [`harness`]: berth started in-process against the fake, with its own data dir;
 //! - [`client`]: a small HTTP client and [`client::wait_for`];
-//! - [`logs`]: berth's log lines captured as JSON.
+//! - [`logs`]: berth's log lines captured as JSON;
+//! - [`contract`]: what every content-store backend must do.
 //!
 //! The fresh-machine tier (`tests/it`) uses all of it; the interop tier (`tests/interop`) the
 //! parts it needs.
 
 pub mod client;
+pub mod contract;
 pub mod fake;
 pub mod harness;
 pub mod image;
