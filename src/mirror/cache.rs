@@ -7,78 +7,15 @@
 //! is never counted or evicted here; blobs with a reader holding a lease are skipped.
 
 use crate::lock;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::oci::names::Digest;
+use crate::store::lru::Lru;
 use crate::store::{Area, Store};
-
-/// Don't rewrite a blob's mtime more often than this (seconds): after a restart, last use
-/// needs minutes of precision, not nanoseconds.
-const TOUCH_EVERY: u64 = 60;
-
-/// Recency order of the cache area. In memory every use moves an entry to the back; on disk the
-/// file's mtime records the use, rewritten at most once a minute, which is all a restart needs.
-#[derive(Default)]
-struct Lru {
-    entries: HashMap<Digest, Entry>,
-    order: BTreeSet<(u64, Digest)>,
-    next_tick: u64,
-    total: u64,
-}
-
-struct Entry {
-    size: u64,
-    tick: u64,
-    /// The last use written to the file's mtime, in seconds.
-    persisted: u64,
-}
-
-impl Lru {
-    fn insert(&mut self, digest: Digest, size: u64, persisted: u64) {
-        self.remove(&digest);
-        let tick = self.next_tick;
-        self.next_tick += 1;
-        self.entries.insert(
-            digest,
-            Entry {
-                size,
-                tick,
-                persisted,
-            },
-        );
-        self.order.insert((tick, digest));
-        self.total += size;
-    }
-
-    /// Moves an entry to the most recent end; tells whether its mtime is due for a rewrite.
-    fn used(&mut self, digest: &Digest, now: u64) -> bool {
-        let tick = self.next_tick;
-        let Some(e) = self.entries.get_mut(digest) else {
-            return false;
-        };
-        self.order.remove(&(e.tick, *digest));
-        e.tick = tick;
-        self.order.insert((tick, *digest));
-        self.next_tick += 1;
-        if now.saturating_sub(e.persisted) >= TOUCH_EVERY {
-            e.persisted = now;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn remove(&mut self, digest: &Digest) -> Option<u64> {
-        let e = self.entries.remove(digest)?;
-        self.order.remove(&(e.tick, *digest));
-        self.total -= e.size;
-        Some(e.size)
-    }
-}
 
 /// Accounting and eviction for the cache area of the store.
 pub struct DiskCache {
@@ -105,8 +42,8 @@ impl DiskCache {
             lru.insert(digest, size, used);
         }
         tracing::info!(
-            entries = lru.entries.len(),
-            bytes = lru.total,
+            entries = lru.len(),
+            bytes = lru.total(),
             limit = max,
             "disk cache opened"
         );
@@ -127,7 +64,7 @@ impl DiskCache {
     }
 
     pub fn size(&self) -> u64 {
-        lock(&self.lru).total
+        lock(&self.lru).total()
     }
 
     pub fn limit(&self) -> u64 {
@@ -166,14 +103,12 @@ impl DiskCache {
         loop {
             let victim = {
                 let lru = lock(&self.lru);
-                if lru.total <= self.max {
+                if lru.total() <= self.max {
                     return;
                 }
                 let leases = lock(&self.leases);
-                lru.order
-                    .iter()
-                    .map(|(_, d)| *d)
-                    .find(|d| !leases.contains_key(d))
+                let victim = lru.oldest_first().find(|d| !leases.contains_key(d));
+                victim
             };
             let Some(digest) = victim else {
                 tracing::warn!("disk cache over its limit, but every entry is in use");

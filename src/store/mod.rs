@@ -21,6 +21,7 @@
 pub mod disk;
 mod fsck;
 pub mod gc;
+pub mod lru;
 pub mod manifests;
 pub mod pages;
 pub mod private;
