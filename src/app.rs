@@ -8,13 +8,17 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::auth::TokenKey;
 use crate::config::Config;
+use crate::config::StorageConfig;
 use crate::http::server::{serve, Listeners};
 use crate::http::tls::{CertResolver, Tls, TlsError};
 use crate::http::App;
 use crate::mirror::Mirror;
 use crate::ops::Service;
 use crate::store::disk::DiskStore;
+use crate::store::s3::S3Store;
+use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -60,16 +64,47 @@ impl Running {
     }
 }
 
+/// Opens the configured content store and removes writes a crash interrupted.
+pub fn open_store(config: &Config, runtime: tokio::runtime::Handle) -> Result<Store, StartError> {
+    let failed = |e| StartError::Store(config.data_dir.display().to_string(), e);
+    match &config.storage {
+        StorageConfig::Disk => {
+            let disk = DiskStore::open(&config.data_dir).map_err(failed)?;
+            disk.remove_leftovers().map_err(failed)?;
+            Ok(disk.shared())
+        }
+        StorageConfig::S3(s3) => {
+            let store = S3Store::open(s3, &config.data_dir, runtime).map_err(failed)?;
+            store.local().remove_leftovers().map_err(failed)?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
 /// Opens the store, builds the mirror and starts listening.
 pub async fn start(mut config: Config) -> Result<Running, StartError> {
     fd_budget(&mut config);
-    let store = DiskStore::open(&config.data_dir)
-        .map_err(|e| StartError::Store(config.data_dir.display().to_string(), e))?;
-    store
-        .remove_leftovers()
-        .map_err(|e| StartError::Store(config.data_dir.display().to_string(), e))?;
-    let mirror =
-        Mirror::new(&config, store.shared()).map_err(|e| StartError::Setup(e.to_string()))?;
+    // Opening may list a bucket and read its shared secret: off the async workers.
+    let (config, mirror, token_key) = {
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let store = open_store(&config, runtime)?;
+            let token_key = match store.cluster_secret() {
+                Ok(Some(secret)) => TokenKey::new(secret),
+                Ok(None) => TokenKey::random(),
+                Err(e) => {
+                    return Err(StartError::Setup(format!(
+                        "the store's shared secret (for tokens) cannot be read: {e}"
+                    )))
+                }
+            };
+            let mirror =
+                Mirror::new(&config, store).map_err(|e| StartError::Setup(e.to_string()))?;
+            Ok::<_, StartError>((config, mirror, token_key))
+        })
+        .await
+        .map_err(|e| StartError::Setup(e.to_string()))??
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| StartError::Bind(config.listen, e))?;
@@ -94,7 +129,7 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
     let resolver = tls.as_ref().map(|(_, _, t)| t.resolver.clone());
     let tls = tls.map(|(l, _, t)| (l, t));
     let grace = config.shutdown_grace.0;
-    let app = Arc::new(Service::new(App::new(config, mirror)));
+    let app = Arc::new(Service::new(App::new(config, mirror, token_key)));
     let (stop, stopped) = watch::channel(false);
     let metrics_addr = match app.config.metrics_listen {
         Some(at) => Some(

@@ -27,7 +27,7 @@ mod tokens;
 
 pub use htpasswd::{add_user, check_user_name, parse_htpasswd, remove_user, DEFAULT_COST};
 pub use policy::{Access, Namespaces, Need, Repository};
-pub use tokens::{requested_scopes, Actions, Grants, TOKEN_TTL};
+pub use tokens::{requested_scopes, Actions, Grants, TokenKey, TOKEN_TTL};
 
 use crate::lock;
 use std::net::IpAddr;
@@ -122,6 +122,7 @@ pub struct Authenticator {
     /// Bearer tokens handed out by `/auth/token`: who they speak for (None: anonymous), with
     /// what they grant.
     tokens: moka::future::Cache<String, Option<User>>,
+    token_key: TokenKey,
 }
 
 /// Counts a login waiting for a turn at bcrypt while it lives.
@@ -165,7 +166,15 @@ impl Authenticator {
                 .max_capacity(100_000)
                 .time_to_live(TOKEN_TTL)
                 .build(),
+            token_key: TokenKey::random(),
         }
+    }
+
+    /// Signs tokens with `key`: replicas sharing a store share the key, so a token one of them
+    /// issued is good at every other.
+    pub fn with_token_key(mut self, key: TokenKey) -> Authenticator {
+        self.token_key = key;
+        self
     }
 
     /// Applies the policy to a request: `Ok(Some(user))` when credentials were needed and are
@@ -221,7 +230,7 @@ impl Authenticator {
         client: IpAddr,
     ) -> Result<Option<User>, RegistryError> {
         if let Some(token) = bearer(headers) {
-            return match self.tokens.get(token).await {
+            return match self.token_holder(token).await {
                 Some(user) => Ok(user),
                 None => Err(RegistryError::Unauthorized(
                     "unknown or expired token".into(),

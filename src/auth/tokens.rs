@@ -6,7 +6,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
 use http::{HeaderMap, Method};
+use sha2::Sha256;
 
 use crate::auth::{Access, Authenticator, Namespaces, Need, Repository, User};
 use crate::config::Config;
@@ -21,7 +25,7 @@ const MAX_SCOPES: usize = 32;
 pub const TOKEN_TTL: Duration = Duration::from_secs(300);
 
 /// Actions of the token scope grammar (`repository:NAME:pull,push`), as a set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Actions(u8);
 
 impl Actions {
@@ -63,7 +67,7 @@ impl Actions {
 }
 
 /// The resources and actions a token was issued for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Grants(HashMap<String, Actions>);
 
 impl Grants {
@@ -101,7 +105,7 @@ impl Authenticator {
     /// Whether the request carries a valid anonymous Bearer token.
     pub(super) async fn anonymous_token(&self, headers: &HeaderMap) -> bool {
         match bearer(headers) {
-            Some(token) => matches!(self.tokens.get(token).await, Some(None)),
+            Some(token) => matches!(self.token_holder(token).await, Some(None)),
             None => false,
         }
     }
@@ -135,13 +139,93 @@ impl Authenticator {
                 *e = e.union(granted);
             }
         }
-        let holder = user.map(|u| User {
-            name: u.name,
-            grants: Some(Arc::new(grants)),
-        });
-        let token = hex::encode(rand::random::<[u8; 32]>());
+        let claims = Claims {
+            user: user.as_ref().map(|u| u.name.to_string()),
+            grants,
+            expires: crate::store::now_secs() + TOKEN_TTL.as_secs(),
+            nonce: hex::encode(rand::random::<[u8; 8]>()),
+        };
+        let token = self.token_key.sign(&claims);
+        let holder = claims.holder();
         self.tokens.insert(token.clone(), holder).await;
         Ok(token)
+    }
+
+    /// Who a token speaks for: from the tokens this berth issued, else, when its signature is
+    /// good and it has not expired, from the token itself (another replica issued it).
+    pub(super) async fn token_holder(&self, token: &str) -> Option<Option<User>> {
+        if let Some(holder) = self.tokens.get(token).await {
+            return Some(holder);
+        }
+        let claims = self.token_key.verify(token)?;
+        let holder = claims.holder();
+        self.tokens.insert(token.to_owned(), holder.clone()).await;
+        Some(holder)
+    }
+}
+
+/// What a token says about its holder; signed, so that every replica that shares the key
+/// can check it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Claims {
+    #[serde(rename = "u")]
+    user: Option<String>,
+    #[serde(rename = "g")]
+    grants: Grants,
+    /// Seconds since the epoch.
+    #[serde(rename = "e")]
+    expires: u64,
+    /// Two tokens issued in the same second for the same scopes still differ.
+    #[serde(rename = "n")]
+    nonce: String,
+}
+
+impl Claims {
+    fn holder(&self) -> Option<User> {
+        self.user.as_ref().map(|name| User {
+            name: name.as_str().into(),
+            grants: Some(Arc::new(self.grants.clone())),
+        })
+    }
+}
+
+/// The key tokens are signed with (HMAC-SHA256). Random per process unless the content store
+/// is shared by replicas, which then share one key (see `ContentStore::cluster_secret`).
+#[derive(Clone)]
+pub struct TokenKey([u8; 32]);
+
+impl TokenKey {
+    pub fn random() -> TokenKey {
+        TokenKey(rand::random())
+    }
+
+    pub fn new(key: [u8; 32]) -> TokenKey {
+        TokenKey(key)
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        // An HMAC takes a key of any length; this cannot fail.
+        <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC accepts any key length")
+    }
+
+    /// `base64url(claims JSON) "." base64url(HMAC of the first part)`.
+    fn sign(&self, claims: &Claims) -> String {
+        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap_or_default());
+        let mut mac = self.mac();
+        mac.update(body.as_bytes());
+        let tag = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{body}.{tag}")
+    }
+
+    /// The claims of a token signed with this key that has not expired.
+    fn verify(&self, token: &str) -> Option<Claims> {
+        let (body, tag) = token.split_once('.')?;
+        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+        let mut mac = self.mac();
+        mac.update(body.as_bytes());
+        mac.verify_slice(&tag).ok()?;
+        let claims: Claims = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(body).ok()?).ok()?;
+        (claims.expires > crate::store::now_secs()).then_some(claims)
     }
 }
 
@@ -233,5 +317,69 @@ mod tests {
         let grants = Grants(asked.into_iter().collect());
         assert!(grants.allows(&need));
         assert!(!grants.allows(&Need::of(&m, &Method::DELETE).unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_token_is_good_at_every_berth_sharing_the_key_and_nowhere_else() {
+        let config = Config::default();
+        let key = TokenKey::new([7; 32]);
+        let issuer = Authenticator::new(&config).with_token_key(key.clone());
+        let replica = Authenticator::new(&config).with_token_key(key.clone());
+        let stranger = Authenticator::new(&config);
+        let client: IpAddr = [127, 0, 0, 1].into();
+        let token = issuer
+            .issue_token(
+                &config,
+                &HeaderMap::new(),
+                Some("scope=repository:library/a:pull"),
+                client,
+            )
+            .await
+            .unwrap();
+        let bearer = |t: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
+            h
+        };
+        assert!(replica.anonymous_token(&bearer(&token)).await);
+        assert!(!stranger.anonymous_token(&bearer(&token)).await);
+        assert!(stranger
+            .authenticate(&bearer(&token), client)
+            .await
+            .is_err());
+        // A token whose claims were changed, or that has expired, is refused.
+        let (body, tag) = token.split_once('.').unwrap();
+        let mut claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(body).unwrap()).unwrap();
+        claims["u"] = "admin".into();
+        let forged = format!(
+            "{}.{tag}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap())
+        );
+        assert!(replica
+            .authenticate(&bearer(&forged), client)
+            .await
+            .is_err());
+        let expired = key.sign(&Claims {
+            user: Some("alice".into()),
+            grants: Grants::default(),
+            expires: crate::store::now_secs() - 1,
+            nonce: String::new(),
+        });
+        assert!(replica
+            .authenticate(&bearer(&expired), client)
+            .await
+            .is_err());
+        let good = key.sign(&Claims {
+            user: Some("alice".into()),
+            grants: Grants::default(),
+            expires: crate::store::now_secs() + 60,
+            nonce: String::new(),
+        });
+        let user = replica.authenticate(&bearer(&good), client).await.unwrap();
+        assert_eq!(user.map(|u| u.name().to_owned()), Some("alice".to_owned()));
     }
 }

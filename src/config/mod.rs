@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod storage;
 mod values;
+pub use storage::{S3Config, StorageConfig};
 pub use values::{
     human_bytes, valid_origin, ByteSize, IpNet, PublicUrl, Seconds, UpstreamUrl, WebhookUrl,
 };
@@ -66,6 +68,7 @@ pub struct Config {
     /// bcrypt checks of passwords running at once [default: the number of CPUs].
     pub password_check_concurrency: Option<usize>,
     pub limits: LimitsConfig,
+    pub storage: StorageConfig,
 }
 
 /// Bounds on what one connection, and all of them together, may hold.
@@ -235,6 +238,7 @@ impl Default for Config {
             public_url: None,
             password_check_concurrency: None,
             limits: LimitsConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -340,6 +344,7 @@ impl Config {
             }
         }
         self.limits.validate()?;
+        self.storage.validate()?;
         Ok(())
     }
 

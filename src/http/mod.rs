@@ -87,9 +87,10 @@ pub struct Served {
 }
 
 impl App {
-    pub fn new(config: Config, mirror: Mirror) -> App {
+    /// `token_key` signs the tokens of `/auth/token` (shared by replicas of one store).
+    pub fn new(config: Config, mirror: Mirror, token_key: crate::auth::TokenKey) -> App {
         App {
-            auth: crate::auth::Authenticator::new(&config),
+            auth: crate::auth::Authenticator::new(&config).with_token_key(token_key),
             private: Arc::new(crate::registry::Registry::new(
                 &config,
                 mirror.store().clone(),

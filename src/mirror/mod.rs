@@ -102,10 +102,15 @@ pub struct Mirror {
 
 impl Mirror {
     pub fn new(config: &Config, store: Store) -> Result<Mirror, MirrorSetupError> {
-        let disk = Arc::new(
-            DiskCache::open(store.clone(), config.max_cache_size.0)
-                .map_err(MirrorSetupError::Store)?,
-        );
+        // A replica that does not evict from a shared bucket leaves the bound to the one that
+        // does (see `[storage] evict`).
+        let bound = if config.storage.evicts() {
+            config.max_cache_size.0
+        } else {
+            u64::MAX
+        };
+        let disk =
+            Arc::new(DiskCache::open(store.clone(), bound).map_err(MirrorSetupError::Store)?);
         let mut upstreams = HashMap::new();
         for (key, up) in &config.upstreams {
             let client =

@@ -25,6 +25,7 @@ pub mod lru;
 pub mod manifests;
 pub mod pages;
 pub mod private;
+pub mod s3;
 pub mod uploads;
 mod writer;
 
@@ -316,6 +317,27 @@ pub trait ContentStore: Send + Sync + 'static {
 
     /// Whether the store can take writes now (the readiness probe).
     fn probe_writable(&self) -> io::Result<()>;
+
+    /// A secret that every berth sharing this store reads the same (replicas sign their tokens
+    /// with it); `None` for a store no other berth shares.
+    fn cluster_secret(&self) -> io::Result<Option<[u8; 32]>> {
+        Ok(None)
+    }
+}
+
+/// The name a tag's record is kept under: the tag, then `@variant` when there is one.
+pub(crate) fn tag_file(tag: &Tag, variant: &str) -> String {
+    if variant.is_empty() {
+        tag.as_str().to_owned()
+    } else {
+        format!("{tag}@{variant}")
+    }
+}
+
+/// The tag and variant a record's name holds (see [`tag_file`]).
+pub(crate) fn parse_tag_file(name: &str) -> Option<(Tag, String)> {
+    let (tag, variant) = name.split_once('@').unwrap_or((name, ""));
+    Some((Tag::parse(tag).ok()?, variant.to_owned()))
 }
 
 pub fn now_secs() -> u64 {

@@ -17,11 +17,13 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod garage;
 mod oci;
 mod procs;
 mod pulls;
 
 mod browser;
 mod docker;
+mod s3;
 mod skopeo;
 mod tls;

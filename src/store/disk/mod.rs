@@ -31,8 +31,8 @@ use bytes::Bytes;
 use super::pages::{self, Pages};
 use super::uploads::Uploads;
 use super::{
-    hash_file, rename_durable, Area, BlobInfo, BlobReader, BlobSource, BlobWriter, ByteStream,
-    ContentStore, LinkKind, StoreError, TagEntry, LOCAL_UPSTREAM,
+    hash_file, parse_tag_file, rename_durable, tag_file, Area, BlobInfo, BlobReader, BlobSource,
+    BlobWriter, ByteStream, ContentStore, LinkKind, StoreError, TagEntry, LOCAL_UPSTREAM,
 };
 use crate::oci::names::{Digest, RepoName, Tag};
 
@@ -111,7 +111,7 @@ impl DiskStore {
         self.sharded(area, "blobs/sha256", digest)
     }
 
-    fn type_path(&self, area: Area, digest: &Digest) -> PathBuf {
+    pub(crate) fn type_path(&self, area: Area, digest: &Digest) -> PathBuf {
         self.sharded(area, "types/sha256", digest)
     }
 
@@ -136,6 +136,17 @@ impl DiskStore {
             .join(upstream)
             .join(repo.as_str())
             .join("_tags")
+    }
+
+    /// A new, empty staging file under `tmp/` (for a [`BlobWriter`]).
+    pub(crate) fn stage(&self) -> io::Result<(File, PathBuf)> {
+        let path = self.temp_path();
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok((file, path))
     }
 
     fn temp_path(&self) -> PathBuf {
@@ -199,12 +210,7 @@ impl ContentStore for DiskStore {
     }
 
     fn begin_blob(&self, area: Area, expected: Digest) -> io::Result<BlobWriter> {
-        let path = self.temp_path();
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+        let (file, path) = self.stage()?;
         let dest = self.blob_path(area, &expected);
         Ok(BlobWriter::new(
             file,
@@ -370,12 +376,12 @@ impl ContentStore for DiskStore {
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            let (tag, variant) = name.split_once('@').unwrap_or((name, ""));
-            let (Ok(tag), Ok(bytes)) = (Tag::parse(tag), fs::read(entry.path())) else {
+            let (Some((tag, variant)), Ok(bytes)) = (parse_tag_file(name), fs::read(entry.path()))
+            else {
                 continue;
             };
             if let Ok(e) = serde_json::from_slice(&bytes) {
-                out.push((tag, variant.to_owned(), e));
+                out.push((tag, variant, e));
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
@@ -397,10 +403,7 @@ impl ContentStore for DiskStore {
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            let (tag, variant) = name.split_once('@').unwrap_or((name, ""));
-            if let Ok(tag) = Tag::parse(tag) {
-                out.push((tag, variant.to_owned()));
-            }
+            out.extend(parse_tag_file(name));
         }
         out.sort();
         Ok(Some(out))
@@ -503,14 +506,6 @@ fn collect_repos(dir: &Path, prefix: &str, upstream: &str, out: &mut Vec<(String
             };
             collect_repos(&e.path(), &next, upstream, out);
         }
-    }
-}
-
-fn tag_file(tag: &Tag, variant: &str) -> String {
-    if variant.is_empty() {
-        tag.as_str().to_owned()
-    } else {
-        format!("{tag}@{variant}")
     }
 }
 

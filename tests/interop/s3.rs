@@ -1,0 +1,140 @@
+//! berth's S3 backend against a real object store (Garage): the store contract, and replicas
+//! sharing one bucket.
+
+use std::sync::Arc;
+
+use berth::config::{Config, StorageConfig};
+use berth::store::s3::S3Store;
+use berth::store::Store;
+
+use crate::garage::Garage;
+use crate::support::contract::check_backend;
+
+fn s3_config(garage: &Garage, prefix: &str) -> berth::config::S3Config {
+    let config = Config::from_toml(&garage.storage_toml(prefix, "")).expect("a valid [storage]");
+    config.validate().expect("a valid config");
+    match config.storage {
+        StorageConfig::S3(s3) => s3,
+        StorageConfig::Disk => unreachable!("the table names s3"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_s3_backend_keeps_the_store_contract_on_garage() {
+    let garage = tokio::task::spawn_blocking(Garage::start).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let s3 = S3Store::open(
+        &s3_config(&garage, "contract"),
+        data.path(),
+        tokio::runtime::Handle::current(),
+    )
+    .expect("open the S3 store");
+    let store: Store = Arc::new(s3);
+    check_backend(store).await;
+}
+
+/// Two stores on one bucket with their own data dirs, as two replicas are.
+fn two_replicas(garage: &Garage, prefix: &str) -> (Store, Store, [tempfile::TempDir; 2]) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let open = |dir: &tempfile::TempDir| -> Store {
+        Arc::new(
+            S3Store::open(
+                &s3_config(garage, prefix),
+                dir.path(),
+                tokio::runtime::Handle::current(),
+            )
+            .expect("open the S3 store"),
+        )
+    };
+    (open(&dirs[0]), open(&dirs[1]), dirs)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_replica_writes_another_reads_from_the_bucket() {
+    use berth::oci::names::{Digest, RepoName, Tag};
+    use berth::store::pages::Pages;
+    use berth::store::{Area, LinkKind, TagEntry};
+    use futures_util::TryStreamExt;
+
+    let garage = blocking(Garage::start).await;
+    let (a, b, dirs) = two_replicas(&garage, "replicas");
+    // 40 MiB: a multipart upload of three parts.
+    let layer: Vec<u8> = (0..40u32 << 20).map(|i| (i % 253) as u8).collect();
+    let d = Digest::of(&layer);
+    let (a2, l2) = (a.clone(), layer.clone());
+    blocking(move || a2.put_blob(Area::Local, d, &l2))
+        .await
+        .unwrap();
+    let repo = RepoName::parse("private/app").unwrap();
+    let tag = Tag::parse("v1").unwrap();
+    let (a2, r2, t2) = (a.clone(), repo.clone(), tag.clone());
+    blocking(move || {
+        a2.put_link(&r2, LinkKind::Layers, &d, b"x")?;
+        a2.put_tag(
+            Area::Local,
+            "_local",
+            &r2,
+            &t2,
+            "",
+            &TagEntry {
+                digest: d,
+                media_type: "m".into(),
+                fetched_at: 1,
+            },
+        )
+    })
+    .await
+    .unwrap();
+
+    // B has none of it locally, and finds all of it.
+    let (b2, r2, t2) = (b.clone(), repo.clone(), tag.clone());
+    let (len, linked, tagged) = blocking(move || {
+        (
+            b2.blob_len(Area::Local, &d).unwrap(),
+            b2.has_link(&r2, LinkKind::Layers, &d).unwrap(),
+            b2.get_tag(Area::Local, "_local", &r2, &t2, "").unwrap(),
+        )
+    })
+    .await;
+    assert_eq!(len, Some(layer.len() as u64));
+    assert!(linked);
+    assert_eq!(tagged.map(|e| e.digest), Some(d));
+    let local_copy = dirs[1]
+        .path()
+        .join("local/blobs/sha256")
+        .join(&d.hex()[..2])
+        .join(d.hex());
+    assert!(!local_copy.exists(), "B has no local copy yet");
+
+    // A range streams from the bucket without filling; the whole blob fills B's local copy.
+    let b2 = b.clone();
+    let reader = blocking(move || b2.open_blob(Area::Local, &d))
+        .await
+        .unwrap()
+        .unwrap();
+    let part: Vec<bytes::Bytes> = reader
+        .stream(1000, 5_000_000, Pages::Copied)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(part.concat(), layer[1000..5_000_000]);
+    let b2 = b.clone();
+    let reader = blocking(move || b2.open_blob(Area::Local, &d))
+        .await
+        .unwrap()
+        .unwrap();
+    let whole: Vec<bytes::Bytes> = reader
+        .stream(0, layer.len() as u64, Pages::Copied)
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(whole.concat() == layer, "the whole blob, byte for byte");
+    crate::procs::wait_for("B's local copy", std::time::Duration::from_secs(10), || {
+        local_copy.exists().then_some(())
+    });
+    assert_eq!(std::fs::read(&local_copy).unwrap(), layer);
+}
