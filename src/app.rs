@@ -81,6 +81,23 @@ pub fn open_store(config: &Config, runtime: tokio::runtime::Handle) -> Result<St
     }
 }
 
+/// Opens the configured store for a tool running beside a server (`fsck`, `gc`): a data dir
+/// must exist already, and nothing in progress is removed.
+pub fn open_existing_store(
+    config: &Config,
+    runtime: tokio::runtime::Handle,
+) -> Result<Store, StartError> {
+    let failed = |e| StartError::Store(config.data_dir.display().to_string(), e);
+    match &config.storage {
+        StorageConfig::Disk => Ok(DiskStore::open_existing(&config.data_dir)
+            .map_err(failed)?
+            .shared()),
+        StorageConfig::S3(s3) => Ok(Arc::new(
+            S3Store::open(s3, &config.data_dir, runtime).map_err(failed)?,
+        )),
+    }
+}
+
 /// Opens the store, builds the mirror and starts listening.
 pub async fn start(mut config: Config) -> Result<Running, StartError> {
     fd_budget(&mut config);

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use berth::store::disk::DiskStore;
 use berth::store::fsck;
 use berth::store::private::PrivateStore;
 
@@ -26,20 +25,15 @@ impl FsckArgs {
     /// Exits 0 when the store is sound (or was repaired), 1 when corruption or dangling tags
     /// remain.
     pub fn run(self) -> ExitCode {
-        let data_dir = match self.data_dir {
-            Some(dir) => dir,
-            None => match super::load_config(self.config.as_deref()) {
-                Ok(c) => c.data_dir,
-                Err(code) => return code,
-            },
+        let config = match super::load_config(self.config.as_deref()) {
+            Ok(c) => c,
+            Err(code) => return code,
         };
-        let store = match DiskStore::open_existing(&data_dir).map(DiskStore::shared) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("berth: data dir {}: {e}", data_dir.display());
-                return ExitCode::FAILURE;
-            }
+        let opened = match super::open_existing_store(&config, self.data_dir) {
+            Ok(o) => o,
+            Err(code) => return code,
         };
+        let store = opened.store.clone();
         let report = match fsck(store.as_ref(), self.repair) {
             Ok(r) => r,
             Err(e) => {

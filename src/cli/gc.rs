@@ -7,7 +7,6 @@ use std::time::Duration;
 use clap::Args;
 
 use berth::config::{human_bytes, LogFormat, Seconds};
-use berth::store::disk::DiskStore;
 use berth::store::gc::{collect, GcOptions};
 
 #[derive(Args)]
@@ -36,14 +35,11 @@ impl GcArgs {
             Ok(c) => c,
             Err(code) => return code,
         };
-        let data_dir = self.data_dir.clone().unwrap_or(config.data_dir.clone());
-        let store = match DiskStore::open_existing(&data_dir).map(DiskStore::shared) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("berth: {}: {e}", data_dir.display());
-                return ExitCode::FAILURE;
-            }
+        let opened = match super::open_existing_store(&config, self.data_dir.clone()) {
+            Ok(o) => o,
+            Err(code) => return code,
         };
+        let store = opened.store.clone();
         let mut opts = GcOptions::new(config.upload_max_age.0);
         opts.dry_run = self.dry_run;
         opts.blob_min_age = self.grace.0;

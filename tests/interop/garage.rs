@@ -3,7 +3,6 @@
 //! its bucket and key made at start (`--default-bucket`), stopped when dropped.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -123,9 +122,5 @@ impl Garage {
             .expect("write the credentials file");
         }
         path
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }

@@ -24,6 +24,7 @@ mod pulls;
 
 mod browser;
 mod docker;
+mod replicas;
 mod s3;
 mod skopeo;
 mod tls;

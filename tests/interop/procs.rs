@@ -393,6 +393,7 @@ pub struct Berth {
     pub addr: SocketAddr,
     log: PathBuf,
     proc: Proc,
+    data: PathBuf,
     _dir: TempDir,
 }
 
@@ -404,6 +405,17 @@ impl Berth {
     /// berth with extra `serve` arguments (private namespace, htpasswd, ...).
     pub fn start_with(upstream: &str, extra: &[&str]) -> Berth {
         let dir = tempfile::tempdir().expect("create berth's temp dir");
+        let data = dir.path().join("data");
+        Berth::launch(upstream, data, dir, extra)
+    }
+
+    /// berth on an existing data dir (a restart), its logs in a new temp dir.
+    pub fn start_on(upstream: &str, data: &Path, extra: &[&str]) -> Berth {
+        let dir = tempfile::tempdir().expect("create berth's temp dir");
+        Berth::launch(upstream, data.to_owned(), dir, extra)
+    }
+
+    fn launch(upstream: &str, data: PathBuf, dir: TempDir, extra: &[&str]) -> Berth {
         // berth cannot report the port it chose for :0, so pick one and hand it over.
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
@@ -411,7 +423,7 @@ impl Berth {
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(&data)
             .arg("--upstream")
             .arg(upstream)
             .arg("--log-format")
@@ -426,6 +438,7 @@ impl Berth {
             addr,
             log,
             proc,
+            data,
             _dir: dir,
         }
     }
@@ -433,7 +446,7 @@ impl Berth {
     /// Waits until berth has no write in progress: a client has a blob's bytes as soon as they
     /// are verified, and the blob becomes a cache entry a moment later.
     pub fn settle(&self) {
-        let tmp = self._dir.path().join("data/tmp");
+        let tmp = self.data.join("tmp");
         wait_for(
             "berth's downloads to land in its cache",
             START_DEADLINE,
@@ -442,6 +455,21 @@ impl Berth {
                 (busy == 0).then_some(())
             },
         );
+    }
+
+    /// Its data dir.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data.clone()
+    }
+
+    /// Whether a download or upload is being written (a file in its staging dir).
+    pub fn writing(&self) -> bool {
+        std::fs::read_dir(self.data_dir().join("tmp")).is_ok_and(|mut d| d.next().is_some())
+    }
+
+    /// `kill -9`: no chance to clean up.
+    pub fn kill(&mut self) {
+        self.proc.stop(Duration::ZERO);
     }
 
     /// The request lines berth logged so far.
@@ -477,6 +505,24 @@ impl Berth {
     pub fn is_running(&mut self) -> bool {
         self.proc.is_running()
     }
+}
+
+/// An htpasswd file in `dir` with one user, written by `berth user add`.
+pub fn htpasswd(dir: &Path, user: &str, password: &str) -> PathBuf {
+    let path = dir.join("htpasswd");
+    let mut add = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["user", "add", user, "--password-stdin", "--htpasswd"])
+        .arg(&path)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("run berth user add");
+    add.stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{password}\n").as_bytes())
+        .expect("write the password");
+    assert!(add.wait().expect("berth user add").success());
+    path
 }
 
 /// skopeo with a private policy, auth file and temp dir, so the host's settings do not matter.

@@ -280,20 +280,7 @@ fn private_push_pull_back_and_delete_by_hand() {
     let skopeo = Skopeo::new();
     let registry = Registry::start();
     let dir = TempDir::new().expect("temp dir");
-    let htpasswd = dir.path().join("htpasswd");
-    let mut add = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["user", "add", "alice", "--password-stdin", "--htpasswd"])
-        .arg(&htpasswd)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("run berth user add");
-    use std::io::Write as _;
-    add.stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"wonderland\n")
-        .expect("write password");
-    assert!(add.wait().expect("berth user add").success());
+    let htpasswd = procs::htpasswd(dir.path(), "alice", "wonderland");
     let ht = htpasswd.to_str().expect("utf-8 path");
     let mut berth = Berth::start_with(
         &registry.url(),

@@ -50,6 +50,9 @@ use super::{
 use crate::config::S3Config;
 use crate::oci::names::{Digest, RepoName, Tag};
 
+/// Where the last use of private blobs is recorded (see `mark_used`).
+const USED: &str = "local/used";
+
 /// A blob read from the bucket fills the local copy in writes of this size.
 const FILL_BATCH: usize = 1 << 20;
 
@@ -231,18 +234,23 @@ impl BlobSource for BucketSource {
     fn stream(self: Box<Self>, start: u64, end: u64, _pages: Pages) -> ByteStream {
         let pieces = self.bucket.stream(&self.key, start, end);
         match self.fill {
-            Some(writer) if start == 0 && end == self.len => fill_while_streaming(pieces, writer),
+            Some(writer) if start == 0 && end == self.len => {
+                fill_while_streaming(pieces, writer, self.len)
+            }
             _ => pieces,
         }
     }
 }
 
-/// Passes the pieces on, and writes them to `writer` in batches; commits when the stream ends.
-/// A failed local write stops the filling, never the stream.
-fn fill_while_streaming(pieces: ByteStream, writer: BlobWriter) -> ByteStream {
+/// Passes the pieces on, and writes them to `writer` in batches; once `len` bytes have passed,
+/// commits them in the background (a response body is not polled past its last byte, so the
+/// end of the stream may never be seen). A failed local write stops the filling, never the
+/// stream.
+fn fill_while_streaming(pieces: ByteStream, writer: BlobWriter, len: u64) -> ByteStream {
     struct Fill {
         writer: BlobWriter,
         batch: BytesMut,
+        seen: u64,
     }
     async fn write_batch(mut f: Fill) -> Option<Fill> {
         let batch = f.batch.split().freeze();
@@ -252,45 +260,46 @@ fn fill_while_streaming(pieces: ByteStream, writer: BlobWriter) -> ByteStream {
             Ok(Ok(writer)) => Some(Fill {
                 writer,
                 batch: BytesMut::new(),
+                seen: f.seen,
             }),
             _ => None,
         }
     }
-    let state = (
-        pieces,
-        Some(Fill {
-            writer,
-            batch: BytesMut::new(),
-        }),
-    );
-    let stream = futures_util::stream::unfold(state, |(mut pieces, mut fill)| async move {
-        match pieces.next().await {
-            Some(Ok(piece)) => {
-                if let Some(mut f) = fill.take() {
-                    f.batch.extend_from_slice(&piece);
-                    fill = if f.batch.len() >= FILL_BATCH {
-                        write_batch(f).await
-                    } else {
-                        Some(f)
-                    };
-                }
-                Some((Ok(piece), (pieces, fill)))
-            }
-            Some(Err(e)) => Some((Err(e), (pieces, None))),
-            None => {
-                if let Some(f) = fill.take() {
-                    if let Some(f) = write_batch(f).await {
+    let fill = Fill {
+        writer,
+        batch: BytesMut::new(),
+        seen: 0,
+    };
+    let stream = futures_util::stream::unfold(
+        (pieces, Some(fill)),
+        move |(mut pieces, mut fill)| async move {
+            let piece = match pieces.next().await? {
+                Ok(piece) => piece,
+                Err(e) => return Some((Err(e), (pieces, None))),
+            };
+            if let Some(mut f) = fill.take() {
+                f.batch.extend_from_slice(&piece);
+                f.seen += piece.len() as u64;
+                if f.seen >= len {
+                    tokio::spawn(async move {
+                        let Some(f) = write_batch(f).await else {
+                            return;
+                        };
                         let committed =
                             tokio::task::spawn_blocking(move || f.writer.commit()).await;
                         if let Ok(Err(e)) = committed {
                             tracing::warn!(error = %e, "a blob read from the bucket was not kept locally");
                         }
-                    }
+                    });
+                } else if f.batch.len() >= FILL_BATCH {
+                    fill = write_batch(f).await;
+                } else {
+                    fill = Some(f);
                 }
-                None
             }
-        }
-    });
+            Some((Ok(piece), (pieces, fill)))
+        },
+    );
     Box::pin(sync_wrapper::SyncStream::new(stream))
 }
 
@@ -334,28 +343,51 @@ impl ContentStore for S3Store {
 
     fn remove_blob(&self, area: Area, digest: &Digest) -> io::Result<()> {
         self.bucket.delete(&blob_key(area, digest))?;
+        if area == Area::Local {
+            self.bucket.delete(&format!("{USED}/{}", digest.hex()))?;
+        }
         self.local.remove_blob(area, digest)?;
         self.tier.forget(digest);
         Ok(())
     }
 
     fn blobs(&self, area: Area) -> io::Result<Vec<BlobInfo>> {
+        let used: std::collections::HashMap<Digest, std::time::SystemTime> = match area {
+            Area::Local => self
+                .bucket
+                .list(USED)?
+                .into_iter()
+                .filter_map(|l| Some((digest_of_key(&l.key)?, l.modified)))
+                .collect(),
+            Area::Cache => Default::default(),
+        };
         Ok(self
             .bucket
             .list(&format!("{}/blobs/sha256", area.name()))?
             .into_iter()
             .filter_map(|l| {
+                let digest = digest_of_key(&l.key)?;
+                let marked = used.get(&digest).copied().unwrap_or(l.modified);
                 Some(BlobInfo {
-                    digest: digest_of_key(&l.key)?,
+                    digest,
                     len: l.size,
-                    last_used: l.modified,
+                    last_used: l.modified.max(marked),
                 })
             })
             .collect())
     }
 
+    /// A private blob's use is recorded in the bucket (a marker object, written now), so that
+    /// `berth gc` on any machine spares a blob a push just linked again; a mirrored blob's
+    /// only locally.
     fn mark_used(&self, area: Area, digest: &Digest) {
         self.tier.used(area, digest);
+        if area == Area::Local {
+            let key = format!("{USED}/{}", digest.hex());
+            if let Err(e) = self.bucket.put(&key, Bytes::from_static(b"used")) {
+                tracing::warn!(%digest, error = %e, "could not record a private blob's use in the bucket");
+            }
+        }
     }
 
     fn hash_blob(&self, area: Area, digest: &Digest) -> io::Result<Option<(Digest, u64)>> {
