@@ -162,6 +162,15 @@ impl BlobReader {
     }
 }
 
+/// How a store with a remote part (a bucket) is doing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RemoteStats {
+    /// Requests to the remote part that failed (errors, timeouts, unreachable) since start.
+    pub errors: u64,
+    /// Bytes of the remote content kept in the local copy.
+    pub local_bytes: u64,
+}
+
 /// The content store: blobs, manifests, tags and repository links, in two [`Area`]s.
 ///
 /// Every method may block; call them from blocking threads (see [`blocking`]).
@@ -317,6 +326,11 @@ pub trait ContentStore: Send + Sync + 'static {
 
     /// Whether the store can take writes now (the readiness probe).
     fn probe_writable(&self) -> io::Result<()>;
+
+    /// How a remote backend is doing, for metrics; `None` for a store on local disk only.
+    fn remote_stats(&self) -> Option<RemoteStats> {
+        None
+    }
 
     /// A secret that every berth sharing this store reads the same (replicas sign their tokens
     /// with it); `None` for a store no other berth shares.

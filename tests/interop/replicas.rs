@@ -200,7 +200,11 @@ fn replicas_on_one_bucket_fetch_once_share_pushes_and_serve_while_the_bucket_is_
         );
     }
 
-    // The bucket stops: what B holds locally is still served, without the upstream.
+    // The bucket stops: what B holds locally is still served, without the upstream; what it
+    // does not hold is fetched from the upstream and kept locally; requests that needed the
+    // bucket are counted, and a WARN says why.
+    let fresh = image(0x9400);
+    push(&skopeo, &registry, &fresh, "fresh", "v1");
     garage.stop();
     let before = registry.blob_gets().len();
     let during = pull(
@@ -210,7 +214,48 @@ fn replicas_on_one_bucket_fetch_once_share_pushes_and_serve_while_the_bucket_is_
     );
     assert_pulled(during.path(), &want, "B's pull while the bucket is down");
     assert_no_new_blob_gets(&registry, before, "B's pull while the bucket is down");
+    let before = registry.blob_gets().len();
+    let new = pull(
+        &skopeo,
+        &format!("docker://{}/library/fresh:v1", b.addr),
+        false,
+    );
+    assert_pulled(
+        new.path(),
+        &expected_files(&fresh, None),
+        "B's cold pull while the bucket is down",
+    );
+    assert_fetched_once(&registry, before, "library/fresh", &fresh.distinct_blobs());
+    b.settle();
+    let before = registry.blob_gets().len();
+    let again = pull(
+        &skopeo,
+        &format!("docker://{}/library/fresh:v1", b.addr),
+        false,
+    );
+    assert_pulled(
+        again.path(),
+        &expected_files(&fresh, None),
+        "B's pull of it again",
+    );
+    assert_no_new_blob_gets(
+        &registry,
+        before,
+        "B's second pull while the bucket is down",
+    );
     assert!(b.is_running(), "B exited while the bucket was down");
+    let metrics = Command::new("curl")
+        .args(["-s", &format!("http://{}/metrics", b.addr)])
+        .output()
+        .expect("run curl");
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let errors: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("berth_store_bucket_errors_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no bucket error counter in:\n{metrics}"));
+    assert!(errors > 0.0, "the failed bucket requests are counted");
+    assert!(b.log().contains("bucket unreachable"), "a WARN says why");
 
     // Back up: the bucket holds only whole, verified content.
     garage.restart();

@@ -34,9 +34,16 @@ fn packaged_berth_toml_loads_with_and_without_tls() {
 
 /// The block scalar under `berth.toml: |` in the ConfigMap.
 fn configmap_toml() -> String {
-    let yaml = read("deploy/k8s/configmap.yaml");
-    let mut lines = yaml.lines().skip_while(|l| l.trim() != "berth.toml: |");
-    lines.next().expect("a berth.toml key");
+    block_scalar("deploy/k8s/configmap.yaml", "berth.toml")
+}
+
+/// The block scalar under `KEY: |` in a YAML file, unindented.
+fn block_scalar(file: &str, key: &str) -> String {
+    let yaml = read(file);
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != format!("{key}: |"));
+    lines
+        .next()
+        .unwrap_or_else(|| panic!("{file}: a {key} key"));
     lines
         .take_while(|l| l.is_empty() || l.starts_with("    "))
         .map(|l| l.get(4..).unwrap_or(""))
@@ -188,4 +195,83 @@ fn the_dockerfile_dependency_layer_loads_from_the_manifest_alone() {
         "the dependency layer fails: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A replica's config: S3 storage, with the role's `evict`.
+fn replica_storage(config: &Config) -> &berth::config::S3Config {
+    match &config.storage {
+        berth::config::StorageConfig::S3(s3) => s3,
+        other => panic!("a replica stores in a bucket, not {other:?}"),
+    }
+}
+
+#[test]
+fn replica_configs_share_everything_but_evict() {
+    for (evicting, other) in [
+        (
+            "deploy/replicas/berth.toml",
+            "deploy/replicas/berth-replica.toml",
+        ),
+        ("k8s evict.toml", "k8s replica.toml"),
+    ] {
+        let load = |name: &str| match name.strip_prefix("k8s ") {
+            Some(key) => {
+                Config::from_toml(&block_scalar("deploy/k8s/replicas/configmap.yaml", key)).unwrap()
+            }
+            None => Config::from_file(&path(name)).unwrap(),
+        };
+        let (a, b) = (load(evicting), load(other));
+        let (sa, sb) = (replica_storage(&a), replica_storage(&b));
+        assert!(sa.evict && !sb.evict, "{evicting} evicts, {other} does not");
+        assert_eq!(
+            (&sa.bucket, &sa.endpoint, sa.prefix(), &sa.credentials_file),
+            (&sb.bucket, &sb.endpoint, sb.prefix(), &sb.credentials_file),
+            "{evicting} and {other} name one bucket"
+        );
+        assert!(
+            a.public_url.is_some(),
+            "{evicting}: tokens name the load balancer"
+        );
+        assert_eq!(format!("{:?}", a.public_url), format!("{:?}", b.public_url));
+        assert_eq!(a.private_ns, b.private_ns);
+    }
+}
+
+#[test]
+fn the_load_balancers_route_to_the_replicas_they_are_shipped_with() {
+    let nginx = read("deploy/replicas/nginx.conf");
+    let compose = read("deploy/replicas/compose.yaml");
+    for server in ["berth-1:5000", "berth-2:5000"] {
+        assert!(nginx.contains(&format!("server {server}")), "{server}");
+        let service = server.trim_end_matches(":5000");
+        assert!(
+            compose.contains(&format!("  {service}:\n")),
+            "compose has {service}"
+        );
+    }
+    assert!(nginx.contains("hash $berth_route consistent;"));
+    // The Kubernetes load balancer runs the same routing, naming the StatefulSets' pods.
+    let k8s = block_scalar("deploy/k8s/replicas/nginx.yaml", "nginx.conf");
+    let routing = |conf: &str| -> String {
+        conf.lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with("server ") && !l.starts_with('#') && !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let shipped_http = &nginx[nginx.find("http {").unwrap()..];
+    let k8s_http = &k8s[k8s.find("http {").unwrap()..];
+    assert_eq!(routing(shipped_http), routing(k8s_http));
+    let sts = read("deploy/k8s/replicas/statefulsets.yaml");
+    for pod in [
+        "berth-evict-0.berth-evict",
+        "berth-0.berth",
+        "berth-1.berth",
+    ] {
+        assert!(k8s.contains(&format!("server {pod}:5000")), "{pod}");
+    }
+    assert!(sts.contains("name: berth-evict\n") && sts.contains("serviceName: berth\n"));
+    for role in ["evict", "replica"] {
+        assert!(sts.contains(&format!("/etc/berth/config/{role}.toml")));
+    }
 }

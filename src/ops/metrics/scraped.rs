@@ -97,6 +97,18 @@ impl Scraped {
             "Bytes evicted from the disk cache",
             n(mirror.disk.evicted_bytes.load(Ordering::Relaxed)),
         );
+        if let Some(remote) = mirror.store().remote_stats() {
+            s.counter(
+                "berth_store_bucket_errors",
+                "Requests to the bucket that failed: errors, timeouts, unreachable",
+                n(remote.errors),
+            );
+            s.gauge(
+                "berth_store_local_copy_bytes",
+                "Bytes of the bucket's content kept in the data dir (max_local_size)",
+                n(remote.local_bytes),
+            );
+        }
         let private = &app.private;
         s.gauge(
             "berth_uploads_open",

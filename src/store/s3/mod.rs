@@ -45,7 +45,8 @@ use super::pages::Pages;
 use super::uploads::Uploads;
 use super::{
     now_secs, parse_tag_file, rename_durable, tag_file, Area, BlobInfo, BlobReader, BlobSource,
-    BlobWriter, ByteStream, ContentStore, LinkKind, StoreError, TagEntry, LOCAL_UPSTREAM,
+    BlobWriter, ByteStream, ContentStore, LinkKind, RemoteStats, StoreError, TagEntry,
+    LOCAL_UPSTREAM,
 };
 use crate::config::S3Config;
 use crate::oci::names::{Digest, RepoName, Tag};
@@ -88,16 +89,6 @@ impl S3Store {
         &self.local
     }
 
-    /// Requests to the bucket that failed since start.
-    pub fn bucket_errors(&self) -> u64 {
-        self.bucket.errors.load(Ordering::Relaxed)
-    }
-
-    /// Bytes held in the local copy.
-    pub fn local_size(&self) -> u64 {
-        self.tier.size()
-    }
-
     /// The bucket's answer, or, when the bucket cannot be reached, the local copy's.
     fn or_local<T>(
         &self,
@@ -107,13 +98,43 @@ impl S3Store {
         match remote {
             Ok(v) => Ok(v),
             Err(e) => {
-                let now = now_secs();
-                let last = self.last_warning.swap(now, Ordering::Relaxed);
-                if now.saturating_sub(last) >= 10 {
-                    tracing::warn!(error = %e, "bucket unreachable: answering from the local copy");
-                }
+                self.unreachable(&e);
                 local()
             }
+        }
+    }
+
+    /// A write to the bucket that failed: private content must reach it (the error stands);
+    /// mirrored content still serves this replica from its local copy.
+    fn shared_or_local(&self, area: Area, written: io::Result<()>, what: &str) -> io::Result<()> {
+        match written {
+            Err(e) if area == Area::Cache => {
+                tracing::warn!(error = %e, "a mirrored {what} is kept locally only: the bucket cannot be reached");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Says (at most every 10 s) that the bucket cannot be reached and what is done instead.
+    fn unreachable(&self, e: &io::Error) {
+        let now = now_secs();
+        let last = self.last_warning.swap(now, Ordering::Relaxed);
+        if now.saturating_sub(last) >= 10 {
+            tracing::warn!(error = %e, "bucket unreachable: answering from the local copy");
+        }
+    }
+
+    /// A mirrored blob the bucket cannot be asked about counts as absent: the mirror then
+    /// fetches it from the upstream (and keeps it locally), rather than failing the pull. A
+    /// private one has nowhere else to come from: the error stands.
+    fn size_in_bucket(&self, area: Area, digest: &Digest) -> io::Result<Option<u64>> {
+        match self.bucket.size(&blob_key(area, digest)) {
+            Err(e) if area == Area::Cache => {
+                self.unreachable(&e);
+                Ok(None)
+            }
+            other => other,
         }
     }
 
@@ -308,7 +329,7 @@ impl ContentStore for S3Store {
         if let Some(len) = self.local.blob_len(area, digest)? {
             return Ok(Some(len));
         }
-        self.bucket.size(&blob_key(area, digest))
+        self.size_in_bucket(area, digest)
     }
 
     fn open_blob(&self, area: Area, digest: &Digest) -> io::Result<Option<BlobReader>> {
@@ -316,10 +337,10 @@ impl ContentStore for S3Store {
             self.tier.used(area, digest);
             return Ok(Some(local));
         }
-        let key = blob_key(area, digest);
-        let Some(len) = self.bucket.size(&key)? else {
+        let Some(len) = self.size_in_bucket(area, digest)? else {
             return Ok(None);
         };
+        let key = blob_key(area, digest);
         let source = BucketSource {
             bucket: self.bucket.clone(),
             key,
@@ -402,10 +423,12 @@ impl ContentStore for S3Store {
         bytes: &[u8],
     ) -> Result<(), StoreError> {
         self.put_blob(area, digest, bytes)?;
-        self.bucket
-            .put(&type_key(area, &digest), Bytes::from(media_type.to_owned()))?;
         self.local
             .write_atomic(&self.local.type_path(area, &digest), media_type.as_bytes())?;
+        let remote = self
+            .bucket
+            .put(&type_key(area, &digest), Bytes::from(media_type.to_owned()));
+        self.shared_or_local(area, remote, "manifest")?;
         Ok(())
     }
 
@@ -493,12 +516,7 @@ impl ContentStore for S3Store {
         );
         let json = serde_json::to_vec(entry).map_err(io::Error::other)?;
         let remote = self.bucket.put(&key, Bytes::from(json));
-        // A mirrored tag that cannot reach the bucket still serves this replica.
-        if area == Area::Local {
-            remote?;
-        } else if let Err(e) = remote {
-            tracing::warn!(error = %e, "a mirrored tag is kept locally only");
-        }
+        self.shared_or_local(area, remote, "tag")?;
         self.local
             .put_tag(area, upstream, repo, tag, variant, entry)
     }
@@ -667,6 +685,13 @@ impl ContentStore for S3Store {
 
     fn probe_writable(&self) -> io::Result<()> {
         self.local.probe_writable()
+    }
+
+    fn remote_stats(&self) -> Option<RemoteStats> {
+        Some(RemoteStats {
+            errors: self.bucket.errors.load(Ordering::Relaxed),
+            local_bytes: self.tier.size(),
+        })
     }
 
     /// Made by the first replica that finds none. Two replicas starting at once may both write
