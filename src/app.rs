@@ -98,6 +98,29 @@ pub fn open_existing_store(
     }
 }
 
+/// How often the replica that bounds a shared bucket reads what the others added and used.
+const RESYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Keeps the bound of a bucket that replicas share: other replicas add to it and use it, and
+/// only this one evicts.
+fn resync_shared_cache(disk: Arc<crate::mirror::cache::DiskCache>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(RESYNC_EVERY);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let d = disk.clone();
+            match tokio::task::spawn_blocking(move || d.resync()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "the shared cache's bound could not be checked")
+                }
+                Err(e) => tracing::warn!(error = %e, "the shared cache's check died"),
+            }
+        }
+    });
+}
+
 /// Opens the store, builds the mirror and starts listening.
 pub async fn start(mut config: Config) -> Result<Running, StartError> {
     fd_budget(&mut config);
@@ -122,6 +145,11 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         .await
         .map_err(|e| StartError::Setup(e.to_string()))??
     };
+    if let StorageConfig::S3(s3) = &config.storage {
+        if s3.evict {
+            resync_shared_cache(mirror.disk.clone());
+        }
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| StartError::Bind(config.listen, e))?;

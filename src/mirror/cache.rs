@@ -25,22 +25,42 @@ pub struct DiskCache {
     leases: Mutex<HashMap<Digest, usize>>,
     pub evictions: AtomicU64,
     pub evicted_bytes: AtomicU64,
+    /// Blobs used this recently (seconds) are never evicted: on a store shared by replicas,
+    /// another replica may be reading them (its uses reach this one as recorded last uses).
+    spare_recent: u64,
+}
+
+/// Reads the cache area's sizes and last uses into a recency order.
+fn scan(store: &Store) -> io::Result<Lru> {
+    let mut found: Vec<(u64, Digest, u64)> = store
+        .blobs(Area::Cache)?
+        .into_iter()
+        .map(|b| (secs(b.last_used), b.digest, b.len))
+        .collect();
+    // Oldest first, so the recency order after a restart is the one before it.
+    found.sort();
+    let mut lru = Lru::default();
+    for (used, digest, size) in found {
+        lru.insert(digest, size, used);
+    }
+    Ok(lru)
 }
 
 impl DiskCache {
-    /// Scans the cache area to learn sizes and last uses.
+    /// Scans the cache area to learn sizes and last uses, and evicts what is over `max`.
     pub fn open(store: Store, max: u64) -> io::Result<DiskCache> {
-        let mut found: Vec<(u64, Digest, u64)> = store
-            .blobs(Area::Cache)?
-            .into_iter()
-            .map(|b| (secs(b.last_used), b.digest, b.len))
-            .collect();
-        // Oldest first, so the recency order after a restart is the one before it.
-        found.sort();
-        let mut lru = Lru::default();
-        for (used, digest, size) in found {
-            lru.insert(digest, size, used);
-        }
+        DiskCache::open_sparing(store, max, std::time::Duration::ZERO)
+    }
+
+    /// [`open`](Self::open) for a store shared by replicas: never evicts what was used in the
+    /// last `recent` (another replica may be reading it; its uses reach this one as recorded
+    /// last uses).
+    pub fn open_sparing(
+        store: Store,
+        max: u64,
+        recent: std::time::Duration,
+    ) -> io::Result<DiskCache> {
+        let lru = scan(&store)?;
         tracing::info!(
             entries = lru.len(),
             bytes = lru.total(),
@@ -54,6 +74,7 @@ impl DiskCache {
             leases: Mutex::new(HashMap::new()),
             evictions: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
+            spare_recent: recent.as_secs(),
         };
         cache.evict();
         Ok(cache)
@@ -94,6 +115,17 @@ impl DiskCache {
         }
     }
 
+    /// Reads the cache area again (what other replicas added and used since), then evicts
+    /// what no longer fits, least recently used by any replica first.
+    pub fn resync(&self) -> io::Result<()> {
+        let fresh = scan(&self.store)?;
+        let (entries, bytes) = (fresh.len(), fresh.total());
+        *lock(&self.lru) = fresh;
+        tracing::debug!(entries, bytes, "disk cache read again from the store");
+        self.evict();
+        Ok(())
+    }
+
     /// Forgets a blob that was removed from disk by someone else (fsck).
     pub fn forget(&self, digest: &Digest) {
         lock(&self.lru).remove(digest);
@@ -107,7 +139,13 @@ impl DiskCache {
                     return;
                 }
                 let leases = lock(&self.leases);
-                let victim = lru.oldest_first().find(|d| !leases.contains_key(d));
+                let now = now();
+                let victim = lru.oldest_first().find(|d| {
+                    !leases.contains_key(d)
+                        && lru
+                            .last_used(d)
+                            .is_some_and(|t| now.saturating_sub(t) >= self.spare_recent)
+                });
                 victim
             };
             let Some(digest) = victim else {

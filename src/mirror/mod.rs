@@ -109,8 +109,16 @@ impl Mirror {
         } else {
             u64::MAX
         };
-        let disk =
-            Arc::new(DiskCache::open(store.clone(), bound).map_err(MirrorSetupError::Store)?);
+        // On a bucket shared by replicas another one may be streaming a blob this one would
+        // evict: spare what any replica used within two recorded uses' worth of time.
+        let spare = match config.storage {
+            crate::config::StorageConfig::S3(_) => 2 * crate::store::lru::TOUCH_EVERY,
+            crate::config::StorageConfig::Disk => 0,
+        };
+        let disk = Arc::new(
+            DiskCache::open_sparing(store.clone(), bound, std::time::Duration::from_secs(spare))
+                .map_err(MirrorSetupError::Store)?,
+        );
         let mut upstreams = HashMap::new();
         for (key, up) in &config.upstreams {
             let client =

@@ -77,6 +77,11 @@ impl Lru {
         self.entries.is_empty()
     }
 
+    /// When an entry was last used, as last recorded (seconds since the epoch).
+    pub fn last_used(&self, digest: &Digest) -> Option<u64> {
+        self.entries.get(digest).map(|e| e.persisted)
+    }
+
     /// Bytes of all entries.
     pub fn total(&self) -> u64 {
         self.total

@@ -138,3 +138,83 @@ async fn what_one_replica_writes_another_reads_from_the_bucket() {
     });
     assert_eq!(std::fs::read(&local_copy).unwrap(), layer);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_evicting_replica_bounds_what_every_replica_added_and_spares_what_is_in_use() {
+    use berth::mirror::cache::DiskCache;
+    use berth::oci::names::Digest;
+    use berth::store::Area;
+
+    let garage = blocking(Garage::start).await;
+    let (a, b, _dirs) = two_replicas(&garage, "bound");
+    // B adds four mirrored blobs of 100 KiB and one private blob; A bounds the cache at 250 KiB.
+    let blobs: Vec<Digest> = (0..4u8)
+        .map(|i| {
+            let bytes = vec![i; 100 << 10];
+            (Digest::of(&bytes), bytes)
+        })
+        .map(|(d, bytes)| {
+            let b = b.clone();
+            std::thread::spawn(move || b.put_blob(Area::Cache, d, &bytes).map(|()| d))
+                .join()
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let private = vec![9u8; 300 << 10];
+    let (b2, p2) = (b.clone(), private.clone());
+    blocking(move || b2.put_blob(Area::Local, Digest::of(&p2), &p2))
+        .await
+        .unwrap();
+    let cache_total = |s: &Store| {
+        let s = s.clone();
+        async move {
+            blocking(move || s.blobs(Area::Cache).unwrap())
+                .await
+                .iter()
+                .map(|b| b.len)
+                .sum::<u64>()
+        }
+    };
+    assert_eq!(cache_total(&a).await, 400 << 10);
+
+    // Used in the last hour by some replica (all of them are): nothing may go.
+    let a2 = a.clone();
+    let sparing = blocking(move || {
+        DiskCache::open_sparing(a2, 250 << 10, std::time::Duration::from_secs(3600)).unwrap()
+    })
+    .await;
+    blocking(move || sparing.resync()).await.unwrap();
+    assert_eq!(
+        cache_total(&a).await,
+        400 << 10,
+        "nothing in use was evicted"
+    );
+
+    // Without that: exactly what the bound asks (two blobs), never a leased one, never private.
+    let a2 = a.clone();
+    let cache = Arc::new(blocking(move || DiskCache::open(a2, 250 << 10).unwrap()).await);
+    let leased = cache.lease(blobs[0]);
+    let c2 = cache.clone();
+    blocking(move || c2.resync()).await.unwrap();
+    assert_eq!(
+        cache_total(&a).await,
+        200 << 10,
+        "evicted down to the bound, no further"
+    );
+    let (b2, d0) = (b.clone(), blobs[0]);
+    assert!(
+        blocking(move || b2.blob_len(Area::Cache, &d0).unwrap())
+            .await
+            .is_some(),
+        "the leased blob stays"
+    );
+    let (b2, pd) = (b.clone(), Digest::of(&private));
+    assert!(
+        blocking(move || b2.blob_len(Area::Local, &pd).unwrap())
+            .await
+            .is_some(),
+        "private content is never evicted"
+    );
+    drop(leased);
+}

@@ -171,6 +171,23 @@ impl Bucket {
         Ok(())
     }
 
+    /// [`put`](Self::put) in the background, for records nobody waits for; a failure is
+    /// counted and logged.
+    pub fn put_later(self: &Arc<Self>, key: &str, bytes: Bytes) {
+        let (bucket, key) = (self.clone(), key.to_owned());
+        let (client, path, timeout) = (self.client.clone(), self.path(&key), self.timeout);
+        self.runtime.spawn(async move {
+            let put = tokio::time::timeout(timeout, client.put(&path, PutPayload::from(bytes)));
+            let failed = match put.await {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => io::Error::other(e.to_string()),
+                Err(_) => io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+            };
+            let e = bucket.failed("put", &key, failed);
+            tracing::warn!(error = %e, "a record of use did not reach the bucket");
+        });
+    }
+
     /// Uploads a local file: one PUT when small, a multipart upload otherwise. The object
     /// appears only when the upload completes.
     pub fn put_file(&self, key: &str, file: &FsPath) -> io::Result<()> {

@@ -51,9 +51,6 @@ use super::{
 use crate::config::S3Config;
 use crate::oci::names::{Digest, RepoName, Tag};
 
-/// Where the last use of private blobs is recorded (see `mark_used`).
-const USED: &str = "local/used";
-
 /// A blob read from the bucket fills the local copy in writes of this size.
 const FILL_BATCH: usize = 1 << 20;
 
@@ -203,6 +200,11 @@ impl S3Store {
         }
         Ok(out)
     }
+}
+
+/// Where a blob's last use is recorded (see `mark_used`).
+fn used_key(area: Area, d: &Digest) -> String {
+    format!("{}/used/{}", area.name(), d.hex())
 }
 
 fn blob_key(area: Area, d: &Digest) -> String {
@@ -364,24 +366,19 @@ impl ContentStore for S3Store {
 
     fn remove_blob(&self, area: Area, digest: &Digest) -> io::Result<()> {
         self.bucket.delete(&blob_key(area, digest))?;
-        if area == Area::Local {
-            self.bucket.delete(&format!("{USED}/{}", digest.hex()))?;
-        }
+        self.bucket.delete(&used_key(area, digest))?;
         self.local.remove_blob(area, digest)?;
         self.tier.forget(digest);
         Ok(())
     }
 
     fn blobs(&self, area: Area) -> io::Result<Vec<BlobInfo>> {
-        let used: std::collections::HashMap<Digest, std::time::SystemTime> = match area {
-            Area::Local => self
-                .bucket
-                .list(USED)?
-                .into_iter()
-                .filter_map(|l| Some((digest_of_key(&l.key)?, l.modified)))
-                .collect(),
-            Area::Cache => Default::default(),
-        };
+        let used: std::collections::HashMap<Digest, std::time::SystemTime> = self
+            .bucket
+            .list(&format!("{}/used", area.name()))?
+            .into_iter()
+            .filter_map(|l| Some((digest_of_key(&l.key)?, l.modified)))
+            .collect();
         Ok(self
             .bucket
             .list(&format!("{}/blobs/sha256", area.name()))?
@@ -398,16 +395,20 @@ impl ContentStore for S3Store {
             .collect())
     }
 
-    /// A private blob's use is recorded in the bucket (a marker object, written now), so that
-    /// `berth gc` on any machine spares a blob a push just linked again; a mirrored blob's
-    /// only locally.
+    /// A use is recorded in the bucket, as a marker object written now, so that every replica
+    /// sees it: `berth gc` spares a private blob a push just linked again (written before the
+    /// push goes on), and the replica bounding the mirrored content evicts what the whole
+    /// cluster used least recently (written in the background: a hit does not wait for it).
     fn mark_used(&self, area: Area, digest: &Digest) {
         self.tier.used(area, digest);
-        if area == Area::Local {
-            let key = format!("{USED}/{}", digest.hex());
-            if let Err(e) = self.bucket.put(&key, Bytes::from_static(b"used")) {
-                tracing::warn!(%digest, error = %e, "could not record a private blob's use in the bucket");
+        let key = used_key(area, digest);
+        match area {
+            Area::Local => {
+                if let Err(e) = self.bucket.put(&key, Bytes::from_static(b"used")) {
+                    tracing::warn!(%digest, error = %e, "could not record a private blob's use in the bucket");
+                }
             }
+            Area::Cache => self.bucket.put_later(&key, Bytes::from_static(b"used")),
         }
     }
 
