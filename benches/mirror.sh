@@ -83,79 +83,9 @@ BERTH=$ROOT/target/dist/berth
 # ---------------------------------------------------------------------------------------------
 # Processes: everything started here is in PIDS and is stopped on exit.
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/berth-bench.XXXXXX")
-PIDS=()
-
-stop_pid() {
-    local pid=$1 i
-    kill "$pid" 2>/dev/null || return 0
-    for i in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -9 "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# spawn OUT ERR CMD...: starts CMD in the background; its pid is in LAST_PID.
-spawn() {
-    local out=$1 err=$2
-    shift 2
-    "$@" </dev/null >>"$out" 2>>"$err" &
-    LAST_PID=$!
-    PIDS+=("$LAST_PID")
-}
-
-# stop PID: stops one process started by spawn.
-stop() {
-    local pid=$1 keep=() p
-    stop_pid "$pid"
-    for p in "${PIDS[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-
-# wait_ready URL PID WHAT: until URL answers 200 (30 s), failing if PID exits.
-wait_ready() {
-    local url=$1 pid=$2 what=$3 i
-    for i in $(seq 300); do
-        kill -0 "$pid" 2>/dev/null || die "$what exited before it was ready"
-        [ "$(curl -s -o /dev/null -w '%{http_code}' "$url" || true)" = 200 ] && return 0
-        sleep 0.1
-    done
-    die "$what did not answer $url within 30 s"
-}
-
-free_port() { $HELPER port; }
-now() { echo "$EPOCHREALTIME"; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
-calc() { awk "BEGIN { printf \"%.3f\", $1 }"; }
-
-# Peak RSS (MiB) and CPU seconds (user+system) of a process so far.
-peak_rss_mib() { awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
-cpu_s() {
-    awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' \
-        "/proc/$1/stat"
-}
-
-SAMPLES=$TMP/samples
-: >"$SAMPLES"
-# rec WHO METRIC VALUE: one sample of one run.
-rec() {
-    echo "$1 $2 $3" >>"$SAMPLES"
-    log "  $1 $2 = $3"
-}
-note() {
-    echo "note $*" >>"$SAMPLES"
-    log "  note: $*"
-}
+# Temp dir, processes, timing and samples: shared with benches/replicas.sh.
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 # skopeo with a private policy, auth file and temp dir, so the host's settings do not matter.
 mkdir -p "$TMP/skopeo/tmp"

@@ -218,3 +218,88 @@ async fn the_evicting_replica_bounds_what_every_replica_added_and_spares_what_is
     );
     drop(leased);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_gc_collects_the_bucket_and_keeps_what_manifests_refer_to() {
+    use berth::oci::names::{Digest, RepoName, Tag};
+    use berth::store::private::PrivateStore;
+    use berth::store::Area;
+
+    let garage = blocking(Garage::start).await;
+    // A writes; B, whose data dir holds nothing, sees what the bucket holds.
+    let (a, b, dirs) = two_replicas(&garage, "gc");
+    let (config, layer, orphan) = (b"{}".to_vec(), vec![7u8; 50_000], vec![8u8; 60_000]);
+    let (cd, ld, od) = (Digest::of(&config), Digest::of(&layer), Digest::of(&orphan));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":50000}}]}}"#
+    );
+    let md = Digest::of(manifest.as_bytes());
+    let a2 = a.clone();
+    blocking(move || {
+        let ps = PrivateStore::new(a2.clone());
+        let repo = RepoName::parse("private/app").unwrap();
+        for (d, bytes) in [(cd, &config), (ld, &layer), (od, &orphan)] {
+            a2.put_blob(Area::Local, d, bytes).unwrap();
+            ps.link_blob(&repo, &d).unwrap();
+        }
+        a2.put_manifest(
+            Area::Local,
+            md,
+            "application/vnd.oci.image.manifest.v1+json",
+            manifest.as_bytes(),
+        )
+        .unwrap();
+        ps.link_manifest(&repo, &md).unwrap();
+        ps.set_tag(
+            &repo,
+            &Tag::parse("v1").unwrap(),
+            &md,
+            "application/vnd.oci.image.manifest.v1+json",
+        )
+        .unwrap();
+    })
+    .await;
+    let cfg = dirs[0].path().join("berth.toml");
+    std::fs::write(&cfg, garage.storage_toml("gc", "")).unwrap();
+    let gc = |grace: &'static str| {
+        let (cfg, data) = (cfg.clone(), dirs[1].path().join("gc-data"));
+        blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+                .arg("gc")
+                .arg("--config")
+                .arg(&cfg)
+                .arg("--data-dir")
+                .arg(&data)
+                .args(["--grace", grace])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let present = |d: Digest| {
+        let b = b.clone();
+        blocking(move || b.blob_len(Area::Local, &d).unwrap().is_some())
+    };
+    // Everything is recent: the default grace keeps the orphan.
+    gc("1h").await;
+    assert!(
+        present(od).await,
+        "a blob written a moment ago survives the grace period"
+    );
+    let report = gc("0s").await;
+    assert!(
+        !present(od).await,
+        "the orphan is collected from the bucket: {report}"
+    );
+    for (what, d) in [("config", cd), ("layer", ld), ("manifest", md)] {
+        assert!(
+            present(d).await,
+            "the {what} a tag refers to stays: {report}"
+        );
+    }
+}
