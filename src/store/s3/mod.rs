@@ -25,6 +25,8 @@
 //! cannot be reached, so cached pulls and stale tags still answer. Writes go to both.
 
 mod bucket;
+mod fill;
+mod keys;
 mod tier;
 
 use std::collections::BTreeSet;
@@ -34,25 +36,23 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use bytes::Bytes;
 
 pub use bucket::Bucket;
+use fill::BucketSource;
+use keys::{
+    blob_key, digest_of_key, link_key, links_dir, split_repo, tags_dir, type_key, used_key,
+};
 use tier::Tier;
 
 use super::disk::DiskStore;
-use super::pages::Pages;
 use super::uploads::Uploads;
 use super::{
-    now_secs, parse_tag_file, rename_durable, tag_file, Area, BlobInfo, BlobReader, BlobSource,
-    BlobWriter, ByteStream, ContentStore, LinkKind, RemoteStats, StoreError, TagEntry,
-    LOCAL_UPSTREAM,
+    now_secs, parse_tag_file, rename_durable, tag_file, Area, BlobInfo, BlobReader, BlobWriter,
+    ContentStore, LinkKind, RemoteStats, StoreError, TagEntry, LOCAL_UPSTREAM,
 };
 use crate::config::S3Config;
 use crate::oci::names::{Digest, RepoName, Tag};
-
-/// A blob read from the bucket fills the local copy in writes of this size.
-const FILL_BATCH: usize = 1 << 20;
 
 pub struct S3Store {
     bucket: Arc<Bucket>,
@@ -200,130 +200,6 @@ impl S3Store {
         }
         Ok(out)
     }
-}
-
-/// Where a blob's last use is recorded (see `mark_used`).
-fn used_key(area: Area, d: &Digest) -> String {
-    format!("{}/used/{}", area.name(), d.hex())
-}
-
-fn blob_key(area: Area, d: &Digest) -> String {
-    format!("{}/blobs/sha256/{}", area.name(), d.hex())
-}
-
-fn type_key(area: Area, d: &Digest) -> String {
-    format!("{}/types/sha256/{}", area.name(), d.hex())
-}
-
-fn tags_dir(area: Area, upstream: &str, repo: &RepoName) -> String {
-    format!("{}/repos/{upstream}/{repo}/_tags", area.name())
-}
-
-fn links_dir(repo: &RepoName, kind: LinkKind) -> String {
-    let base = format!("local/repos/{LOCAL_UPSTREAM}/{repo}");
-    match kind {
-        LinkKind::Layers => format!("{base}/_layers"),
-        LinkKind::Manifests => format!("{base}/_manifests"),
-        LinkKind::Referrers(subject) => format!("{base}/_referrers/{}", subject.hex()),
-    }
-}
-
-fn link_key(repo: &RepoName, kind: LinkKind, d: &Digest) -> String {
-    format!("{}/{}", links_dir(repo, kind), d.hex())
-}
-
-/// `a/b/_tags/x` → (`a/b`, `_tags/x`): repository names never have a segment starting with
-/// `_`, so the first such segment ends the name.
-fn split_repo(key: &str) -> Option<(RepoName, &str)> {
-    let at = key.find("/_")?;
-    Some((RepoName::parse(&key[..at]).ok()?, &key[at + 1..]))
-}
-
-fn digest_of_key(key: &str) -> Option<Digest> {
-    let hex = key.rsplit('/').next()?;
-    Digest::parse(&format!("sha256:{hex}")).ok()
-}
-
-/// A blob in the bucket and not local: streamed from the bucket, and, when the whole blob is
-/// read, copied into the local copy on the way (verified like any write).
-struct BucketSource {
-    bucket: Arc<Bucket>,
-    key: String,
-    len: u64,
-    fill: Option<BlobWriter>,
-}
-
-impl BlobSource for BucketSource {
-    fn stream(self: Box<Self>, start: u64, end: u64, _pages: Pages) -> ByteStream {
-        let pieces = self.bucket.stream(&self.key, start, end);
-        match self.fill {
-            Some(writer) if start == 0 && end == self.len => {
-                fill_while_streaming(pieces, writer, self.len)
-            }
-            _ => pieces,
-        }
-    }
-}
-
-/// Passes the pieces on, and writes them to `writer` in batches; once `len` bytes have passed,
-/// commits them in the background (a response body is not polled past its last byte, so the
-/// end of the stream may never be seen). A failed local write stops the filling, never the
-/// stream.
-fn fill_while_streaming(pieces: ByteStream, writer: BlobWriter, len: u64) -> ByteStream {
-    struct Fill {
-        writer: BlobWriter,
-        batch: BytesMut,
-        seen: u64,
-    }
-    async fn write_batch(mut f: Fill) -> Option<Fill> {
-        let batch = f.batch.split().freeze();
-        let written =
-            tokio::task::spawn_blocking(move || f.writer.write(&batch).map(|()| f.writer)).await;
-        match written {
-            Ok(Ok(writer)) => Some(Fill {
-                writer,
-                batch: BytesMut::new(),
-                seen: f.seen,
-            }),
-            _ => None,
-        }
-    }
-    let fill = Fill {
-        writer,
-        batch: BytesMut::new(),
-        seen: 0,
-    };
-    let stream = futures_util::stream::unfold(
-        (pieces, Some(fill)),
-        move |(mut pieces, mut fill)| async move {
-            let piece = match pieces.next().await? {
-                Ok(piece) => piece,
-                Err(e) => return Some((Err(e), (pieces, None))),
-            };
-            if let Some(mut f) = fill.take() {
-                f.batch.extend_from_slice(&piece);
-                f.seen += piece.len() as u64;
-                if f.seen >= len {
-                    tokio::spawn(async move {
-                        let Some(f) = write_batch(f).await else {
-                            return;
-                        };
-                        let committed =
-                            tokio::task::spawn_blocking(move || f.writer.commit()).await;
-                        if let Ok(Err(e)) = committed {
-                            tracing::warn!(error = %e, "a blob read from the bucket was not kept locally");
-                        }
-                    });
-                } else if f.batch.len() >= FILL_BATCH {
-                    fill = write_batch(f).await;
-                } else {
-                    fill = Some(f);
-                }
-            }
-            Some((Ok(piece), (pieces, fill)))
-        },
-    );
-    Box::pin(sync_wrapper::SyncStream::new(stream))
 }
 
 impl ContentStore for S3Store {
