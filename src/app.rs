@@ -65,7 +65,7 @@ impl Running {
 }
 
 /// Opens the configured content store and removes writes a crash interrupted.
-pub fn open_store(config: &Config, runtime: tokio::runtime::Handle) -> Result<Store, StartError> {
+pub fn open_store(config: &Config) -> Result<Store, StartError> {
     let failed = |e| StartError::Store(config.data_dir.display().to_string(), e);
     match &config.storage {
         StorageConfig::Disk => {
@@ -74,7 +74,7 @@ pub fn open_store(config: &Config, runtime: tokio::runtime::Handle) -> Result<St
             Ok(disk.shared())
         }
         StorageConfig::S3(s3) => {
-            let store = S3Store::open(s3, &config.data_dir, runtime).map_err(failed)?;
+            let store = S3Store::open(s3, &config.data_dir).map_err(failed)?;
             store.local().remove_leftovers().map_err(failed)?;
             Ok(Arc::new(store))
         }
@@ -83,17 +83,14 @@ pub fn open_store(config: &Config, runtime: tokio::runtime::Handle) -> Result<St
 
 /// Opens the configured store for a tool running beside a server (`fsck`, `gc`): a data dir
 /// must exist already, and nothing in progress is removed.
-pub fn open_existing_store(
-    config: &Config,
-    runtime: tokio::runtime::Handle,
-) -> Result<Store, StartError> {
+pub fn open_existing_store(config: &Config) -> Result<Store, StartError> {
     let failed = |e| StartError::Store(config.data_dir.display().to_string(), e);
     match &config.storage {
         StorageConfig::Disk => Ok(DiskStore::open_existing(&config.data_dir)
             .map_err(failed)?
             .shared()),
         StorageConfig::S3(s3) => Ok(Arc::new(
-            S3Store::open(s3, &config.data_dir, runtime).map_err(failed)?,
+            S3Store::open(s3, &config.data_dir).map_err(failed)?,
         )),
     }
 }
@@ -126,9 +123,8 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
     fd_budget(&mut config);
     // Opening may list a bucket and read its shared secret: off the async workers.
     let (config, mirror, token_key) = {
-        let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let store = open_store(&config, runtime)?;
+            let store = open_store(&config)?;
             let token_key = match store.cluster_secret() {
                 Ok(Some(secret)) => TokenKey::new(secret),
                 Ok(None) => TokenKey::random(),

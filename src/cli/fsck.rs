@@ -29,11 +29,10 @@ impl FsckArgs {
             Ok(c) => c,
             Err(code) => return code,
         };
-        let opened = match super::open_existing_store(&config, self.data_dir) {
-            Ok(o) => o,
+        let store = match super::open_existing_store(&config, self.data_dir) {
+            Ok(s) => s,
             Err(code) => return code,
         };
-        let store = opened.store.clone();
         let report = match fsck(store.as_ref(), self.repair) {
             Ok(r) => r,
             Err(e) => {

@@ -35,11 +35,10 @@ impl GcArgs {
             Ok(c) => c,
             Err(code) => return code,
         };
-        let opened = match super::open_existing_store(&config, self.data_dir.clone()) {
-            Ok(o) => o,
+        let store = match super::open_existing_store(&config, self.data_dir.clone()) {
+            Ok(s) => s,
             Err(code) => return code,
         };
-        let store = opened.store.clone();
         let mut opts = GcOptions::new(config.upload_max_age.0);
         opts.dry_run = self.dry_run;
         opts.blob_min_age = self.grace.0;

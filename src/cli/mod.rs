@@ -61,34 +61,19 @@ fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
 
 /// The store a tool (`fsck`, `gc`) works on beside a running server: the configured backend,
 /// with `data_dir` (the flag's, else the config's) as its data dir; nothing in progress is
-/// removed. The runtime runs a bucket's requests and lives as long as the store is used.
-pub(crate) struct ExistingStore {
-    pub store: berth::store::Store,
-    _runtime: tokio::runtime::Runtime,
-}
-
+/// removed.
 fn open_existing_store(
     config: &Config,
     data_dir: Option<PathBuf>,
-) -> Result<ExistingStore, ExitCode> {
+) -> Result<berth::store::Store, ExitCode> {
     let mut config = config.clone();
     if let Some(dir) = data_dir {
         config.data_dir = dir;
     }
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| {
+    berth::app::open_existing_store(&config).map_err(|e| {
         eprintln!("berth: {e}");
         ExitCode::FAILURE
-    })?;
-    match berth::app::open_existing_store(&config, runtime.handle().clone()) {
-        Ok(store) => Ok(ExistingStore {
-            store,
-            _runtime: runtime,
-        }),
-        Err(e) => {
-            eprintln!("berth: {e}");
-            Err(ExitCode::FAILURE)
-        }
-    }
+    })
 }
 
 /// Logs to stderr, filtered by `BERTH_LOG` (default `info`).

@@ -63,7 +63,7 @@ impl App {
             return self.head_upstream_blob(&up, &name, digest).await;
         }
         loop {
-            match self.mirror.attach_blob(&up, &name, digest)? {
+            match self.mirror.attach_blob(&up, &name, digest).await? {
                 Attach::Cached => {
                     if let Some(resp) = self
                         .serve_stored_blob(Area::Cache, digest, read, Outcome::Hit)

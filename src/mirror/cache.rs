@@ -92,10 +92,24 @@ impl DiskCache {
         self.max
     }
 
-    /// Records a new blob in the cache area and evicts what no longer fits.
-    pub fn added(&self, digest: Digest, size: u64) {
-        lock(&self.lru).insert(digest, size, now());
-        self.evict();
+    /// Records a new blob in the cache area and evicts what no longer fits: on the blocking
+    /// pool when there is one (removing may take requests over the network), else at once.
+    pub fn added(self: &Arc<Self>, digest: Digest, size: u64) {
+        let over = {
+            let mut lru = lock(&self.lru);
+            lru.insert(digest, size, now());
+            lru.total() > self.max
+        };
+        if !over {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let me = self.clone();
+                runtime.spawn_blocking(move || me.evict());
+            }
+            Err(_) => self.evict(),
+        }
     }
 
     /// Marks a cached blob as used now.

@@ -265,9 +265,16 @@ impl Fetches {
                 joined: true,
             });
         }
-        // Checked under the lock: a download renames its blob into place before it leaves the
-        // map, so a blob that is in neither place is really missing.
-        if self.disk.store().blob_len(Area::Cache, &digest)?.is_some() {
+        // Checked under the lock: a download puts its blob in place (here, on this machine)
+        // before it leaves the map, so a blob that is in neither place is really missing. Only
+        // what this berth holds is looked at: the caller asked the whole store before the lock
+        // (which may take a request over the network).
+        if self
+            .disk
+            .store()
+            .blob_len_held(Area::Cache, &digest)?
+            .is_some()
+        {
             return Ok(Attach::Cached);
         }
         let writer = self.disk.store().begin_blob(Area::Cache, digest)?;

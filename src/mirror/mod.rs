@@ -474,12 +474,19 @@ impl Mirror {
     }
 
     /// Starts or joins the download of a mirrored blob.
-    pub fn attach_blob(
+    pub async fn attach_blob(
         &self,
         up: &Arc<Upstream>,
         repo: &RepoName,
         digest: Digest,
     ) -> Result<Attach, RegistryError> {
+        let store = self.store.clone();
+        if blocking(move || store.blob_len(Area::Cache, &digest))
+            .await?
+            .is_some()
+        {
+            return Ok(Attach::Cached);
+        }
         self.fetches
             .attach(up.clone(), repo.clone(), digest)
             .map_err(|e| RegistryError::Internal(format!("store: {e}")))

@@ -180,6 +180,13 @@ pub trait ContentStore: Send + Sync + 'static {
     /// The blob's length, when it is stored.
     fn blob_len(&self, area: Area, digest: &Digest) -> io::Result<Option<u64>>;
 
+    /// The blob's length if this berth holds it without asking anyone else (no request over
+    /// the network): cheap enough to call under a lock. For a store entirely on this machine,
+    /// [`blob_len`](Self::blob_len).
+    fn blob_len_held(&self, area: Area, digest: &Digest) -> io::Result<Option<u64>> {
+        self.blob_len(area, digest)
+    }
+
     /// Opens a stored blob for reading.
     fn open_blob(&self, area: Area, digest: &Digest) -> io::Result<Option<BlobReader>>;
 

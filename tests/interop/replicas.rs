@@ -80,7 +80,9 @@ impl Nginx {
         let mut cmd = Command::new(nginx);
         cmd.arg("-p").arg(&root).arg("-c").arg(&path);
         let log = root.join("stderr");
-        let mut proc = Proc::spawn("nginx", &mut cmd, &log, &log);
+        // SIGTERM first: nginx's master then stops its workers (a SIGKILL would orphan them,
+        // still listening).
+        let mut proc = Proc::spawn("nginx", &mut cmd, &log, &log).graceful(Duration::from_secs(5));
         proc.wait_ready(addr);
         Nginx { addr, _proc: proc }
     }
@@ -357,4 +359,48 @@ async fn a_replica_killed_mid_download_leaves_nothing_partial_and_the_other_comp
 
 fn dir_path(config: &Path) -> &Path {
     config.parent().expect("a config in a dir")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_cold_gets_through_the_load_balancer_fetch_once_and_all_complete() {
+    use crate::support::{pseudo_random, spawn_get, Fake};
+
+    let fake = Fake::start().await;
+    let garage = tokio::task::spawn_blocking(Garage::start).await.unwrap();
+    let dir = TempDir::new().expect("temp dir");
+    let config_a = replica_config(dir.path(), "a", &garage, "", true);
+    let config_b = replica_config(dir.path(), "b", &garage, "", false);
+    let (up, ca, cb) = (fake.url(), config_a.clone(), config_b.clone());
+    let (_replicas, nginx) = tokio::task::spawn_blocking(move || {
+        let a = Berth::start_with(&up, &["--config", ca.to_str().unwrap()]);
+        let b = Berth::start_with(&up, &["--config", cb.to_str().unwrap()]);
+        let lb = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let nginx = Nginx::start(dir_path(&ca), lb, &[a.addr, b.addr]);
+        ([a, b], nginx)
+    })
+    .await
+    .unwrap();
+    // Larger than a multipart part, so the upload to the bucket is a multipart one.
+    let blob = pseudo_random(0x9500, 40 * MIB);
+    let digest = fake.add_blob(blob.clone());
+    let url = format!("http://{}/v2/library/big/blobs/{digest}", nginx.addr);
+    let clients: Vec<_> = (0..8).map(|_| spawn_get(&url, &[])).collect();
+    let all = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut replies = Vec::new();
+        for c in clients {
+            replies.push(c.await.unwrap());
+        }
+        replies
+    })
+    .await
+    .expect("eight cold GETs through two S3 replicas finish (nothing wedges)");
+    for r in &all {
+        assert_eq!(r.status, 200);
+        assert!(r.bytes() == blob, "byte-exact");
+    }
+    assert_eq!(
+        fake.count("GET", &digest),
+        1,
+        "one upstream GET for the cluster"
+    );
 }

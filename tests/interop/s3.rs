@@ -23,12 +23,8 @@ fn s3_config(garage: &Garage, prefix: &str) -> berth::config::S3Config {
 async fn the_s3_backend_keeps_the_store_contract_on_garage() {
     let garage = tokio::task::spawn_blocking(Garage::start).await.unwrap();
     let data = tempfile::tempdir().unwrap();
-    let s3 = S3Store::open(
-        &s3_config(&garage, "contract"),
-        data.path(),
-        tokio::runtime::Handle::current(),
-    )
-    .expect("open the S3 store");
+    let s3 =
+        S3Store::open(&s3_config(&garage, "contract"), data.path()).expect("open the S3 store");
     let store: Store = Arc::new(s3);
     check_backend(store).await;
 }
@@ -37,14 +33,7 @@ async fn the_s3_backend_keeps_the_store_contract_on_garage() {
 fn two_replicas(garage: &Garage, prefix: &str) -> (Store, Store, [tempfile::TempDir; 2]) {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let open = |dir: &tempfile::TempDir| -> Store {
-        Arc::new(
-            S3Store::open(
-                &s3_config(garage, prefix),
-                dir.path(),
-                tokio::runtime::Handle::current(),
-            )
-            .expect("open the S3 store"),
-        )
+        Arc::new(S3Store::open(&s3_config(garage, prefix), dir.path()).expect("open the S3 store"))
     };
     (open(&dirs[0]), open(&dirs[1]), dirs)
 }

@@ -56,9 +56,7 @@ fn s3_store_at(addr: std::net::SocketAddr, data: &std::path::Path) -> berth::sto
     let berth::config::StorageConfig::S3(s3) = &config.storage else {
         unreachable!()
     };
-    std::sync::Arc::new(
-        berth::store::s3::S3Store::open(s3, data, tokio::runtime::Handle::current()).unwrap(),
-    )
+    std::sync::Arc::new(berth::store::s3::S3Store::open(s3, data).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,9 +2,10 @@
 //! bounded by the configured timeout, errors as `io::Error` naming the operation and key, and a
 //! blocking face for the store's blocking methods.
 //!
-//! The client (the `object_store` crate) is async; the store's methods run on blocking threads.
-//! Each blocking call spawns its request onto berth's runtime and waits for the answer, so the
-//! client's connections live on one runtime whoever calls.
+//! The client (the `object_store` crate) is async; the store's methods block. Every request,
+//! bodies included, runs on a small runtime of the bucket's own: a caller blocked on the bucket
+//! (on any thread, holding anything) can never starve the requests it waits for, which would
+//! happen if they needed the threads of berth's main runtime.
 
 use std::future::Future;
 use std::io;
@@ -46,14 +47,21 @@ pub struct Bucket {
     /// `""` or `"prefix/"`.
     prefix: String,
     timeout: Duration,
-    runtime: tokio::runtime::Handle,
+    runtime: BucketRuntime,
     /// Requests that failed (not "not found"): the store's health, for metrics.
     pub errors: AtomicU64,
 }
 
 impl Bucket {
     /// A client for the configured bucket. Nothing is sent yet.
-    pub fn open(config: &S3Config, runtime: tokio::runtime::Handle) -> io::Result<Bucket> {
+    pub fn open(config: &S3Config) -> io::Result<Bucket> {
+        let runtime = BucketRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("berth-bucket")
+                .enable_all()
+                .build()?,
+        ));
         let mut b = AmazonS3Builder::from_env()
             .with_bucket_name(&config.bucket)
             .with_region(&config.region)
@@ -101,7 +109,7 @@ impl Bucket {
         Path::from(format!("{}{key}", self.prefix))
     }
 
-    /// Runs one request on berth's runtime and waits for it, at most `timeout`. Not found is
+    /// Runs one request on the bucket's runtime and waits for it, at most `timeout`. Not found is
     /// `Ok(None)`.
     fn run<T: Send + 'static>(
         &self,
@@ -111,7 +119,7 @@ impl Bucket {
     ) -> io::Result<Option<T>> {
         let timeout = self.timeout;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.runtime.spawn(async move {
+        self.runtime.handle().spawn(async move {
             let _ = tx.send(tokio::time::timeout(timeout, request).await);
         });
         let wait = || rx.recv();
@@ -176,7 +184,7 @@ impl Bucket {
     pub fn put_later(self: &Arc<Self>, key: &str, bytes: Bytes) {
         let (bucket, key) = (self.clone(), key.to_owned());
         let (client, path, timeout) = (self.client.clone(), self.path(&key), self.timeout);
-        self.runtime.spawn(async move {
+        self.runtime.handle().spawn(async move {
             let put = tokio::time::timeout(timeout, client.put(&path, PutPayload::from(bytes)));
             let failed = match put.await {
                 Ok(Ok(_)) => return,
@@ -281,12 +289,47 @@ impl Bucket {
                 .map_err(|e| io::Error::other(e.to_string()));
             Ok::<_, io::Error>(with_stall_timeout(pieces.boxed(), timeout))
         };
-        let stream = futures_util::stream::once(opened)
-            .try_flatten()
-            .map_err(move |e| bucket.failed("get", &key, e));
-        // The client's futures are not `Sync`, which response bodies must be; a stream is only
-        // ever polled through `&mut`, so the wrapper costs nothing.
-        Box::pin(sync_wrapper::SyncStream::new(stream))
+        let mut pieces = Box::pin(
+            futures_util::stream::once(opened)
+                .try_flatten()
+                .map_err(move |e| bucket.failed("get", &key, e)),
+        );
+        // Pulled on the bucket's runtime, handed over a few pieces ahead; a reader that goes
+        // away closes the channel, which ends the pull.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        self.runtime.handle().spawn(async move {
+            while let Some(piece) = pieces.next().await {
+                let failed = piece.is_err();
+                if tx.send(piece).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let received =
+            futures_util::stream::unfold(rx, |mut rx| async move { Some((rx.recv().await?, rx)) });
+        Box::pin(sync_wrapper::SyncStream::new(received))
+    }
+}
+
+/// The bucket's own runtime, shut down without waiting when the bucket goes (dropping a
+/// runtime the ordinary way is not allowed where the store is usually dropped: on a runtime).
+struct BucketRuntime(Option<tokio::runtime::Runtime>);
+
+impl BucketRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        // Present from construction until drop.
+        self.0
+            .as_ref()
+            .map(|r| r.handle())
+            .expect("the bucket's runtime")
+    }
+}
+
+impl Drop for BucketRuntime {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.shutdown_background();
+        }
     }
 }
 

@@ -64,14 +64,9 @@ pub struct S3Store {
 
 impl S3Store {
     /// Opens the bucket client (nothing is sent yet) and the local copy in `data_dir`.
-    /// `runtime` runs the bucket's requests.
-    pub fn open(
-        config: &S3Config,
-        data_dir: &Path,
-        runtime: tokio::runtime::Handle,
-    ) -> io::Result<S3Store> {
+    pub fn open(config: &S3Config, data_dir: &Path) -> io::Result<S3Store> {
         let local = DiskStore::open(data_dir)?;
-        let bucket = Arc::new(Bucket::open(config, runtime)?);
+        let bucket = Arc::new(Bucket::open(config)?);
         let tier = Arc::new(Tier::open(local.clone(), config.max_local_size.0)?);
         Ok(S3Store {
             bucket,
@@ -208,6 +203,10 @@ impl ContentStore for S3Store {
             return Ok(Some(len));
         }
         self.size_in_bucket(area, digest)
+    }
+
+    fn blob_len_held(&self, area: Area, digest: &Digest) -> io::Result<Option<u64>> {
+        self.local.blob_len(area, digest)
     }
 
     fn open_blob(&self, area: Area, digest: &Digest) -> io::Result<Option<BlobReader>> {
