@@ -15,8 +15,9 @@
 #            the blob in its local copy ("local"); S3 berth with the blob only in the bucket (a
 #            replica with an empty data dir: "bucket", 1 client)
 #   cold8    8 concurrent GETs of the blob nobody has: wall time and upstream GETs, one-disk
-#            berth vs two S3 replicas behind nginx (deploy/replicas/nginx.conf as shipped),
-#            and the upstream itself (8 GETs straight from it) as the limit
+#            berth vs one S3 replica; and both behind nginx (deploy/replicas/nginx.conf as
+#            shipped): one-disk berth vs two S3 replicas; the upstream itself (8 GETs straight
+#            from it) and Garage (one GET straight from it) as the limits
 #
 # A benchmark, not a test: nothing fails on a slow figure. It installs what it needs (apt-get
 # as root; Garage with cargo install when missing). Every server binds 127.0.0.1; all are killed
@@ -218,6 +219,25 @@ for run in $(seq "$RUNS"); do
     stop "$pid"
     rm -rf "$TMP/disk-$run"
 
+    # The same one-disk berth behind the same nginx config: what the load balancer costs.
+    start_berth disk "$TMP/disk-$run"
+    pid=$LAST_PID
+    start_lb "$BERTH_URL" "$BERTH_URL"
+    rec disklb cold8_s "$(clients 8 "$LB_URL$BLOB_PATH")"
+    stop "$LAST_PID"
+    stop "$pid"
+    rm -rf "$TMP/disk-$run"
+
+    # One S3 replica, no load balancer, on a fresh prefix.
+    start_berth one "$TMP/one-$run" "one$run" true
+    pid=$LAST_PID
+    before=$(upstream_gets)
+    rec s3one cold8_s "$(clients 8 "$BERTH_URL$BLOB_PATH")"
+    rec s3one cold8_gets "$(($(upstream_gets) - before))"
+    wait_settled "$TMP/one-$run"
+    stop "$pid"
+    rm -rf "$TMP/one-$run"
+
     # Two S3 replicas behind nginx, on a fresh prefix: cold 8 through the load balancer.
     start_berth a "$TMP/a-$run" "run$run" true
     a_pid=$LAST_PID a_url=$BERTH_URL
@@ -240,10 +260,15 @@ for run in $(seq "$RUNS"); do
     stop "$a_pid"
     stop "$b_pid"
 
-    # A replica with an empty data dir: the blob only in the bucket.
+    # A replica with an empty data dir: the blob only in the bucket; and the same object
+    # straight from Garage, the limit of that figure.
     start_berth fresh "$TMP/fresh-$run" "run$run" false
     rec bucket hit1_mbs "$(mbps 1 "$(get "$BERTH_URL$BLOB_PATH")")"
     stop "$LAST_PID"
+    rec garage get1_mbs "$(mbps 1 "$(curl -sf -o /dev/null -w '%{time_total}' \
+        --aws-sigv4 aws:amz:garage:s3 --user "$KEY_ID:$SECRET" \
+        -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' \
+        "http://127.0.0.1:$GPORT/berth/run$run/cache/blobs/sha256/${DIGEST#sha256:}")")"
     rm -rf "$TMP/a-$run" "$TMP/b-$run" "$TMP/fresh-$run"
 done
 
@@ -255,7 +280,8 @@ median() {
 ratio() { calc "$1 / $2"; }
 D1=$(median disk hit1_mbs) D8=$(median disk hit8_mbs) DC=$(median disk cold8_s)
 L1=$(median s3local hit1_mbs) L8=$(median s3local hit8_mbs) B1=$(median bucket hit1_mbs)
-PC=$(median pair cold8_s) UC=$(median upstream cold8_s)
+PC=$(median pair cold8_s) UC=$(median upstream cold8_s) LC=$(median disklb cold8_s)
+OC=$(median s3one cold8_s) G1=$(median garage get1_mbs)
 cat <<EOF
 berth on S3 (Garage) vs berth on one disk — $SIZE_MIB MiB blob, medians of $RUNS runs, $(date -u +%F), $(nproc) cores, profile $PROFILE
 
@@ -264,8 +290,10 @@ berth on S3 (Garage) vs berth on one disk — $SIZE_MIB MiB blob, medians of $RU
 | cache hit, 1 client, blob in the local copy (MB/s) | $D1 | $L1 | $(ratio "$L1" "$D1") |
 | cache hit, 8 clients, blob in the local copy (MB/s) | $D8 | $L8 | $(ratio "$L8" "$D8") |
 | cache hit, 1 client, blob only in the bucket (MB/s) | $D1 | $B1 | $(ratio "$B1" "$D1") |
-| cold, 8 concurrent GETs: wall (s) — S3: two replicas behind nginx | $DC | $PC | $(ratio "$PC" "$DC") |
-| cold, 8 concurrent GETs: upstream GETs of the blob | $(median disk cold8_gets) | $(median pair cold8_gets) | |
+| cold, 8 concurrent GETs: wall (s) — one S3 replica | $DC | $OC | $(ratio "$OC" "$DC") |
+| cold, 8 concurrent GETs: wall (s) — both behind nginx; S3: two replicas | $LC | $PC | $(ratio "$PC" "$LC") |
+| cold, 8 concurrent GETs: upstream GETs of the blob (one replica / two) | $(median disk cold8_gets) | $(median s3one cold8_gets) / $(median pair cold8_gets) | |
 
-The upstream itself served 8 concurrent GETs in $UC s (the limit of a cold figure).
+Limits: the upstream itself served 8 concurrent GETs in $UC s; Garage served the blob to one
+client at $G1 MB/s (the "only in the bucket" figure can be no faster).
 EOF
