@@ -76,3 +76,30 @@ note() {
     log "  note: $*"
 }
 
+# start_upstream: the distribution registry on a free port, storing under $TMP/upstream; sets
+# UPORT, UPSTREAM and UPSTREAM_PID. Its access log (stdout) is $TMP/upstream/access.log.
+start_upstream() {
+    UPORT=$(free_port)
+    UPSTREAM=http://127.0.0.1:$UPORT
+    mkdir -p "$TMP/upstream"
+    cat >"$TMP/upstream/config.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $TMP/upstream/storage
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$UPORT
+  secret: berth-bench-upstream
+EOF
+    # The registry writes its access log to stdout, its own log to stderr.
+    spawn "$TMP/upstream/access.log" "$TMP/upstream/registry.log" \
+        docker-registry serve "$TMP/upstream/config.yml"
+    UPSTREAM_PID=$LAST_PID
+    wait_ready "$UPSTREAM/v2/" "$UPSTREAM_PID" "the upstream registry"
+}

@@ -103,29 +103,7 @@ log "writing the synthetic images"
 eval "$($HELPER images "$TMP/images" $([ $QUICK = 1 ] && echo --quick))"
 BIG_HEX=${BIG_DIGEST#sha256:}
 
-UPORT=$(free_port)
-UPSTREAM=http://127.0.0.1:$UPORT
-mkdir -p "$TMP/upstream"
-cat >"$TMP/upstream/config.yml" <<EOF
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $TMP/upstream/storage
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:$UPORT
-  secret: berth-bench-upstream
-EOF
-# The registry writes its access log to stdout, its own log to stderr.
-spawn "$TMP/upstream/access.log" "$TMP/upstream/registry.log" \
-    docker-registry serve "$TMP/upstream/config.yml"
-UPSTREAM_PID=$LAST_PID
-wait_ready "$UPSTREAM/v2/" "$UPSTREAM_PID" "the upstream registry"
+start_upstream
 
 log "seeding the upstream $UPSTREAM"
 push() { skopeo_copy --dest-tls-verify=false --preserve-digests "$@" || die "skopeo push $*: $(tail -3 "$TMP/skopeo/log")"; }

@@ -62,25 +62,7 @@ BERTH=$ROOT/target/$PROFILE/berth
 source "$ROOT/benches/lib.sh"
 
 # --- the upstream, with one big blob --------------------------------------------------------
-UPORT=$(free_port)
-UPSTREAM=http://127.0.0.1:$UPORT
-mkdir -p "$TMP/upstream"
-cat >"$TMP/upstream/config.yml" <<EOF
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $TMP/upstream/storage
-http:
-  addr: 127.0.0.1:$UPORT
-  secret: berth-bench-upstream
-EOF
-spawn "$TMP/upstream/access.log" "$TMP/upstream/registry.log" \
-    docker-registry serve "$TMP/upstream/config.yml"
-wait_ready "$UPSTREAM/v2/" "$LAST_PID" "the upstream registry"
+start_upstream
 
 log "a $SIZE_MIB MiB blob into the upstream"
 head -c "$((SIZE_MIB << 20))" /dev/urandom >"$TMP/big"
