@@ -31,23 +31,27 @@ use crate::store::{Area, BlobWriter, StoreError};
 /// Upstream frames are coalesced into writes of up to this size when they arrive faster than disk.
 const WRITE_BATCH: usize = 1 << 20;
 
-/// A write of a batch, giving back the writer and the batch's buffer.
-type Write = tokio::task::JoinHandle<io::Result<(BlobWriter, BytesMut)>>;
+/// Batches a download keeps in memory for its readers: a reader within this many batches of
+/// the download is served from memory, one further behind from the file.
+const BATCHES_KEPT: usize = 4;
 
-/// A download's blob writer: free, with the spare batch buffer, or inside the one write in
-/// flight, which gives both back when it lands.
+/// A write of a batch, giving back the writer.
+type Write = tokio::task::JoinHandle<io::Result<BlobWriter>>;
+
+/// A download's blob writer: free, or inside the one write in flight, which gives it back
+/// when it lands.
 // One per download, moved once per batch of a megabyte: boxing the writer would save nothing.
 #[allow(clippy::large_enum_variant)]
 enum Writer {
-    Idle(BlobWriter, BytesMut),
+    Idle(BlobWriter),
     Writing(Write),
 }
 
 impl Writer {
     /// Starts writing `chunk` on a blocking thread.
-    fn write(mut writer: BlobWriter, chunk: BytesMut) -> Writer {
+    fn write(mut writer: BlobWriter, chunk: Bytes) -> Writer {
         Writer::Writing(tokio::task::spawn_blocking(move || {
-            writer.write(&chunk).map(|()| (writer, chunk))
+            writer.write_shared(chunk).map(|()| writer)
         }))
     }
 }
@@ -127,6 +131,9 @@ pub struct Download {
     readers: AtomicUsize,
     /// The bytes written so far, shared by the readers.
     written: pages::Growing,
+    /// The last batches, by offset: readers keeping up are served these (a slice shares the
+    /// memory), sparing them a mapping or a read of what was written a moment ago.
+    recent: Mutex<std::collections::VecDeque<(u64, Bytes)>>,
 }
 
 /// What a blob request attaches to.
@@ -277,7 +284,9 @@ impl Fetches {
         {
             return Ok(Attach::Cached);
         }
-        let writer = self.disk.store().begin_blob(Area::Cache, digest)?;
+        let mut writer = self.disk.store().begin_blob(Area::Cache, digest)?;
+        // A download is large or small; a thread per download is cheap either way.
+        writer.hash_in_background()?;
         let (progress, _) = watch::channel(Progress {
             state: State::Connecting,
             written: 0,
@@ -285,6 +294,7 @@ impl Fetches {
         });
         let download = Arc::new(Download {
             written: writer.follow(),
+            recent: Mutex::new(std::collections::VecDeque::with_capacity(BATCHES_KEPT)),
             progress,
             readers: AtomicUsize::new(0),
         });
@@ -342,10 +352,11 @@ impl Fetches {
         let idle = upstream.config.response_timeout.0;
         let mut body = resp.into_body();
         // One write is in flight while the next batch is read from the upstream, so the
-        // download never waits for the disk and the disk never waits for the network. The two
-        // batch buffers take turns, so a download allocates them once.
+        // download never waits for the disk and the disk never waits for the network. Each
+        // batch is also kept in memory for the readers (see `recent`), so it gets a new buffer.
         let mut batch = BytesMut::with_capacity(WRITE_BATCH);
-        let mut writer = Writer::Idle(writer, BytesMut::with_capacity(WRITE_BATCH));
+        let mut submitted = 0u64;
+        let mut writer = Writer::Idle(writer);
         loop {
             // While a write is in flight, whichever comes first: its completion is published at
             // once (readers must not wait for the next upstream frame to see those bytes).
@@ -359,8 +370,7 @@ impl Fetches {
             let next = match next {
                 Ok(frame) => frame,
                 Err(landed) => {
-                    let (w, spare) = self.landed(download, landed, total)?;
-                    writer = Writer::Idle(w, spare);
+                    writer = Writer::Idle(self.landed(download, landed, total)?);
                     continue;
                 }
             };
@@ -387,17 +397,21 @@ impl Fetches {
                     }
                 }
             }
-            let (w, spare) = self.settle(download, writer, total).await?;
+            let w = self.settle(download, writer, total).await?;
             writer = if batch.is_empty() {
-                Writer::Idle(w, spare)
+                Writer::Idle(w)
             } else {
-                Writer::write(w, std::mem::replace(&mut batch, spare))
+                let chunk =
+                    std::mem::replace(&mut batch, BytesMut::with_capacity(WRITE_BATCH)).freeze();
+                download.keep(submitted, chunk.clone());
+                submitted += chunk.len() as u64;
+                Writer::write(w, chunk)
             };
             if end {
                 break;
             }
         }
-        let (writer, _) = self.settle(download, writer, total).await?;
+        let writer = self.settle(download, writer, total).await?;
         let written = writer.written();
         if let Some(expected) = total {
             if written != expected {
@@ -407,10 +421,23 @@ impl Fetches {
                 });
             }
         }
-        if let Err(StoreError::DigestMismatch { expected, actual }) = writer.verify() {
-            return Err(FetchFailure::Mismatch(format!(
-                "upstream sent content with digest {actual}, not {expected}"
-            )));
+        // The hashing thread may still be finishing the last pieces: wait for it off the
+        // async workers.
+        let (writer, verified) = tokio::task::spawn_blocking(move || {
+            let mut writer = writer;
+            let verified = writer.verify();
+            (writer, verified)
+        })
+        .await
+        .map_err(|e| FetchFailure::Io(e.to_string()))?;
+        match verified {
+            Ok(()) => {}
+            Err(StoreError::DigestMismatch { expected, actual }) => {
+                return Err(FetchFailure::Mismatch(format!(
+                    "upstream sent content with digest {actual}, not {expected}"
+                )))
+            }
+            Err(StoreError::Io(e)) => return Err(FetchFailure::Io(e.to_string())),
         }
         // Readers may finish now: their bytes are verified. The fsync and rename that make the
         // blob a cache entry need not hold them up.
@@ -427,15 +454,15 @@ impl Fetches {
         }
     }
 
-    /// The writer and its spare buffer once no write is in flight: waits for the one that is.
+    /// The writer once no write is in flight: waits for the one that is.
     async fn settle(
         &self,
         download: &Download,
         writer: Writer,
         total: Option<u64>,
-    ) -> Result<(BlobWriter, BytesMut), FetchFailure> {
+    ) -> Result<BlobWriter, FetchFailure> {
         match writer {
-            Writer::Idle(w, spare) => Ok((w, spare)),
+            Writer::Idle(w) => Ok(w),
             Writer::Writing(write) => self.landed(download, write.await, total),
         }
     }
@@ -444,10 +471,10 @@ impl Fetches {
     fn landed(
         &self,
         download: &Download,
-        write: Result<io::Result<(BlobWriter, BytesMut)>, tokio::task::JoinError>,
+        write: Result<io::Result<BlobWriter>, tokio::task::JoinError>,
         total: Option<u64>,
-    ) -> Result<(BlobWriter, BytesMut), FetchFailure> {
-        let (writer, mut buf) = write
+    ) -> Result<BlobWriter, FetchFailure> {
+        let writer = write
             .map_err(|e| FetchFailure::Io(e.to_string()))?
             .map_err(|e| FetchFailure::Io(e.to_string()))?;
         let written = writer.written();
@@ -466,12 +493,31 @@ impl Fetches {
         {
             return Err(FetchFailure::Abandoned);
         }
-        buf.clear();
-        Ok((writer, buf))
+        Ok(writer)
     }
 }
 
 impl Download {
+    /// Keeps a batch (bytes `at..`) for the readers, dropping the oldest kept one.
+    fn keep(&self, at: u64, batch: Bytes) {
+        let mut recent = lock(&self.recent);
+        if recent.len() == BATCHES_KEPT {
+            recent.pop_front();
+        }
+        recent.push_back((at, batch));
+    }
+
+    /// Bytes from `pos` up to `limit` out of a kept batch, if one holds `pos`.
+    fn kept(&self, pos: u64, limit: u64) -> Option<Bytes> {
+        let recent = lock(&self.recent);
+        let (at, batch) = recent
+            .iter()
+            .find(|(at, b)| *at <= pos && pos < at + b.len() as u64)?;
+        let from = (pos - at) as usize;
+        let to = (limit - at).min(batch.len() as u64) as usize;
+        Some(batch.slice(from..to))
+    }
+
     /// Waits for the upstream's headers: the total length, if it sent one.
     pub async fn ready(&self) -> Result<Option<u64>, FetchFailure> {
         let mut rx = self.progress.subscribe();
@@ -530,7 +576,10 @@ impl Download {
                         None => available,
                     };
                     if pos < limit {
-                        let chunk = guard.0.written.piece(pos, limit, pages, &mut buf)?;
+                        let chunk = match guard.0.kept(pos, limit) {
+                            Some(chunk) => chunk,
+                            None => guard.0.written.piece(pos, limit, pages, &mut buf)?,
+                        };
                         let next = pos + chunk.len() as u64;
                         return Ok(Some((chunk, (guard, rx, next, buf))));
                     }

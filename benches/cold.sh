@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# Benchmark: the cold pull — a blob nobody has cached yet — through berth, nginx `proxy_cache`
+# (with `proxy_cache_lock`, keyed by URI, the way docker-registry-proxy configures it) and the
+# distribution registry in proxy mode, with the upstream itself as the limit. Each figure is a
+# median over rounds that alternate the mirrors; every mirror starts each GET empty (a fresh
+# process with fresh storage).
+#
+#   bash benches/cold.sh [--quick] [--rounds N] [--size MIB] [--profile dist|release]
+#
+#   --quick          a 64 MiB blob and 3 rounds (default: 512 MiB, 5 rounds)
+#   --profile P      cargo profile berth is built with (default dist, as released)
+#
+# Per round and mirror: one client's total time for the whole blob (curl, body discarded), and
+# 8 concurrent clients' wall time with the upstream GETs it cost; plus the mirror's CPU seconds
+# for each (from /proc). A benchmark, not a test: nothing fails on a slow figure. It installs
+# what it needs (apt-get, as root). Every server binds 127.0.0.1 and is stopped on exit.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+HELPER="python3 $ROOT/benches/mirror.py"
+
+ROUNDS=5
+SIZE_MIB=512
+PROFILE=dist
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) ROUNDS=3; SIZE_MIB=64 ;;
+        --rounds) ROUNDS=$2; shift ;;
+        --size) SIZE_MIB=$2; shift ;;
+        --profile) PROFILE=$2; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown option: $1 (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+for pair in docker-registry:docker-registry nginx:nginx curl:curl python3:python3; do
+    command -v "${pair%%:*}" >/dev/null || {
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q >&2 && apt-get install -y -q "${pair#*:}" >&2
+    }
+done
+log "cargo build --profile $PROFILE"
+cargo build --profile "$PROFILE" >&2
+BERTH=$ROOT/target/$PROFILE/berth
+
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+start_upstream
+
+log "a $SIZE_MIB MiB blob into the upstream"
+head -c "$((SIZE_MIB << 20))" /dev/urandom >"$TMP/big"
+DIGEST="sha256:$(sha256sum "$TMP/big" | cut -d' ' -f1)"
+LOCATION=$(curl -sf -X POST -D - -o /dev/null "$UPSTREAM/v2/bench/big/blobs/uploads/" |
+    tr -d '\r' | awk 'tolower($1) == "location:" { print $2 }')
+case "$LOCATION" in http*) ;; *) LOCATION=$UPSTREAM$LOCATION ;; esac
+SEP=$([[ $LOCATION == *\?* ]] && echo '&' || echo '?')
+curl -sf -X PUT --data-binary "@$TMP/big" -H 'Content-Type: application/octet-stream' \
+    "$LOCATION${SEP}digest=$DIGEST" -o /dev/null || die "the upstream refused the blob"
+rm -f "$TMP/big"
+BLOB_PATH=/v2/bench/big/blobs/$DIGEST
+upstream_gets() { grep -c "\"GET $BLOB_PATH HTTP" "$TMP/upstream/access.log" || true; }
+chmod 755 "$TMP"
+
+# start_mirror WHO DIR: a fresh, empty mirror of the upstream; URL in MIRROR_URL, pid in
+# MIRROR_PID.
+start_mirror() {
+    local who=$1 dir=$2 port
+    port=$(free_port)
+    MIRROR_URL=http://127.0.0.1:$port
+    mkdir -p "$dir"
+    chmod 755 "$dir"
+    case "$who" in
+        berth)
+            spawn "$dir/out" "$dir/err" env BERTH_LOG=warn "$BERTH" serve \
+                --listen "127.0.0.1:$port" --data-dir "$dir/data" --upstream "$UPSTREAM" ;;
+        nginx)
+            cat >"$dir/nginx.conf" <<EOF
+daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
+worker_processes auto;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body; proxy_temp_path $dir/proxy;
+    proxy_cache_path $dir/cache levels=1:2 keys_zone=blobs:10m max_size=20g inactive=7d use_temp_path=off;
+    server {
+        listen 127.0.0.1:$port;
+        location /v2/ {
+            proxy_pass $UPSTREAM;
+            proxy_cache blobs;
+            proxy_cache_key \$uri;
+            proxy_cache_valid 200 7d;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 600s;
+            proxy_cache_lock_age 600s;
+            proxy_read_timeout 600s;
+        }
+    }
+}
+EOF
+            spawn "$dir/out" "$dir/err" nginx -p "$dir" -c "$dir/nginx.conf" ;;
+        distribution)
+            cat >"$dir/config.yml" <<EOF
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: $dir/storage
+http:
+  addr: 127.0.0.1:$port
+  secret: berth-bench-reference
+proxy:
+  remoteurl: $UPSTREAM
+EOF
+            spawn "$dir/out" "$dir/err" docker-registry serve "$dir/config.yml" ;;
+    esac
+    MIRROR_PID=$LAST_PID
+    wait_ready "$MIRROR_URL/v2/" "$MIRROR_PID" "$who"
+}
+
+# Every process of a mirror (nginx's workers are children of its master).
+mirror_cpu() {
+    local total=0 p
+    for p in $1 $(pgrep -P "$1" || true); do
+        total=$(calc "$total + $(cpu_s "$p")")
+    done
+    echo "$total"
+}
+
+get() { curl -sf -o /dev/null -w '%{time_total}' "$1" || die "GET $1 failed"; }
+clients() {
+    local n=$1 url=$2 start i pids=()
+    start=$(now)
+    for i in $(seq "$n"); do
+        curl -sf -o /dev/null "$url" &
+        pids+=($!)
+    done
+    for i in "${pids[@]}"; do wait "$i" || die "a GET of $url failed"; done
+    since "$start"
+}
+
+MIRRORS="berth nginx distribution"
+for round in $(seq "$ROUNDS"); do
+    log "round $round of $ROUNDS (load $(cut -d' ' -f1-3 /proc/loadavg))"
+    rec upstream cold1_s "$(get "$UPSTREAM$BLOB_PATH")"
+    rec upstream cold8_s "$(clients 8 "$UPSTREAM$BLOB_PATH")"
+    for who in $MIRRORS; do
+        dir=$TMP/$who-$round-1
+        start_mirror "$who" "$dir"
+        cpu0=$(mirror_cpu "$MIRROR_PID")
+        rec "$who" cold1_s "$(get "$MIRROR_URL$BLOB_PATH")"
+        rec "$who" cold1_cpu_s "$(calc "$(mirror_cpu "$MIRROR_PID") - $cpu0")"
+        stop "$MIRROR_PID"
+        rm -rf "$dir"
+
+        dir=$TMP/$who-$round-8
+        start_mirror "$who" "$dir"
+        before=$(upstream_gets)
+        cpu0=$(mirror_cpu "$MIRROR_PID")
+        rec "$who" cold8_s "$(clients 8 "$MIRROR_URL$BLOB_PATH")"
+        rec "$who" cold8_cpu_s "$(calc "$(mirror_cpu "$MIRROR_PID") - $cpu0")"
+        rec "$who" cold8_gets "$(($(upstream_gets) - before))"
+        stop "$MIRROR_PID"
+        rm -rf "$dir"
+    done
+done
+
+median() {
+    awk -v who="$1" -v what="$2" '$1 == who && $2 == what { print $3 }' "$SAMPLES" | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+U1=$(median upstream cold1_s) U8=$(median upstream cold8_s)
+N1=$(median nginx cold1_s) N8=$(median nginx cold8_s)
+D8=$(median distribution cold8_s)
+echo "cold pull of a $SIZE_MIB MiB blob — medians of $ROUNDS rounds, $(date -u +%F), $(nproc) cores, berth profile $PROFILE"
+echo
+echo "| mirror | 1 client (s) | vs upstream | vs nginx | CPU (s) | 8 clients (s) | vs upstream | vs nginx | vs distribution | CPU (s) | upstream GETs |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| upstream itself | $U1 | 1.00 | | | $U8 | 1.00 | | | | |"
+for who in $MIRRORS; do
+    c1=$(median "$who" cold1_s) c8=$(median "$who" cold8_s)
+    echo "| $who | $c1 | $(calc "$c1 / $U1") | $(calc "$c1 / $N1") | $(median "$who" cold1_cpu_s) | $c8 | $(calc "$c8 / $U8") | $(calc "$c8 / $N8") | $(calc "$c8 / $D8") | $(median "$who" cold8_cpu_s) | $(median "$who" cold8_gets) |"
+done
