@@ -121,7 +121,10 @@ enum State {
 #[derive(Debug, Clone)]
 struct Progress {
     state: State,
+    /// Bytes in the staging file.
     written: u64,
+    /// Bytes received: the ones past `written` are in the batches kept in memory.
+    received: u64,
     total: Option<u64>,
 }
 
@@ -290,6 +293,7 @@ impl Fetches {
         let (progress, _) = watch::channel(Progress {
             state: State::Connecting,
             written: 0,
+            received: 0,
             total: None,
         });
         let download = Arc::new(Download {
@@ -352,12 +356,15 @@ impl Fetches {
         let idle = upstream.config.response_timeout.0;
         let mut body = resp.into_body();
         // One write is in flight while the next batch is read from the upstream, so the
-        // download never waits for the disk and the disk never waits for the network. Each
-        // batch is also kept in memory for the readers (see `recent`), so it gets a new buffer.
+        // download never waits for the disk and the disk never waits for the network: frames
+        // gather into the next batch while a write is in flight, and it is handed over as
+        // soon as that write lands (or, full, waits for it). Each batch is also kept in memory
+        // for the readers (see `recent`), so it gets a new buffer.
         let mut batch = BytesMut::with_capacity(WRITE_BATCH);
         let mut submitted = 0u64;
         let mut writer = Writer::Idle(writer);
-        loop {
+        let mut end = false;
+        while !end {
             // While a write is in flight, whichever comes first: its completion is published at
             // once (readers must not wait for the next upstream frame to see those bytes).
             let next = match &mut writer {
@@ -367,49 +374,48 @@ impl Fetches {
                 },
                 Writer::Idle(..) => Ok(tokio::time::timeout(idle, body.frame()).await),
             };
-            let next = match next {
-                Ok(frame) => frame,
-                Err(landed) => {
-                    writer = Writer::Idle(self.landed(download, landed, total)?);
-                    continue;
-                }
-            };
-            let frame = match next {
-                Err(_) => return Err(FetchFailure::Upstream(UpstreamError::Timeout)),
-                Ok(None) => None,
-                Ok(Some(Err(e))) => return Err(FetchFailure::Interrupted(e.to_string())),
-                Ok(Some(Ok(frame))) => Some(frame),
-            };
-            let end = frame.is_none();
-            if let Some(data) = frame.and_then(|f| f.into_data().ok()) {
-                batch.extend_from_slice(&data);
-                // Take whatever else is already buffered, so a fast upstream costs few syscalls
-                // and a slow one is passed on at once.
-                while batch.len() < WRITE_BATCH {
-                    match body.frame().now_or_never() {
-                        Some(Some(Ok(f))) => {
-                            if let Ok(d) = f.into_data() {
-                                batch.extend_from_slice(&d);
+            match next {
+                Err(landed) => writer = Writer::Idle(self.landed(download, landed, total)?),
+                Ok(Err(_)) => return Err(FetchFailure::Upstream(UpstreamError::Timeout)),
+                Ok(Ok(None)) => end = true,
+                Ok(Ok(Some(Err(e)))) => return Err(FetchFailure::Interrupted(e.to_string())),
+                Ok(Ok(Some(Ok(frame)))) => {
+                    if let Ok(data) = frame.into_data() {
+                        batch.extend_from_slice(&data);
+                    }
+                    // Take whatever else is already buffered, so a fast upstream costs few
+                    // wake-ups and a slow one is passed on at once.
+                    while batch.len() < WRITE_BATCH {
+                        match body.frame().now_or_never() {
+                            Some(Some(Ok(f))) => {
+                                if let Ok(d) = f.into_data() {
+                                    batch.extend_from_slice(&d);
+                                }
                             }
+                            Some(Some(Err(e))) => {
+                                return Err(FetchFailure::Interrupted(e.to_string()))
+                            }
+                            Some(None) => {
+                                end = true;
+                                break;
+                            }
+                            None => break,
                         }
-                        Some(Some(Err(e))) => return Err(FetchFailure::Interrupted(e.to_string())),
-                        _ => break,
                     }
                 }
             }
-            let w = self.settle(download, writer, total).await?;
-            writer = if batch.is_empty() {
-                Writer::Idle(w)
-            } else {
-                let chunk =
-                    std::mem::replace(&mut batch, BytesMut::with_capacity(WRITE_BATCH)).freeze();
-                download.keep(submitted, chunk.clone());
-                submitted += chunk.len() as u64;
-                Writer::write(w, chunk)
-            };
-            if end {
-                break;
+            let busy = matches!(writer, Writer::Writing(_));
+            if batch.is_empty() || (busy && batch.len() < WRITE_BATCH && !end) {
+                continue;
             }
+            let w = self.settle(download, writer, total).await?;
+            let chunk =
+                std::mem::replace(&mut batch, BytesMut::with_capacity(WRITE_BATCH)).freeze();
+            download.keep(submitted, chunk.clone());
+            submitted += chunk.len() as u64;
+            // Readers need not wait for the disk: they are served from memory.
+            download.progress.send_modify(|p| p.received = submitted);
+            writer = Writer::write(w, chunk);
         }
         let writer = self.settle(download, writer, total).await?;
         let written = writer.written();
@@ -509,6 +515,9 @@ impl Download {
 
     /// Bytes from `pos` up to `limit` out of a kept batch, if one holds `pos`.
     fn kept(&self, pos: u64, limit: u64) -> Option<Bytes> {
+        if pos >= limit {
+            return None;
+        }
         let recent = lock(&self.recent);
         let (at, batch) = recent
             .iter()
@@ -566,20 +575,29 @@ impl Download {
                     // Content-Length, a client holding every byte takes the body as complete, so
                     // a mismatch must still be able to cut the transfer short.
                     let verified = matches!(p.state, State::Verified | State::Done);
+                    let reachable = p.received.max(p.written);
                     let available = match p.total {
                         _ if verified_only && !verified => 0,
-                        Some(total) if !verified => p.written.min(total.saturating_sub(1)),
-                        _ => p.written,
+                        Some(total) if !verified => reachable.min(total.saturating_sub(1)),
+                        _ => reachable,
                     };
                     let limit = match end {
                         Some(end) => end.min(available),
                         None => available,
                     };
-                    if pos < limit {
-                        let chunk = match guard.0.kept(pos, limit) {
-                            Some(chunk) => chunk,
-                            None => guard.0.written.piece(pos, limit, pages, &mut buf)?,
-                        };
+                    // Bytes past `written` are always kept in memory (a download keeps more batches
+                    // than it has writes in flight); older ones come from the file.
+                    let piece = match guard.0.kept(pos, limit) {
+                        Some(chunk) => Some(chunk),
+                        None if pos < limit.min(p.written) => Some(guard.0.written.piece(
+                            pos,
+                            limit.min(p.written),
+                            pages,
+                            &mut buf,
+                        )?),
+                        None => None,
+                    };
+                    if let Some(chunk) = piece {
                         let next = pos + chunk.len() as u64;
                         return Ok(Some((chunk, (guard, rx, next, buf))));
                     }
