@@ -35,25 +35,23 @@ const WRITE_BATCH: usize = 1 << 20;
 /// the download is served from memory, one further behind from the file.
 const BATCHES_KEPT: usize = 4;
 
-/// A write of a batch, giving back the writer.
-type Write = tokio::task::JoinHandle<io::Result<BlobWriter>>;
+/// Batches received but not yet written a download may hold: beyond this, receiving waits
+/// for the disk.
+const SINK_QUEUE: usize = 2;
 
-/// A download's blob writer: free, or inside the one write in flight, which gives it back
-/// when it lands.
-// One per download, moved once per batch of a megabyte: boxing the writer would save nothing.
-#[allow(clippy::large_enum_variant)]
-enum Writer {
-    Idle(BlobWriter),
-    Writing(Write),
-}
-
-impl Writer {
-    /// Starts writing `chunk` on a blocking thread.
-    fn write(mut writer: BlobWriter, chunk: Bytes) -> Writer {
-        Writer::Writing(tokio::task::spawn_blocking(move || {
-            writer.write_shared(chunk).map(|()| writer)
-        }))
+/// A download's writes, on a thread of its own: each batch written and hashed in order, and
+/// the progress published for the readers. Ends when the download stops sending.
+fn sink(
+    mut writer: BlobWriter,
+    mut batches: tokio::sync::mpsc::Receiver<Bytes>,
+    download: &Download,
+) -> io::Result<BlobWriter> {
+    while let Some(batch) = batches.blocking_recv() {
+        writer.write(&batch)?;
+        let written = writer.written();
+        download.progress.send_modify(|p| p.written = written);
     }
+    Ok(writer)
 }
 
 /// Why a download ended without a cache entry.
@@ -287,9 +285,7 @@ impl Fetches {
         {
             return Ok(Attach::Cached);
         }
-        let mut writer = self.disk.store().begin_blob(Area::Cache, digest)?;
-        // A download is large or small; a thread per download is cheap either way.
-        writer.hash_in_background()?;
+        let writer = self.disk.store().begin_blob(Area::Cache, digest)?;
         let (progress, _) = watch::channel(Progress {
             state: State::Connecting,
             written: 0,
@@ -338,7 +334,7 @@ impl Fetches {
 
     async fn run(
         &self,
-        download: &Download,
+        download: &Arc<Download>,
         writer: BlobWriter,
         upstream: &Upstream,
         repo: &RepoName,
@@ -355,31 +351,25 @@ impl Fetches {
         });
         let idle = upstream.config.response_timeout.0;
         let mut body = resp.into_body();
-        // One write is in flight while the next batch is read from the upstream, so the
-        // download never waits for the disk and the disk never waits for the network: frames
-        // gather into the next batch while a write is in flight, and it is handed over as
-        // soon as that write lands (or, full, waits for it). Each batch is also kept in memory
-        // for the readers (see `recent`), so it gets a new buffer.
+        // The network and the disk never wait for each other: batches go to a thread of the
+        // download's own that writes and hashes them in order (a few batches ahead at most:
+        // the channel's bound is the back-pressure), while the next one is received. Each
+        // batch is also kept in memory for the readers (see `recent`), who need not wait for
+        // the disk.
+        let (to_sink, from_task) = tokio::sync::mpsc::channel::<Bytes>(SINK_QUEUE);
+        let sink = {
+            let download = download.clone();
+            tokio::task::spawn_blocking(move || sink(writer, from_task, &download))
+        };
         let mut batch = BytesMut::with_capacity(WRITE_BATCH);
         let mut submitted = 0u64;
-        let mut writer = Writer::Idle(writer);
         let mut end = false;
         while !end {
-            // While a write is in flight, whichever comes first: its completion is published at
-            // once (readers must not wait for the next upstream frame to see those bytes).
-            let next = match &mut writer {
-                Writer::Writing(write) => tokio::select! {
-                    landed = write => Err(landed),
-                    frame = tokio::time::timeout(idle, body.frame()) => Ok(frame),
-                },
-                Writer::Idle(..) => Ok(tokio::time::timeout(idle, body.frame()).await),
-            };
-            match next {
-                Err(landed) => writer = Writer::Idle(self.landed(download, landed, total)?),
-                Ok(Err(_)) => return Err(FetchFailure::Upstream(UpstreamError::Timeout)),
-                Ok(Ok(None)) => end = true,
-                Ok(Ok(Some(Err(e)))) => return Err(FetchFailure::Interrupted(e.to_string())),
-                Ok(Ok(Some(Ok(frame)))) => {
+            match tokio::time::timeout(idle, body.frame()).await {
+                Err(_) => return Err(FetchFailure::Upstream(UpstreamError::Timeout)),
+                Ok(None) => end = true,
+                Ok(Some(Err(e))) => return Err(FetchFailure::Interrupted(e.to_string())),
+                Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         batch.extend_from_slice(&data);
                     }
@@ -404,20 +394,37 @@ impl Fetches {
                     }
                 }
             }
-            let busy = matches!(writer, Writer::Writing(_));
-            if batch.is_empty() || (busy && batch.len() < WRITE_BATCH && !end) {
+            if batch.is_empty() {
                 continue;
             }
-            let w = self.settle(download, writer, total).await?;
             let chunk =
                 std::mem::replace(&mut batch, BytesMut::with_capacity(WRITE_BATCH)).freeze();
+            let len = chunk.len() as u64;
+            if let Some(expected) = total.filter(|&t| submitted + len > t) {
+                return Err(FetchFailure::Truncated {
+                    expected,
+                    got: submitted + len,
+                });
+            }
             download.keep(submitted, chunk.clone());
-            submitted += chunk.len() as u64;
-            // Readers need not wait for the disk: they are served from memory.
+            submitted += len;
+            self.upstream_bytes.fetch_add(len, Ordering::Relaxed);
             download.progress.send_modify(|p| p.received = submitted);
-            writer = Writer::write(w, chunk);
+            if download.readers.load(Ordering::Acquire) == 0
+                && total.unwrap_or(submitted) > self.max_orphan
+            {
+                return Err(FetchFailure::Abandoned);
+            }
+            if to_sink.send(chunk).await.is_err() {
+                // The sink stopped: its error says why.
+                break;
+            }
         }
-        let writer = self.settle(download, writer, total).await?;
+        drop(to_sink);
+        let writer = sink
+            .await
+            .map_err(|e| FetchFailure::Io(e.to_string()))?
+            .map_err(|e| FetchFailure::Io(e.to_string()))?;
         let written = writer.written();
         if let Some(expected) = total {
             if written != expected {
@@ -427,16 +434,7 @@ impl Fetches {
                 });
             }
         }
-        // The hashing thread may still be finishing the last pieces: wait for it off the
-        // async workers.
-        let (writer, verified) = tokio::task::spawn_blocking(move || {
-            let mut writer = writer;
-            let verified = writer.verify();
-            (writer, verified)
-        })
-        .await
-        .map_err(|e| FetchFailure::Io(e.to_string()))?;
-        match verified {
+        match writer.verify() {
             Ok(()) => {}
             Err(StoreError::DigestMismatch { expected, actual }) => {
                 return Err(FetchFailure::Mismatch(format!(
@@ -458,48 +456,6 @@ impl Fetches {
             }
             Err(e) => Err(FetchFailure::Io(e.to_string())),
         }
-    }
-
-    /// The writer once no write is in flight: waits for the one that is.
-    async fn settle(
-        &self,
-        download: &Download,
-        writer: Writer,
-        total: Option<u64>,
-    ) -> Result<BlobWriter, FetchFailure> {
-        match writer {
-            Writer::Idle(w) => Ok(w),
-            Writer::Writing(write) => self.landed(download, write.await, total),
-        }
-    }
-
-    /// Publishes the progress a finished write made.
-    fn landed(
-        &self,
-        download: &Download,
-        write: Result<io::Result<BlobWriter>, tokio::task::JoinError>,
-        total: Option<u64>,
-    ) -> Result<BlobWriter, FetchFailure> {
-        let writer = write
-            .map_err(|e| FetchFailure::Io(e.to_string()))?
-            .map_err(|e| FetchFailure::Io(e.to_string()))?;
-        let written = writer.written();
-        if let Some(expected) = total.filter(|&t| written > t) {
-            return Err(FetchFailure::Truncated {
-                expected,
-                got: written,
-            });
-        }
-        let before = download.progress.borrow().written;
-        self.upstream_bytes
-            .fetch_add(written - before, Ordering::Relaxed);
-        download.progress.send_modify(|p| p.written = written);
-        if download.readers.load(Ordering::Acquire) == 0
-            && total.unwrap_or(written) > self.max_orphan
-        {
-            return Err(FetchFailure::Abandoned);
-        }
-        Ok(writer)
     }
 }
 

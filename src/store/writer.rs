@@ -8,29 +8,16 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
 use super::StoreError;
 use crate::oci::names::Digest;
 
-/// The hash of what was written: computed as it is written, or by a thread of its own that
-/// takes the pieces as they come (see [`BlobWriter::hash_in_background`]).
-enum Hashing {
-    Inline(Sha256),
-    Background {
-        pieces: std::sync::mpsc::Sender<Bytes>,
-        done: std::thread::JoinHandle<Sha256>,
-    },
-    /// The background thread was joined (or lost, which is an error).
-    Joined(Option<Sha256>),
-}
-
 /// A blob being written. Dropping it without `commit` removes the temp file.
 pub struct BlobWriter {
     file: Arc<File>,
     temp: Option<PathBuf>,
-    hasher: Hashing,
+    hasher: Sha256,
     written: u64,
     expected: Digest,
     /// Makes the verified, durable staging file the blob (the backend's part of a commit).
@@ -47,77 +34,24 @@ impl BlobWriter {
         BlobWriter {
             file: Arc::new(file),
             temp: Some(temp),
-            hasher: Hashing::Inline(Sha256::new()),
+            hasher: Sha256::new(),
             written: 0,
             expected,
             publish,
         }
     }
 
-    /// Hashes on a thread of its own from now on: for a large blob, so that hashing one piece
-    /// overlaps writing the next instead of adding to it. Pieces must then come through
-    /// [`write_shared`](Self::write_shared).
-    pub fn hash_in_background(&mut self) -> io::Result<()> {
-        let Hashing::Inline(hasher) = &mut self.hasher else {
-            return Ok(());
-        };
-        let mut hasher = std::mem::replace(hasher, Sha256::new());
-        let (pieces, arriving) = std::sync::mpsc::channel::<Bytes>();
-        let done = std::thread::Builder::new()
-            .name("berth-hash".into())
-            .spawn(move || {
-                for piece in arriving {
-                    hasher.update(&piece);
-                }
-                hasher
-            })?;
-        self.hasher = Hashing::Background { pieces, done };
-        Ok(())
-    }
-
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match &mut self.hasher {
-            Hashing::Inline(hasher) => hasher.update(bytes),
-            Hashing::Background { pieces, .. } => {
-                let _ = pieces.send(Bytes::copy_from_slice(bytes));
-            }
-            Hashing::Joined(_) => return Err(io::Error::other("blob written after its check")),
-        }
         self.file.write_all_at(bytes, self.written)?;
+        // Hashed right after the write, while the bytes are still in the CPU's cache.
+        self.hasher.update(bytes);
         self.written += bytes.len() as u64;
         Ok(())
     }
 
-    /// [`write`](Self::write) of shared bytes: a background hasher takes them without a copy.
-    pub fn write_shared(&mut self, bytes: Bytes) -> io::Result<()> {
-        match &mut self.hasher {
-            Hashing::Background { pieces, .. } => {
-                self.file.write_all_at(&bytes, self.written)?;
-                self.written += bytes.len() as u64;
-                // A hasher thread that died is reported by `verify`.
-                let _ = pieces.send(bytes);
-                Ok(())
-            }
-            _ => self.write(&bytes),
-        }
-    }
-
     /// Checks what was written against the expected digest, without making it durable yet.
-    /// Nothing may be written after it.
-    pub fn verify(&mut self) -> Result<(), StoreError> {
-        let hasher = match std::mem::replace(&mut self.hasher, Hashing::Joined(None)) {
-            Hashing::Inline(h) => Some(h),
-            Hashing::Background { pieces, done } => {
-                drop(pieces);
-                done.join().ok()
-            }
-            Hashing::Joined(h) => h,
-        };
-        let Some(hasher) = hasher else {
-            return Err(io::Error::other("the hashing thread died").into());
-        };
-        let actual = Digest::from_sha256(hasher.clone().finalize().into());
-        self.hasher = Hashing::Joined(Some(hasher));
+    pub fn verify(&self) -> Result<(), StoreError> {
+        let actual = Digest::from_sha256(self.hasher.clone().finalize().into());
         if actual == self.expected {
             Ok(())
         } else {

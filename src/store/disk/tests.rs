@@ -128,25 +128,3 @@ fn tag_files_keep_the_digest_as_its_string() {
         .unwrap();
     assert_eq!(got, None);
 }
-
-#[test]
-fn a_blob_hashed_in_the_background_is_checked_like_any_other() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = DiskStore::open(dir.path()).unwrap();
-    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-    let good = Digest::of(&bytes);
-    for (expected, ok) in [(good, true), (Digest::of(b"other"), false)] {
-        let mut w = store.begin_blob(Area::Cache, expected).unwrap();
-        w.hash_in_background().unwrap();
-        let (a, b) = bytes.split_at(1_000_000);
-        w.write_shared(Bytes::copy_from_slice(a)).unwrap();
-        w.write(b).unwrap();
-        assert_eq!(w.verify().is_ok(), ok);
-        assert_eq!(w.commit().is_ok(), ok);
-    }
-    assert_eq!(
-        store.blob_len(Area::Cache, &good).unwrap(),
-        Some(bytes.len() as u64)
-    );
-    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-}
