@@ -1,12 +1,15 @@
 //! The fetch coordinator: one upstream download per missing blob, streamed to every reader.
 //!
-//! The first request for a missing blob starts a download task that writes into a temp file of
-//! the store and publishes its progress on a `watch` channel. Every request for the same blob —
-//! the first one included — reads that temp file from byte 0 at its own pace, woken by progress
-//! notifications, never past what has been written. The task belongs to no client: a client that
-//! goes away does not stop it (unless nobody is left and the blob is larger than the orphan
-//! limit). Only a verified blob is renamed into the cache; on any failure every reader's body ends
-//! with an error, so clients see a broken transfer and never a complete wrong body.
+//! The first request for a missing blob starts a download task that receives it in batches,
+//! keeps the last few in memory, and hands them to a sink thread that writes them into a
+//! staging file of the store and hashes them; both publish their progress on a `watch` channel.
+//! Every request for the same blob — the first one included — reads from byte 0 at its own
+//! pace, woken by progress notifications: from the batches in memory while it keeps up, from
+//! the staging file when it falls behind, never past what was received, and never the last byte
+//! before the whole blob is verified. The task belongs to no client: a client that goes away
+//! does not stop it (unless nobody is left and the blob is larger than the orphan limit). Only a
+//! verified blob becomes a cache entry; on any failure every reader's body ends with an error, so
+//! clients see a broken transfer and never a complete wrong body.
 
 use crate::lock;
 use std::collections::HashMap;
