@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod cache;
+mod download;
 pub mod fetch;
 pub mod singleflight;
 pub mod slots;
