@@ -7,12 +7,13 @@
 #
 #   bash benches/cold.sh [--quick] [--rounds N] [--size MIB] [--profile dist|release]
 #
-#   --quick          a 64 MiB blob and 3 rounds (default: 512 MiB, 5 rounds)
+#   --quick          a 64 MiB blob, a 10 MiB image and 3 rounds (default: 512 MiB, a 100 MiB
+#                    image of 5 layers, 5 rounds)
 #   --profile P      cargo profile berth is built with (default dist, as released)
 #
 # Per round and mirror: one client's total time for the whole blob (curl, body discarded), and
 # 8 concurrent clients' wall time with the upstream GETs it cost; plus the mirror's CPU seconds
-# for each (from /proc). A benchmark, not a test: nothing fails on a slow figure. It installs
+# for each (from /proc); and a skopeo pull of a 5-layer image into a dir: layout. A benchmark, not a test: nothing fails on a slow figure. It installs
 # what it needs (apt-get, as root). Every server binds 127.0.0.1 and is stopped on exit.
 set -euo pipefail
 
@@ -38,7 +39,7 @@ done
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-for pair in docker-registry:docker-registry nginx:nginx curl:curl python3:python3; do
+for pair in docker-registry:docker-registry nginx:nginx curl:curl python3:python3 skopeo:skopeo; do
     command -v "${pair%%:*}" >/dev/null || {
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -q >&2 && apt-get install -y -q "${pair#*:}" >&2
@@ -63,6 +64,23 @@ curl -sf -X PUT --data-binary "@$TMP/big" -H 'Content-Type: application/octet-st
     "$LOCATION${SEP}digest=$DIGEST" -o /dev/null || die "the upstream refused the blob"
 rm -f "$TMP/big"
 BLOB_PATH=/v2/bench/big/blobs/$DIGEST
+
+log "the 5-layer image into the upstream"
+QUICK_FLAG=$([ "$SIZE_MIB" -le 64 ] && echo --quick || true)
+# shellcheck disable=SC2086 # an empty flag is no argument
+eval "$($HELPER images "$TMP/images" $QUICK_FLAG)"
+skopeo_copy --dest-tls-verify=false --preserve-digests "dir:$TMP/images/five" \
+    "docker://127.0.0.1:$UPORT/library/five:v1" || die "skopeo push: $(tail -3 "$TMP/skopeo/log")"
+rm -rf "$TMP/images"
+# pull_s URL: seconds for a skopeo pull of the image from URL's registry into a new dir.
+pull_s() {
+    local start
+    rm -rf "$TMP/pulled"
+    start=$(now)
+    skopeo_copy --src-tls-verify=false "docker://${1#http://}/library/five:v1" "dir:$TMP/pulled" ||
+        die "skopeo pull from $1: $(tail -1 "$TMP/skopeo/log")"
+    since "$start"
+}
 upstream_gets() { grep -c "\"GET $BLOB_PATH HTTP" "$TMP/upstream/access.log" || true; }
 chmod 755 "$TMP"
 
@@ -149,7 +167,14 @@ for round in $(seq "$ROUNDS"); do
     log "round $round of $ROUNDS (load $(cut -d' ' -f1-3 /proc/loadavg))"
     rec upstream cold1_s "$(get "$UPSTREAM$BLOB_PATH")"
     rec upstream cold8_s "$(clients 8 "$UPSTREAM$BLOB_PATH")"
+    rec upstream pull_s "$(pull_s "$UPSTREAM")"
     for who in $MIRRORS; do
+        dir=$TMP/$who-$round-p
+        start_mirror "$who" "$dir"
+        rec "$who" pull_s "$(pull_s "$MIRROR_URL")"
+        stop "$MIRROR_PID"
+        rm -rf "$dir"
+
         dir=$TMP/$who-$round-1
         start_mirror "$who" "$dir"
         cpu0=$(mirror_cpu "$MIRROR_PID")
@@ -174,8 +199,8 @@ median() {
     awk -v who="$1" -v what="$2" '$1 == who && $2 == what { print $3 }' "$SAMPLES" | sort -g |
         awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
-U1=$(median upstream cold1_s) U8=$(median upstream cold8_s)
-N1=$(median nginx cold1_s) N8=$(median nginx cold8_s)
+U1=$(median upstream cold1_s) U8=$(median upstream cold8_s) UP=$(median upstream pull_s)
+N1=$(median nginx cold1_s) N8=$(median nginx cold8_s) NP=$(median nginx pull_s)
 D8=$(median distribution cold8_s)
 echo "cold pull of a $SIZE_MIB MiB blob — medians of $ROUNDS rounds, $(date -u +%F), $(nproc) cores, berth profile $PROFILE"
 echo
@@ -185,4 +210,13 @@ echo "| upstream itself | $U1 | 1.00 | | | $U8 | 1.00 | | | | |"
 for who in $MIRRORS; do
     c1=$(median "$who" cold1_s) c8=$(median "$who" cold8_s)
     echo "| $who | $c1 | $(calc "$c1 / $U1") | $(calc "$c1 / $N1") | $(median "$who" cold1_cpu_s) | $c8 | $(calc "$c8 / $U8") | $(calc "$c8 / $N8") | $(calc "$c8 / $D8") | $(median "$who" cold8_cpu_s) | $(median "$who" cold8_gets) |"
+done
+echo
+echo "skopeo pull of the 5-layer image into dir:, cold: upstream itself $UP s"
+echo
+echo "| mirror | pull (s) | vs upstream | vs nginx |"
+echo "|---|---|---|---|"
+for who in $MIRRORS; do
+    p=$(median "$who" pull_s)
+    echo "| $who | $p | $(calc "$p / $UP") | $(calc "$p / $NP") |"
 done

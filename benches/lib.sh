@@ -103,3 +103,12 @@ EOF
     UPSTREAM_PID=$LAST_PID
     wait_ready "$UPSTREAM/v2/" "$UPSTREAM_PID" "the upstream registry"
 }
+
+# skopeo with a private policy, auth file and temp dir, so the host's settings do not matter.
+mkdir -p "$TMP/skopeo/tmp"
+echo '{"default":[{"type":"insecureAcceptAnything"}]}' >"$TMP/skopeo/policy.json"
+echo '{}' >"$TMP/skopeo/auth.json"
+skopeo_copy() {
+    REGISTRY_AUTH_FILE=$TMP/skopeo/auth.json skopeo --policy "$TMP/skopeo/policy.json" \
+        --tmpdir "$TMP/skopeo/tmp" copy --retry-times=0 "$@" >>"$TMP/skopeo/log" 2>&1
+}

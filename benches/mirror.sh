@@ -87,14 +87,6 @@ BERTH=$ROOT/target/dist/berth
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 
-# skopeo with a private policy, auth file and temp dir, so the host's settings do not matter.
-mkdir -p "$TMP/skopeo/tmp"
-echo '{"default":[{"type":"insecureAcceptAnything"}]}' >"$TMP/skopeo/policy.json"
-echo '{}' >"$TMP/skopeo/auth.json"
-skopeo_copy() {
-    REGISTRY_AUTH_FILE=$TMP/skopeo/auth.json skopeo --policy "$TMP/skopeo/policy.json" \
-        --tmpdir "$TMP/skopeo/tmp" copy --retry-times=0 "$@" >>"$TMP/skopeo/log" 2>&1
-}
 
 # ---------------------------------------------------------------------------------------------
 # Upstream: a distribution registry seeded with the synthetic images.
