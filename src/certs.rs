@@ -343,7 +343,9 @@ pub fn ensure_self_signed(
 
 /// The steps that make each kind of client trust the CA, for clients reaching berth on
 /// `port` through any of `hosts`.
-pub fn trust_instructions(paths: &CertPaths, hosts: &[String], port: u16) -> String {
+/// `serving`: said by a server that is already serving these files (`serve --self-signed`),
+/// rather than by `berth certs`, which tells how to serve them.
+pub fn trust_instructions(paths: &CertPaths, hosts: &[String], port: u16, serving: bool) -> String {
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
     let ca = abs(&paths.ca_cert).display().to_string();
     let hosts: Vec<Host> = hosts.iter().filter_map(|h| Host::parse(h).ok()).collect();
@@ -376,13 +378,17 @@ pub fn trust_instructions(paths: &CertPaths, hosts: &[String], port: u16) -> Str
         let _ = writeln!(s, "  {}  ({what})", abs(p).display());
     }
     let _ = writeln!(s);
-    let _ = writeln!(s, "Serve with:");
-    let _ = writeln!(
-        s,
-        "  berth serve --tls-listen 0.0.0.0:{port} --tls-cert {} --tls-key {}",
-        abs(&paths.server_cert).display(),
-        abs(&paths.server_key).display()
-    );
+    if serving {
+        let _ = writeln!(s, "Serving TLS on port {port} with this certificate.");
+    } else {
+        let _ = writeln!(s, "Serve with:");
+        let _ = writeln!(
+            s,
+            "  berth serve --tls-listen 0.0.0.0:{port} --tls-cert {} --tls-key {}",
+            abs(&paths.server_cert).display(),
+            abs(&paths.server_key).display()
+        );
+    }
     let _ = writeln!(
         s,
         "  (after replacing the files, `kill -HUP <berth pid>` reloads them)"
@@ -563,7 +569,7 @@ mod tests {
     #[test]
     fn instructions_name_every_client() {
         let paths = CertPaths::in_dir(Path::new("/srv/berth/certs"));
-        let s = trust_instructions(&paths, &["mirror.office".into(), "::1".into()], 5443);
+        let s = trust_instructions(&paths, &["mirror.office".into(), "::1".into()], 5443, false);
         for want in [
             "/etc/docker/certs.d/mirror.office:5443/ca.crt",
             "/etc/docker/certs.d/[::1]:5443/ca.crt",
@@ -573,9 +579,16 @@ mod tests {
         ] {
             assert!(s.contains(want), "missing {want:?} in:\n{s}");
         }
-        let s = trust_instructions(&paths, &["mirror.office".into()], 443);
+        let s = trust_instructions(&paths, &["mirror.office".into()], 443, false);
         assert!(
             s.contains("/etc/docker/certs.d/mirror.office/ca.crt"),
+            "{s}"
+        );
+        assert!(s.contains("Serve with:"), "{s}");
+        // Said by a server already serving the files: no advice to start one.
+        let s = trust_instructions(&paths, &["mirror.office".into()], 443, true);
+        assert!(
+            !s.contains("Serve with") && s.contains("Serving TLS on port 443"),
             "{s}"
         );
     }

@@ -38,7 +38,7 @@ impl CertsArgs {
             Ok(paths) => {
                 println!(
                     "{}",
-                    certs::trust_instructions(&paths, &self.hosts, self.port)
+                    certs::trust_instructions(&paths, &self.hosts, self.port, false)
                 );
                 ExitCode::SUCCESS
             }

@@ -131,6 +131,7 @@ async fn serve(config: Config) -> ExitCode {
         let _ = stop.send(true);
     });
     running.wait().await;
+    tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
@@ -260,7 +261,7 @@ impl TlsArgs {
             tracing::info!(dir = %dir.display(), "generated a local CA and server certificate");
             eprintln!(
                 "{}",
-                certs::trust_instructions(&paths, &self.hosts, listen.port())
+                certs::trust_instructions(&paths, &self.hosts, listen.port(), true)
             );
         } else {
             tracing::info!(

@@ -117,7 +117,8 @@ async fn sigterm_stops_the_server_cleanly() {
             "--data-dir",
         ])
         .arg(dir.path())
-        .stderr(Stdio::null())
+        .env("BERTH_LOG", "info")
+        .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}/v2/sig/manifests/1");
@@ -157,6 +158,12 @@ async fn sigterm_stops_the_server_cleanly() {
     assert_eq!(
         std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
         0
+    );
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    let last = log.lines().last().unwrap_or("");
+    assert!(
+        last.contains("stopped"),
+        "the last line says berth stopped: {last:?}"
     );
 }
 
