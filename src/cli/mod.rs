@@ -30,6 +30,12 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)] // parsed once; boxing buys nothing
 pub enum Command {
     /// Run the mirror.
+    #[command(
+        after_help = "Flags cover the common settings. Every setting, including those only a \
+                      config file takes (limits, rate limits, upstreams, storage, webhooks, \
+                      CORS, ...), is documented in the README's \"Configuration\" section and \
+                      in the annotated deploy/berth.toml; the man pages are in deploy/man/."
+    )]
     Serve(serve::ServeArgs),
     /// Re-hash every stored blob and check private tags; report (or, with --repair, remove)
     /// corrupt blobs and dangling tags.
@@ -41,6 +47,42 @@ pub enum Command {
     User(user::UserCommand),
     /// Remove private blobs no manifest refers to, and abandoned uploads.
     Gc(gc::GcArgs),
+    /// Print the man page of berth (or of one of its commands) in roff, as shipped in
+    /// deploy/man/.
+    #[command(hide = true)]
+    Man {
+        /// The command whose page to print (serve, fsck, certs, user, gc)
+        command: Option<String>,
+    },
+}
+
+/// `berth man [COMMAND]`: the page clap_mangen makes from the command-line definitions.
+pub fn man(command: Option<&str>) -> std::process::ExitCode {
+    use clap::CommandFactory;
+    let top = Cli::command();
+    let page = match command {
+        None => top,
+        Some(name) => match top.find_subcommand(name) {
+            Some(sub) => sub
+                .clone()
+                .display_name(format!("berth-{name}"))
+                .bin_name(format!("berth {name}")),
+            None => {
+                eprintln!("berth: man: no command {name:?}");
+                return std::process::ExitCode::from(2);
+            }
+        },
+    };
+    let mut out = Vec::new();
+    if let Err(e) = clap_mangen::Man::new(page).render(&mut out) {
+        eprintln!("berth: man: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    use std::io::Write;
+    match std::io::stdout().write_all(&out) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(_) => std::process::ExitCode::FAILURE,
+    }
 }
 
 /// The TLS port used when a certificate is given without `--tls-listen`, and the one `berth

@@ -83,9 +83,7 @@ impl ServeArgs {
             None => Config::default(),
         };
         if let Some(listen) = &self.listen {
-            config.listen = listen
-                .parse()
-                .map_err(|e| flag("listen", format!("{listen:?}: {e}")))?;
+            config.listen = listen_addr(listen).map_err(|e| flag("listen", e))?;
         }
         if let Some(dir) = &self.data_dir {
             config.data_dir = dir.clone();
@@ -173,6 +171,25 @@ pub async fn reload_on_hangup(resolver: Option<Arc<CertResolver>>) {
     }
 }
 
+/// A listen address: `IP:PORT`, or `HOST:PORT` with a host name that resolves (`localhost:5000`;
+/// an IPv4 address is preferred when the name has both).
+fn listen_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| format!("{text:?} is not HOST:PORT or IP:PORT ({e})"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
 fn default_tls_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], DEFAULT_TLS_PORT))
 }
@@ -201,10 +218,12 @@ pub struct TlsArgs {
 impl TlsArgs {
     fn listen(&self) -> Result<Option<SocketAddr>, ConfigError> {
         match &self.tls_listen {
-            Some(listen) => listen.parse().map(Some).map_err(|e| ConfigError {
-                key: "--tls-listen".into(),
-                message: format!("{listen:?}: {e}"),
-            }),
+            Some(listen) => listen_addr(listen)
+                .map(Some)
+                .map_err(|message| ConfigError {
+                    key: "--tls-listen".into(),
+                    message,
+                }),
             None => Ok(None),
         }
     }
@@ -336,5 +355,18 @@ mod tests {
         config.tls = None;
         a.apply_self_signed(&mut config).unwrap();
         assert_eq!(std::fs::read(&tls.cert).unwrap(), first);
+    }
+
+    #[test]
+    fn listen_addresses_may_name_a_host() {
+        assert_eq!(
+            super::listen_addr("0.0.0.0:5000").unwrap(),
+            "0.0.0.0:5000".parse().unwrap()
+        );
+        let local = super::listen_addr("localhost:5000").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 5000, "{local}");
+        for bad in ["5000", "localhost", "no-such-host.invalid:5000"] {
+            assert!(super::listen_addr(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -291,3 +291,40 @@ fn gc_grace_zero_reclaims_a_just_unreferenced_blob() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--grace"));
 }
+
+#[test]
+fn the_shipped_man_pages_are_the_ones_the_command_line_makes() {
+    for command in [
+        None,
+        Some("serve"),
+        Some("fsck"),
+        Some("certs"),
+        Some("user"),
+        Some("gc"),
+    ] {
+        let mut cmd = berth();
+        cmd.arg("man");
+        let file = match command {
+            Some(c) => {
+                cmd.arg(c);
+                format!("deploy/man/berth-{c}.1")
+            }
+            None => "deploy/man/berth.1".to_owned(),
+        };
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        let shipped = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(&file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(
+            out.stdout == shipped,
+            "{file} is out of date: regenerate it with `berth man {}`",
+            command.unwrap_or("")
+        );
+    }
+    let help = berth().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("\"Configuration\"") && help.contains("deploy/man/"),
+        "{help}"
+    );
+}
