@@ -277,68 +277,75 @@ impl Fetches {
             let download = download.clone();
             tokio::task::spawn_blocking(move || sink(writer, from_task, &download))
         };
-        let mut batch = BytesMut::with_capacity(WRITE_BATCH);
-        let mut submitted = 0u64;
-        let mut end = false;
-        while !end {
-            match tokio::time::timeout(idle, body.frame()).await {
-                Err(_) => return Err(FetchFailure::Upstream(UpstreamError::Timeout)),
-                Ok(None) => end = true,
-                Ok(Some(Err(e))) => return Err(FetchFailure::Interrupted(e.to_string())),
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        batch.extend_from_slice(&data);
-                    }
-                    // Take whatever else is already buffered, so a fast upstream costs few
-                    // wake-ups and a slow one is passed on at once.
-                    while batch.len() < WRITE_BATCH {
-                        match body.frame().now_or_never() {
-                            Some(Some(Ok(f))) => {
-                                if let Ok(d) = f.into_data() {
-                                    batch.extend_from_slice(&d);
+        // Whatever ends the receiving, the sink is stopped and waited for before this returns:
+        // a failed download's staging file is gone by the time its readers hear of it.
+        let received = async {
+            let mut batch = BytesMut::with_capacity(WRITE_BATCH);
+            let mut submitted = 0u64;
+            let mut end = false;
+            while !end {
+                match tokio::time::timeout(idle, body.frame()).await {
+                    Err(_) => return Err(FetchFailure::Upstream(UpstreamError::Timeout)),
+                    Ok(None) => end = true,
+                    Ok(Some(Err(e))) => return Err(FetchFailure::Interrupted(e.to_string())),
+                    Ok(Some(Ok(frame))) => {
+                        if let Ok(data) = frame.into_data() {
+                            batch.extend_from_slice(&data);
+                        }
+                        // Take whatever else is already buffered, so a fast upstream costs few
+                        // wake-ups and a slow one is passed on at once.
+                        while batch.len() < WRITE_BATCH {
+                            match body.frame().now_or_never() {
+                                Some(Some(Ok(f))) => {
+                                    if let Ok(d) = f.into_data() {
+                                        batch.extend_from_slice(&d);
+                                    }
                                 }
+                                Some(Some(Err(e))) => {
+                                    return Err(FetchFailure::Interrupted(e.to_string()))
+                                }
+                                Some(None) => {
+                                    end = true;
+                                    break;
+                                }
+                                None => break,
                             }
-                            Some(Some(Err(e))) => {
-                                return Err(FetchFailure::Interrupted(e.to_string()))
-                            }
-                            Some(None) => {
-                                end = true;
-                                break;
-                            }
-                            None => break,
                         }
                     }
                 }
+                if batch.is_empty() {
+                    continue;
+                }
+                let chunk =
+                    std::mem::replace(&mut batch, BytesMut::with_capacity(WRITE_BATCH)).freeze();
+                let len = chunk.len() as u64;
+                if let Some(expected) = total.filter(|&t| submitted + len > t) {
+                    return Err(FetchFailure::Truncated {
+                        expected,
+                        got: submitted + len,
+                    });
+                }
+                download.keep(submitted, chunk.clone());
+                submitted += len;
+                self.upstream_bytes.fetch_add(len, Ordering::Relaxed);
+                download.progress.send_modify(|p| p.received = submitted);
+                if download.readers.load(Ordering::Acquire) == 0
+                    && total.unwrap_or(submitted) > self.max_orphan
+                {
+                    return Err(FetchFailure::Abandoned);
+                }
+                if to_sink.send(chunk).await.is_err() {
+                    // The sink stopped: its error says why.
+                    break;
+                }
             }
-            if batch.is_empty() {
-                continue;
-            }
-            let chunk =
-                std::mem::replace(&mut batch, BytesMut::with_capacity(WRITE_BATCH)).freeze();
-            let len = chunk.len() as u64;
-            if let Some(expected) = total.filter(|&t| submitted + len > t) {
-                return Err(FetchFailure::Truncated {
-                    expected,
-                    got: submitted + len,
-                });
-            }
-            download.keep(submitted, chunk.clone());
-            submitted += len;
-            self.upstream_bytes.fetch_add(len, Ordering::Relaxed);
-            download.progress.send_modify(|p| p.received = submitted);
-            if download.readers.load(Ordering::Acquire) == 0
-                && total.unwrap_or(submitted) > self.max_orphan
-            {
-                return Err(FetchFailure::Abandoned);
-            }
-            if to_sink.send(chunk).await.is_err() {
-                // The sink stopped: its error says why.
-                break;
-            }
+            Ok::<(), FetchFailure>(())
         }
+        .await;
         drop(to_sink);
-        let writer = sink
-            .await
+        let sunk = sink.await;
+        received?;
+        let writer = sunk
             .map_err(|e| FetchFailure::Io(e.to_string()))?
             .map_err(|e| FetchFailure::Io(e.to_string()))?;
         let written = writer.written();

@@ -481,12 +481,16 @@ impl Mirror {
         repo: &RepoName,
         digest: Digest,
     ) -> Result<Attach, RegistryError> {
-        let store = self.store.clone();
-        if blocking(move || store.blob_len(Area::Cache, &digest))
-            .await?
-            .is_some()
-        {
-            return Ok(Attach::Cached);
+        // A store with a remote part is asked before the coordinator's lock (which only looks
+        // at what is held here); a local one is looked at under it, in one step.
+        if !self.store.all_held_here() {
+            let store = self.store.clone();
+            if blocking(move || store.blob_len(Area::Cache, &digest))
+                .await?
+                .is_some()
+            {
+                return Ok(Attach::Cached);
+            }
         }
         self.fetches
             .attach(up.clone(), repo.clone(), digest)

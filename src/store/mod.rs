@@ -187,6 +187,12 @@ pub trait ContentStore: Send + Sync + 'static {
         self.blob_len(area, digest)
     }
 
+    /// Whether everything the store holds is on this machine, so that
+    /// [`blob_len_held`](Self::blob_len_held) is the whole answer.
+    fn all_held_here(&self) -> bool {
+        true
+    }
+
     /// Opens a stored blob for reading.
     fn open_blob(&self, area: Area, digest: &Digest) -> io::Result<Option<BlobReader>>;
 
