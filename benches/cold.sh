@@ -36,21 +36,13 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-for pair in docker-registry:docker-registry nginx:nginx curl:curl python3:python3 skopeo:skopeo; do
-    command -v "${pair%%:*}" >/dev/null || {
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q >&2 && apt-get install -y -q "${pair#*:}" >&2
-    }
-done
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+need_tools docker-registry nginx curl python3 skopeo
 log "cargo build --profile $PROFILE"
 cargo build --profile "$PROFILE" >&2
 BERTH=$ROOT/target/$PROFILE/berth
 
-# shellcheck source=benches/lib.sh
-source "$ROOT/benches/lib.sh"
 start_upstream
 
 log "a $SIZE_MIB MiB blob into the upstream"
@@ -150,17 +142,6 @@ mirror_cpu() {
     echo "$total"
 }
 
-get() { curl -sf -o /dev/null -w '%{time_total}' "$1" || die "GET $1 failed"; }
-clients() {
-    local n=$1 url=$2 start i pids=()
-    start=$(now)
-    for i in $(seq "$n"); do
-        curl -sf -o /dev/null "$url" &
-        pids+=($!)
-    done
-    for i in "${pids[@]}"; do wait "$i" || die "a GET of $url failed"; done
-    since "$start"
-}
 
 MIRRORS="berth nginx distribution"
 for round in $(seq "$ROUNDS"); do
@@ -195,10 +176,6 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 
-median() {
-    awk -v who="$1" -v what="$2" '$1 == who && $2 == what { print $3 }' "$SAMPLES" | sort -g |
-        awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
 U1=$(median upstream cold1_s) U8=$(median upstream cold8_s) UP=$(median upstream pull_s)
 N1=$(median nginx cold1_s) N8=$(median nginx cold8_s) NP=$(median nginx pull_s)
 D8=$(median distribution cold8_s)

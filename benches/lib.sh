@@ -1,6 +1,24 @@
-# Shared by the benchmark scripts (sourced, not run): a temp dir, processes started in the
-# background and stopped on exit, readiness, timing, /proc figures, and the samples file.
-# Needs: ROOT, HELPER (benches/mirror.py), log and die defined by the sourcing script.
+# Shared by the benchmark scripts (sourced, not run): logging, installing tools, a temp dir,
+# processes started in the background and stopped on exit, readiness, timing, /proc figures,
+# the samples file and their medians, the upstream registry, skopeo, curl clients.
+# Needs: ROOT and HELPER (benches/mirror.py) set by the sourcing script.
+
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# need_tools TOOL...: installs (apt-get, as root) the Debian package of each missing tool; the
+# package has the tool's name.
+need_tools() {
+    local missing="" t
+    for t in "$@"; do command -v "$t" >/dev/null || missing="$missing $t"; done
+    [ -z "$missing" ] && return 0
+    log "apt-get install$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >&2
+    # shellcheck disable=SC2086 # the list is meant to split into words
+    apt-get install -y -q $missing >&2
+}
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/berth-bench.XXXXXX")
 PIDS=()
@@ -111,4 +129,25 @@ echo '{}' >"$TMP/skopeo/auth.json"
 skopeo_copy() {
     REGISTRY_AUTH_FILE=$TMP/skopeo/auth.json skopeo --policy "$TMP/skopeo/policy.json" \
         --tmpdir "$TMP/skopeo/tmp" copy --retry-times=0 "$@" >>"$TMP/skopeo/log" 2>&1
+}
+
+# get URL: one GET, body discarded; prints seconds.
+get() { curl -sf -o /dev/null -w '%{time_total}' "$1" || die "GET $1 failed"; }
+
+# clients N URL: N concurrent GETs; prints the wall time in seconds.
+clients() {
+    local n=$1 url=$2 start i pids=()
+    start=$(now)
+    for i in $(seq "$n"); do
+        curl -sf -o /dev/null "$url" &
+        pids+=($!)
+    done
+    for i in "${pids[@]}"; do wait "$i" || die "a GET of $url failed"; done
+    since "$start"
+}
+
+# median WHO METRIC: the median of the samples recorded with `rec WHO METRIC`.
+median() {
+    awk -v who="$1" -v what="$2" '$1 == who && $2 == what { print $3 }' "$SAMPLES" | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }

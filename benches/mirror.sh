@@ -52,41 +52,19 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$WRK_DURATION" ] || WRK_DURATION=$([ $QUICK = 1 ] && echo 3s || echo 10s)
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+# Logging, tools, the temp dir, processes (stopped on exit), timing and samples: shared with the
+# other benchmark scripts.
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 # ---------------------------------------------------------------------------------------------
 # Tools and build
 
-install_tools() {
-    local missing="" pair
-    for pair in docker-registry:docker-registry skopeo:skopeo wrk:wrk nginx:nginx curl:curl \
-                python3:python3; do
-        command -v "${pair%%:*}" >/dev/null || missing="$missing ${pair#*:}"
-    done
-    if [ -n "$missing" ]; then
-        log "apt-get install$missing"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q >&2
-        # shellcheck disable=SC2086 # the list is meant to split into words
-        apt-get install -y -q $missing >&2
-        # The nginx package starts a server on :80 where an init system exists; not ours.
-    fi
-}
-
-install_tools
+# (The nginx package starts a server on :80 where an init system exists; not ours.)
+need_tools docker-registry skopeo wrk nginx curl python3
 log "cargo build --profile dist"
 cargo build --profile dist >&2
 BERTH=$ROOT/target/dist/berth
-
-# ---------------------------------------------------------------------------------------------
-# Processes: everything started here is in PIDS and is stopped on exit.
-
-# Temp dir, processes, timing and samples: shared with benches/replicas.sh.
-# shellcheck source=benches/lib.sh
-source "$ROOT/benches/lib.sh"
-
 
 # ---------------------------------------------------------------------------------------------
 # Upstream: a distribution registry seeded with the synthetic images.

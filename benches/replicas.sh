@@ -43,23 +43,14 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
-
-for pair in docker-registry:docker-registry nginx:nginx curl:curl python3:python3; do
-    command -v "${pair%%:*}" >/dev/null || {
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q >&2 && apt-get install -y -q "${pair#*:}" >&2
-    }
-done
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+need_tools docker-registry nginx curl python3
 command -v garage >/dev/null || cargo install garage --locked --version 2.5.0 >&2
 log "cargo build --profile $PROFILE"
 cargo build --profile "$PROFILE" >&2
 BERTH=$ROOT/target/$PROFILE/berth
 
-# shellcheck source=benches/lib.sh
-source "$ROOT/benches/lib.sh"
 
 # --- the upstream, with one big blob --------------------------------------------------------
 start_upstream
@@ -133,20 +124,7 @@ EOF
     wait_ready "$BERTH_URL/v2/" "$LAST_PID" "berth $name"
 }
 
-# get URL: one GET, body discarded; prints seconds.
-get() { curl -sf -o /dev/null -w '%{time_total}' "$1" || die "GET $1 failed"; }
 
-# clients N URL: N concurrent GETs; prints the wall time in seconds.
-clients() {
-    local n=$1 url=$2 start i pids=()
-    start=$(now)
-    for i in $(seq "$n"); do
-        curl -sf -o /dev/null "$url" &
-        pids+=($!)
-    done
-    for i in "${pids[@]}"; do wait "$i" || die "a GET of $url failed"; done
-    since "$start"
-}
 
 mbps() { calc "$SIZE_MIB * 1.048576 * $1 / $2"; }
 
@@ -255,10 +233,6 @@ for run in $(seq "$RUNS"); do
 done
 
 # --- the table: medians, and ratios to the one-disk berth --------------------------------------
-median() {
-    awk -v who="$1" -v what="$2" '$1 == who && $2 == what { print $3 }' "$SAMPLES" | sort -g |
-        awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
 ratio() { calc "$1 / $2"; }
 D1=$(median disk hit1_mbs) D8=$(median disk hit8_mbs) DC=$(median disk cold8_s)
 L1=$(median s3local hit1_mbs) L8=$(median s3local hit8_mbs) B1=$(median bucket hit1_mbs)

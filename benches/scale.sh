@@ -29,23 +29,14 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-for pair in docker-registry:docker-registry nginx:nginx curl:curl python3:python3 skopeo:skopeo \
-            wrk:wrk; do
-    command -v "${pair%%:*}" >/dev/null || {
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q >&2 && apt-get install -y -q "${pair#*:}" >&2
-    }
-done
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+need_tools docker-registry nginx curl python3 skopeo wrk
 log "cargo build --profile $PROFILE"
 cargo build --profile "$PROFILE" >&2
 BERTH=$ROOT/target/$PROFILE/berth
 ulimit -n 65536 2>/dev/null || true
 
-# shellcheck source=benches/lib.sh
-source "$ROOT/benches/lib.sh"
 start_upstream
 eval "$($HELPER images "$TMP/images" --quick)"
 skopeo_copy --dest-tls-verify=false --preserve-digests "dir:$TMP/images/five" \

@@ -29,21 +29,13 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-for pair in docker-registry:docker-registry nginx:nginx curl:curl python3:python3; do
-    command -v "${pair%%:*}" >/dev/null || {
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q >&2 && apt-get install -y -q "${pair#*:}" >&2
-    }
-done
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+need_tools docker-registry nginx curl python3
 log "cargo build --profile $PROFILE"
 cargo build --profile "$PROFILE" >&2
 BERTH=$ROOT/target/$PROFILE/berth
 
-# shellcheck source=benches/lib.sh
-source "$ROOT/benches/lib.sh"
 start_upstream
 chmod 755 "$TMP"
 
@@ -137,10 +129,6 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 
-median() {
-    awk -v who="$1" -v what="$2" '$1 == who && $2 == what { print $3 }' "$SAMPLES" | sort -g |
-        awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
 echo "cache hits over TLS 1.3 and plain HTTP — $SIZE_MIB MiB blob, medians of $ROUNDS rounds, $(date -u +%F), $(nproc) cores, berth profile $PROFILE"
 echo
 echo "| figure | berth MB/s | nginx MB/s | berth / nginx | berth CPU s/GB | nginx CPU s/GB |"
