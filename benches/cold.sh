@@ -76,63 +76,6 @@ pull_s() {
 upstream_gets() { grep -c "\"GET $BLOB_PATH HTTP" "$TMP/upstream/access.log" || true; }
 chmod 755 "$TMP"
 
-# start_mirror WHO DIR: a fresh, empty mirror of the upstream; URL in MIRROR_URL, pid in
-# MIRROR_PID.
-start_mirror() {
-    local who=$1 dir=$2 port
-    port=$(free_port)
-    MIRROR_URL=http://127.0.0.1:$port
-    mkdir -p "$dir"
-    chmod 755 "$dir"
-    case "$who" in
-        berth)
-            spawn "$dir/out" "$dir/err" env BERTH_LOG=warn "$BERTH" serve \
-                --listen "127.0.0.1:$port" --data-dir "$dir/data" --upstream "$UPSTREAM" ;;
-        nginx)
-            cat >"$dir/nginx.conf" <<EOF
-daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
-worker_processes auto;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $dir/body; proxy_temp_path $dir/proxy;
-    proxy_cache_path $dir/cache levels=1:2 keys_zone=blobs:10m max_size=20g inactive=7d use_temp_path=off;
-    server {
-        listen 127.0.0.1:$port;
-        location /v2/ {
-            proxy_pass $UPSTREAM;
-            proxy_cache blobs;
-            proxy_cache_key \$uri;
-            proxy_cache_valid 200 7d;
-            proxy_cache_lock on;
-            proxy_cache_lock_timeout 600s;
-            proxy_cache_lock_age 600s;
-            proxy_read_timeout 600s;
-        }
-    }
-}
-EOF
-            spawn "$dir/out" "$dir/err" nginx -p "$dir" -c "$dir/nginx.conf" ;;
-        distribution)
-            cat >"$dir/config.yml" <<EOF
-version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: $dir/storage
-http:
-  addr: 127.0.0.1:$port
-  secret: berth-bench-reference
-proxy:
-  remoteurl: $UPSTREAM
-EOF
-            spawn "$dir/out" "$dir/err" docker-registry serve "$dir/config.yml" ;;
-    esac
-    MIRROR_PID=$LAST_PID
-    wait_ready "$MIRROR_URL/v2/" "$MIRROR_PID" "$who"
-}
-
 # Every process of a mirror (nginx's workers are children of its master).
 mirror_cpu() {
     local total=0 p
@@ -151,13 +94,13 @@ for round in $(seq "$ROUNDS"); do
     rec upstream pull_s "$(pull_s "$UPSTREAM")"
     for who in $MIRRORS; do
         dir=$TMP/$who-$round-p
-        start_mirror "$who" "$dir"
+        start_peer "$who" "$dir"
         rec "$who" pull_s "$(pull_s "$MIRROR_URL")"
         stop "$MIRROR_PID"
         rm -rf "$dir"
 
         dir=$TMP/$who-$round-1
-        start_mirror "$who" "$dir"
+        start_peer "$who" "$dir"
         cpu0=$(mirror_cpu "$MIRROR_PID")
         rec "$who" cold1_s "$(get "$MIRROR_URL$BLOB_PATH")"
         rec "$who" cold1_cpu_s "$(calc "$(mirror_cpu "$MIRROR_PID") - $cpu0")"
@@ -165,7 +108,7 @@ for round in $(seq "$ROUNDS"); do
         rm -rf "$dir"
 
         dir=$TMP/$who-$round-8
-        start_mirror "$who" "$dir"
+        start_peer "$who" "$dir"
         before=$(upstream_gets)
         cpu0=$(mirror_cpu "$MIRROR_PID")
         rec "$who" cold8_s "$(clients 8 "$MIRROR_URL$BLOB_PATH")"

@@ -151,3 +151,65 @@ median() {
     awk -v who="$1" -v what="$2" '$1 == who && $2 == what { print $3 }' "$SAMPLES" | sort -g |
         awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
+
+# start_peer WHO DIR: a mirror of $UPSTREAM storing in DIR — berth ($BERTH), nginx
+# `proxy_cache` (keyed by $NGINX_CACHE_KEY, `$uri` unless set, with `proxy_cache_lock`, the way
+# docker-registry-proxy configures it) or the distribution registry in proxy mode; URL in
+# MIRROR_URL, pid in MIRROR_PID. Every client of a benchmark is 127.0.0.1: berth's per-client
+# connection cap is lifted.
+start_peer() {
+    local who=$1 dir=$2 port
+    port=$(free_port)
+    MIRROR_URL=http://127.0.0.1:$port
+    mkdir -p "$dir"
+    chmod 755 "$dir"
+    case "$who" in
+        berth)
+            printf '[limits]\nmax_connections_per_client = 4096\n' >"$dir/berth.toml"
+            spawn "$dir/out" "$dir/err" env BERTH_LOG=warn "$BERTH" serve --config "$dir/berth.toml" \
+                --listen "127.0.0.1:$port" --data-dir "$dir/data" --upstream "$UPSTREAM" ;;
+        nginx)
+            cat >"$dir/nginx.conf" <<EOF
+daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
+worker_processes auto;
+worker_rlimit_nofile 65536;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body; proxy_temp_path $dir/proxy;
+    proxy_cache_path $dir/cache levels=1:2 keys_zone=blobs:10m max_size=20g inactive=7d use_temp_path=off;
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        location /v2/ {
+            proxy_pass $UPSTREAM;
+            proxy_cache blobs;
+            proxy_cache_key ${NGINX_CACHE_KEY:-\$uri};
+            proxy_cache_valid 200 7d;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 600s;
+            proxy_cache_lock_age 600s;
+            proxy_read_timeout 600s;
+        }
+    }
+}
+EOF
+            spawn "$dir/out" "$dir/err" nginx -p "$dir" -c "$dir/nginx.conf" ;;
+        distribution)
+            cat >"$dir/config.yml" <<EOF
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: $dir/storage
+http:
+  addr: 127.0.0.1:$port
+  secret: berth-bench-reference
+proxy:
+  remoteurl: $UPSTREAM
+EOF
+            spawn "$dir/out" "$dir/err" docker-registry serve "$dir/config.yml" ;;
+    esac
+    MIRROR_PID=$LAST_PID
+    wait_ready "$MIRROR_URL/v2/" "$MIRROR_PID" "$who"
+}

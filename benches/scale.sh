@@ -49,63 +49,6 @@ MANIFEST_PATH=/v2/library/five/manifests/v1
 ACCEPT="application/vnd.docker.distribution.manifest.v2+json"
 chmod 755 "$TMP"
 
-# start_mirror WHO: a mirror of the upstream; URL in MIRROR_URL, pid in MIRROR_PID.
-start_mirror() {
-    local who=$1 dir=$TMP/$1 port
-    port=$(free_port)
-    MIRROR_URL=http://127.0.0.1:$port
-    mkdir -p "$dir"
-    chmod 755 "$dir"
-    case "$who" in
-        berth)
-            # Every client is on 127.0.0.1 here: lift the per-client cap above the top level.
-            printf '[limits]\nmax_connections_per_client = 4096\n' >"$dir/berth.toml"
-            spawn "$dir/out" "$dir/err" env BERTH_LOG=warn "$BERTH" serve --config "$dir/berth.toml" \
-                --listen "127.0.0.1:$port" --data-dir "$dir/data" --upstream "$UPSTREAM" ;;
-        nginx)
-            cat >"$dir/nginx.conf" <<EOF
-daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
-worker_processes auto;
-worker_rlimit_nofile 65536;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    sendfile on;
-    client_body_temp_path $dir/body; proxy_temp_path $dir/proxy;
-    proxy_cache_path $dir/cache levels=1:2 keys_zone=blobs:10m max_size=20g inactive=7d use_temp_path=off;
-    server {
-        listen 127.0.0.1:$port backlog=4096;
-        location /v2/ {
-            proxy_pass $UPSTREAM;
-            proxy_cache blobs;
-            proxy_cache_key \$uri\$http_accept;
-            proxy_cache_valid 200 7d;
-            proxy_cache_lock on;
-        }
-    }
-}
-EOF
-            spawn "$dir/out" "$dir/err" nginx -p "$dir" -c "$dir/nginx.conf" ;;
-        distribution)
-            cat >"$dir/config.yml" <<EOF
-version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: $dir/storage
-http:
-  addr: 127.0.0.1:$port
-  secret: berth-bench-reference
-proxy:
-  remoteurl: $UPSTREAM
-EOF
-            spawn "$dir/out" "$dir/err" docker-registry serve "$dir/config.yml" ;;
-    esac
-    MIRROR_PID=$LAST_PID
-    wait_ready "$MIRROR_URL/v2/" "$MIRROR_PID" "$who"
-}
-
 # rss_kib PID [FIELD]: resident KiB (VmRSS, or another /proc status field such as RssAnon:
 # what the process itself allocated, without the page cache it maps) of a process and its
 # children (nginx's workers).
@@ -153,10 +96,12 @@ level() {
     fi
 }
 
+# Manifests differ by Accept: nginx keys its cache by both.
+NGINX_CACHE_KEY='$uri$http_accept'
 MIRRORS="berth nginx distribution"
 for who in $MIRRORS; do
     log "$who"
-    start_mirror "$who"
+    start_peer "$who" "$TMP/$who"
     curl -sf -o /dev/null "$MIRROR_URL$BLOB_PATH" || die "$who: blob GET"
     curl -sf -o /dev/null -H "Accept: $ACCEPT" "$MIRROR_URL$MANIFEST_PATH" || die "$who: manifest GET"
     rec "$who" idle_rss "$(calc "$(rss_kib "$MIRROR_PID") / 1024")"
