@@ -1,4 +1,4 @@
-//! `berth user add|remove`: the htpasswd file's users, and the password prompt.
+//! `berth user add|remove|list`: the htpasswd file's users, and the password prompt.
 
 use std::io::{self, BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use berth::auth::{add_user, check_user_name, remove_user, DEFAULT_COST};
+use berth::auth::{add_user, check_user_name, parse_htpasswd, remove_user, DEFAULT_COST};
 use berth::config::Config;
 
 /// `berth user …`: manage the htpasswd file.
@@ -16,18 +16,27 @@ pub enum UserCommand {
     Add(UserAddArgs),
     /// Remove a user.
     Remove(UserFileArgs),
+    /// List the users, one per line, sorted (entries berth cannot use are named on stderr).
+    List(HtpasswdArgs),
 }
 
+/// Which htpasswd file.
 #[derive(Args)]
-pub struct UserFileArgs {
-    /// The user name.
-    pub name: String,
+pub struct HtpasswdArgs {
     /// The htpasswd file [default: the `htpasswd` of --config]
     #[arg(long)]
     pub htpasswd: Option<PathBuf>,
     /// Config file naming the htpasswd file.
     #[arg(long)]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct UserFileArgs {
+    /// The user name.
+    pub name: String,
+    #[command(flatten)]
+    pub file: HtpasswdArgs,
 }
 
 #[derive(Args)]
@@ -42,7 +51,7 @@ pub struct UserAddArgs {
     pub cost: u32,
 }
 
-impl UserFileArgs {
+impl HtpasswdArgs {
     fn path(&self) -> Result<PathBuf, String> {
         if let Some(p) = &self.htpasswd {
             return Ok(p.clone());
@@ -63,6 +72,7 @@ impl UserCommand {
         let result = match self {
             UserCommand::Add(args) => run_add(&args),
             UserCommand::Remove(args) => run_remove(&args),
+            UserCommand::List(args) => return run_list(&args),
         };
         match result {
             Ok(message) => {
@@ -78,7 +88,7 @@ impl UserCommand {
 }
 
 fn run_add(args: &UserAddArgs) -> Result<String, String> {
-    let path = args.file.path()?;
+    let path = args.file.file.path()?;
     check_user_name(&args.file.name).map_err(|e| e.to_string())?;
     if !(4..=31).contains(&args.cost) {
         return Err("--cost must be between 4 and 31".into());
@@ -94,8 +104,33 @@ fn run_add(args: &UserAddArgs) -> Result<String, String> {
     ))
 }
 
+/// Prints the users on stdout; exits 1 when the file cannot be read.
+fn run_list(args: &HtpasswdArgs) -> ExitCode {
+    let listed = args.path().and_then(|path| {
+        std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
+    });
+    match listed {
+        Ok(text) => {
+            let (users, warnings) = parse_htpasswd(&text);
+            for w in warnings {
+                eprintln!("berth: {w}");
+            }
+            let mut names: Vec<&String> = users.keys().collect();
+            names.sort();
+            for name in names {
+                println!("{name}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("berth: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run_remove(args: &UserFileArgs) -> Result<String, String> {
-    let path = args.path()?;
+    let path = args.file.path()?;
     match remove_user(&path, &args.name) {
         Ok(true) => Ok(format!(
             "removed user {:?} from {}",

@@ -328,3 +328,51 @@ fn the_shipped_man_pages_are_the_ones_the_command_line_makes() {
         "{help}"
     );
 }
+
+#[test]
+fn users_are_listed_added_and_removed() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("htpasswd");
+    let ht = file.to_str().unwrap();
+    for user in ["bob", "alice"] {
+        let mut add = berth()
+            .args([
+                "user",
+                "add",
+                user,
+                "--password-stdin",
+                "--cost",
+                "4",
+                "--htpasswd",
+                ht,
+            ])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        add.stdin.take().unwrap().write_all(b"secret\n").unwrap();
+        assert!(add.wait().unwrap().success());
+    }
+    let list = || {
+        let out = berth()
+            .args(["user", "list", "--htpasswd", ht])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(list(), "alice\nbob\n");
+    let removed = berth()
+        .args(["user", "remove", "bob", "--htpasswd", ht])
+        .output()
+        .unwrap();
+    assert!(removed.status.success());
+    assert_eq!(list(), "alice\n");
+    let missing = berth()
+        .args(["user", "list", "--htpasswd"])
+        .arg(dir.path().join("nope"))
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+}
