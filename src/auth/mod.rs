@@ -96,6 +96,8 @@ pub struct AuthStats {
     pub refused_busy: AtomicU64,
     /// Requests whose token does not grant what they need.
     pub refused_scope: AtomicU64,
+    /// Requests with a token that is unknown, expired, or not signed with this berth's key.
+    pub refused_token: AtomicU64,
 }
 
 /// Why a password check did not produce a user.
@@ -232,9 +234,13 @@ impl Authenticator {
         if let Some(token) = bearer(headers) {
             return match self.token_holder(token).await {
                 Some(user) => Ok(user),
-                None => Err(RegistryError::Unauthorized(
-                    "unknown or expired token".into(),
-                )),
+                None => {
+                    self.stats.refused_token.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%client, "refused: a token that is unknown, expired or not signed with this berth's key");
+                    Err(RegistryError::Unauthorized(
+                        "unknown or expired token".into(),
+                    ))
+                }
             };
         }
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {

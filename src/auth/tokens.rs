@@ -373,6 +373,10 @@ mod tests {
             .authenticate(&bearer(&expired), client)
             .await
             .is_err());
+        // Each refusal is counted (the stranger's too).
+        use std::sync::atomic::Ordering;
+        assert_eq!(replica.stats.refused_token.load(Ordering::Relaxed), 2);
+        assert_eq!(stranger.stats.refused_token.load(Ordering::Relaxed), 1);
         let good = key.sign(&Claims {
             user: Some("alice".into()),
             grants: Grants::default(),

@@ -276,12 +276,14 @@ impl Scraped {
             "berth_auth_refused",
             "Requests refused by authentication limits: failed_logins (address over its limit, \
              refused before hashing), busy (too many password checks waiting), scope (a token \
-             without the needed grant)",
+             without the needed grant), token (a token unknown, expired or not signed with \
+             this berth's key)",
             true,
             [
                 ("failed_logins", &auth.refused_failures),
                 ("busy", &auth.refused_busy),
                 ("scope", &auth.refused_scope),
+                ("token", &auth.refused_token),
             ]
             .iter()
             .map(|(reason, v)| (vec![("reason", (*reason).to_owned())], load(v)))
