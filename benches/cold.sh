@@ -45,17 +45,7 @@ BERTH=$ROOT/target/$PROFILE/berth
 
 start_upstream
 
-log "a $SIZE_MIB MiB blob into the upstream"
-head -c "$((SIZE_MIB << 20))" /dev/urandom >"$TMP/big"
-DIGEST="sha256:$(sha256sum "$TMP/big" | cut -d' ' -f1)"
-LOCATION=$(curl -sf -X POST -D - -o /dev/null "$UPSTREAM/v2/bench/big/blobs/uploads/" |
-    tr -d '\r' | awk 'tolower($1) == "location:" { print $2 }')
-case "$LOCATION" in http*) ;; *) LOCATION=$UPSTREAM$LOCATION ;; esac
-SEP=$([[ $LOCATION == *\?* ]] && echo '&' || echo '?')
-curl -sf -X PUT --data-binary "@$TMP/big" -H 'Content-Type: application/octet-stream' \
-    "$LOCATION${SEP}digest=$DIGEST" -o /dev/null || die "the upstream refused the blob"
-rm -f "$TMP/big"
-BLOB_PATH=/v2/bench/big/blobs/$DIGEST
+seed_big_blob
 
 log "the 5-layer image into the upstream"
 QUICK_FLAG=$([ "$SIZE_MIB" -le 64 ] && echo --quick || true)

@@ -213,3 +213,21 @@ EOF
     MIRROR_PID=$LAST_PID
     wait_ready "$MIRROR_URL/v2/" "$MIRROR_PID" "$who"
 }
+
+# seed_big_blob [keep]: SIZE_MIB random bytes pushed to the upstream as bench/big (a monolithic
+# upload); sets DIGEST and BLOB_PATH. With `keep`, the bytes stay in $TMP/big (readable by all).
+seed_big_blob() {
+    local location sep
+    log "a $SIZE_MIB MiB blob into the upstream"
+    head -c "$((SIZE_MIB << 20))" /dev/urandom >"$TMP/big"
+    chmod 644 "$TMP/big"
+    DIGEST="sha256:$(sha256sum "$TMP/big" | cut -d' ' -f1)"
+    location=$(curl -sf -X POST -D - -o /dev/null "$UPSTREAM/v2/bench/big/blobs/uploads/" |
+        tr -d '\r' | awk 'tolower($1) == "location:" { print $2 }')
+    case "$location" in http*) ;; *) location=$UPSTREAM$location ;; esac
+    sep=$([[ $location == *\?* ]] && echo '&' || echo '?')
+    curl -sf -X PUT --data-binary "@$TMP/big" -H 'Content-Type: application/octet-stream' \
+        "$location${sep}digest=$DIGEST" -o /dev/null || die "the upstream refused the blob"
+    [ "${1:-}" = keep ] || rm -f "$TMP/big"
+    BLOB_PATH=/v2/bench/big/blobs/$DIGEST
+}

@@ -55,16 +55,7 @@ BERTH=$ROOT/target/$PROFILE/berth
 # --- the upstream, with one big blob --------------------------------------------------------
 start_upstream
 
-log "a $SIZE_MIB MiB blob into the upstream"
-head -c "$((SIZE_MIB << 20))" /dev/urandom >"$TMP/big"
-DIGEST="sha256:$(sha256sum "$TMP/big" | cut -d' ' -f1)"
-LOCATION=$(curl -sf -X POST -D - -o /dev/null "$UPSTREAM/v2/bench/big/blobs/uploads/" |
-    tr -d '\r' | awk 'tolower($1) == "location:" { print $2 }')
-case "$LOCATION" in http*) ;; *) LOCATION=$UPSTREAM$LOCATION ;; esac
-SEP=$([[ $LOCATION == *\?* ]] && echo '&' || echo '?')
-curl -sf -X PUT --data-binary "@$TMP/big" -H 'Content-Type: application/octet-stream' \
-    "$LOCATION${SEP}digest=$DIGEST" -o /dev/null || die "the upstream refused the blob"
-BLOB_PATH=/v2/bench/big/blobs/$DIGEST
+seed_big_blob
 upstream_gets() { grep -c "\"GET $BLOB_PATH HTTP" "$TMP/upstream/access.log" || true; }
 
 # --- Garage ---------------------------------------------------------------------------------

@@ -39,16 +39,7 @@ BERTH=$ROOT/target/$PROFILE/berth
 start_upstream
 chmod 755 "$TMP"
 
-head -c "$((SIZE_MIB << 20))" /dev/urandom >"$TMP/big"
-chmod 644 "$TMP/big"
-DIGEST="sha256:$(sha256sum "$TMP/big" | cut -d' ' -f1)"
-LOCATION=$(curl -sf -X POST -D - -o /dev/null "$UPSTREAM/v2/bench/big/blobs/uploads/" |
-    tr -d '\r' | awk 'tolower($1) == "location:" { print $2 }')
-case "$LOCATION" in http*) ;; *) LOCATION=$UPSTREAM$LOCATION ;; esac
-SEP=$([[ $LOCATION == *\?* ]] && echo '&' || echo '?')
-curl -sf -X PUT --data-binary "@$TMP/big" -H 'Content-Type: application/octet-stream' \
-    "$LOCATION${SEP}digest=$DIGEST" -o /dev/null || die "the upstream refused the blob"
-BLOB_PATH=/v2/bench/big/blobs/$DIGEST
+seed_big_blob keep
 
 "$BERTH" certs --host 127.0.0.1 --out "$TMP/certs" >/dev/null
 chmod 644 "$TMP/certs/"*
