@@ -13,10 +13,12 @@ use serde::Deserialize;
 
 mod storage;
 mod values;
+mod webhook;
 pub use storage::{S3Config, StorageConfig};
 pub use values::{
     human_bytes, valid_origin, ByteSize, IpNet, PublicUrl, Seconds, UpstreamUrl, WebhookUrl,
 };
+pub use webhook::{Webhook, WebhookSecret};
 
 /// The upstream key that Docker Hub is filed under, and the one used when a request names none.
 pub const DOCKER_HUB: &str = "docker.io";
@@ -53,8 +55,8 @@ pub struct Config {
     pub upload_max_age: Seconds,
     /// Upload sessions one user may have open at once; 0 for no limit.
     pub max_uploads_per_user: usize,
-    /// URLs that get a JSON event on every push and delete in the private namespace.
-    pub webhooks: Vec<WebhookUrl>,
+    /// Receivers that get a JSON event on every push and delete in the private namespace.
+    pub webhooks: Vec<Webhook>,
     /// Serve `/metrics` on its own listener (then not on the main one).
     pub metrics_listen: Option<SocketAddr>,
     /// Peers whose `X-Forwarded-For` names the client (addresses or CIDR blocks).
@@ -332,6 +334,13 @@ impl Config {
                     format!("upstreams.\"{key}\".user"),
                     "user and password_file must be given together",
                 ));
+            }
+        }
+        for (i, hook) in self.webhooks.iter().enumerate() {
+            if let Some(secret) = &hook.secret {
+                secret
+                    .load()
+                    .map_err(|e| err(format!("webhooks[{i}].secret"), e))?;
             }
         }
         self.rate_limit.validate()?;

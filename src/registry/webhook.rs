@@ -1,11 +1,16 @@
 //! Webhook notifications: a JSON event POSTed to every configured URL on each push and delete
 //! in the private namespace.
 //!
+//! With a secret, each delivery carries `Berth-Signature: t=<unix seconds>,v1=<hex>`, where the
+//! hex is HMAC-SHA256 with the secret over `<t>.<body>`: a receiver recomputes it and refuses a
+//! `t` too far from its clock, so a captured delivery cannot be replayed later. Each attempt is
+//! signed afresh, so a retry minutes later still passes such a window.
+//!
 //! Delivery runs in spawned tasks and never delays the request that caused it. Each delivery is
 //! tried a few times with exponential backoff; an event that still cannot be delivered is logged
 //! and dropped (receivers that must not miss anything should reconcile from the catalog).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +24,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
-use crate::config::WebhookUrl;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::config::{Webhook, WebhookUrl};
+
+/// The header that carries the signature.
+pub const SIGNATURE_HEADER: &str = "berth-signature";
 
 /// Attempts per event and receiver.
 const ATTEMPTS: u32 = 4;
@@ -37,6 +48,9 @@ pub struct Event {
     pub action: &'static str,
     pub repository: String,
     pub tag: Option<String>,
+    /// Every tag the action touched: the pushed tag, or on a delete the tags that went with the
+    /// manifest (a delete by digest removes every tag pointing at it).
+    pub tags: Vec<String>,
     pub digest: Option<String>,
     #[serde(rename = "mediaType")]
     pub media_type: Option<String>,
@@ -49,16 +63,54 @@ pub struct Event {
 
 type HookClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// A receiver, ready to send to: its secret already read.
+struct Receiver {
+    url: WebhookUrl,
+    key: Option<Arc<[u8]>>,
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+/// What deliveries came to, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct WebhookStats {
+    pub delivered: AtomicU64,
+    /// Given up after every attempt failed.
+    pub failed: AtomicU64,
+    /// Dropped without an attempt: too many deliveries pending, or a secret that cannot be read.
+    pub dropped: AtomicU64,
+}
+
 #[derive(Clone)]
 pub struct Notifier {
-    urls: Arc<Vec<WebhookUrl>>,
+    receivers: Arc<Vec<Arc<Receiver>>>,
     client: Option<HookClient>,
     in_flight: Arc<AtomicUsize>,
+    pub stats: Arc<WebhookStats>,
 }
 
 impl Notifier {
-    pub fn new(urls: &[WebhookUrl]) -> Notifier {
-        let client = (!urls.is_empty()).then(|| {
+    pub fn new(hooks: &[Webhook]) -> Notifier {
+        let stats = Arc::new(WebhookStats::default());
+        let receivers: Vec<_> = hooks
+            .iter()
+            .filter_map(|h| {
+                // The config check read the secret already; failing now means the file changed.
+                // Never send unsigned what the receiver expects signed.
+                let key = match h.secret.as_ref().map(|s| s.load()).transpose() {
+                    Ok(k) => k.map(Arc::from),
+                    Err(e) => {
+                        tracing::error!(url = %h.url, error = %e, "cannot read the webhook's secret; no events go to it");
+                        return None;
+                    }
+                };
+                Some(Arc::new(Receiver {
+                    url: h.url.clone(),
+                    key,
+                    headers: h.headers.clone(),
+                }))
+            })
+            .collect();
+        let client = (!receivers.is_empty()).then(|| {
             let mut http = HttpConnector::new();
             http.enforce_http(false);
             http.set_connect_timeout(Some(TIMEOUT));
@@ -81,9 +133,10 @@ impl Notifier {
                 .build(https)
         });
         Notifier {
-            urls: Arc::new(urls.to_vec()),
+            receivers: Arc::new(receivers),
             client,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            stats,
         }
     }
 
@@ -97,52 +150,87 @@ impl Notifier {
                 return;
             }
         };
-        for url in self.urls.iter() {
+        for receiver in self.receivers.iter() {
             if self.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
                 self.in_flight.fetch_sub(1, Ordering::AcqRel);
-                tracing::warn!(%url, action = event.action, repository = %event.repository, "too many webhook deliveries pending; event dropped");
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(url = %receiver.url, action = event.action, repository = %event.repository, "too many webhook deliveries pending; event dropped");
                 continue;
             }
-            let (client, url, body) = (client.clone(), url.clone(), body.clone());
-            let in_flight = self.in_flight.clone();
+            let (client, receiver, body) = (client.clone(), receiver.clone(), body.clone());
+            let (in_flight, stats) = (self.in_flight.clone(), self.stats.clone());
             let (action, repo) = (event.action, event.repository.clone());
             tokio::spawn(async move {
-                deliver(&client, &url, body, action, &repo).await;
+                let counter = if deliver(&client, &receiver, body, action, &repo).await {
+                    &stats.delivered
+                } else {
+                    &stats.failed
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 in_flight.fetch_sub(1, Ordering::AcqRel);
             });
         }
     }
 }
 
-async fn deliver(client: &HookClient, url: &WebhookUrl, body: Bytes, action: &str, repo: &str) {
+/// Tries to deliver one event; whether it was.
+async fn deliver(
+    client: &HookClient,
+    receiver: &Receiver,
+    body: Bytes,
+    action: &str,
+    repo: &str,
+) -> bool {
+    let url = &receiver.url;
     let mut backoff = FIRST_BACKOFF;
     for attempt in 1..=ATTEMPTS {
-        let outcome = match send(client, url, body.clone()).await {
+        let outcome = match send(client, receiver, body.clone()).await {
             Ok(status) if status.is_success() => {
                 tracing::debug!(%url, action, repository = repo, attempt, "webhook delivered");
-                return;
+                return true;
             }
             Ok(status) => format!("answered {status}"),
             Err(e) => e,
         };
         if attempt == ATTEMPTS {
             tracing::warn!(%url, action, repository = repo, attempts = ATTEMPTS, error = %outcome, "webhook not delivered; event dropped");
-            return;
+            return false;
         }
         tracing::debug!(%url, action, repository = repo, attempt, error = %outcome, "webhook delivery failed; retrying");
         tokio::time::sleep(backoff).await;
         backoff *= 2;
     }
+    false
+}
+
+/// The `Berth-Signature` value for a body sent at `t` (Unix seconds).
+pub fn signature(key: &[u8], t: u64, body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts any key length");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 async fn send(
     client: &HookClient,
-    url: &WebhookUrl,
+    receiver: &Receiver,
     body: Bytes,
 ) -> Result<http::StatusCode, String> {
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(Method::POST)
-        .uri(url.0.clone())
+        .uri(receiver.url.0.clone());
+    for (name, value) in &receiver.headers {
+        req = req.header(name, value);
+    }
+    if let Some(key) = &receiver.key {
+        req = req.header(
+            SIGNATURE_HEADER,
+            signature(key, crate::store::now_secs(), &body),
+        );
+    }
+    // Set last, so a configured header cannot pretend to be another content type.
+    let req = req
         .header(CONTENT_TYPE, "application/json")
         .header(USER_AGENT, concat!("berth/", env!("CARGO_PKG_VERSION")))
         .body(Full::new(body))
@@ -197,6 +285,7 @@ mod tests {
             action: "push",
             repository: "private/app".into(),
             tag: Some("v1".into()),
+            tags: vec!["v1".into()],
             digest: Some("sha256:00".into()),
             media_type: Some("m".into()),
             size: Some(3),
@@ -208,6 +297,7 @@ mod tests {
             "action",
             "repository",
             "tag",
+            "tags",
             "digest",
             "mediaType",
             "size",
@@ -216,5 +306,16 @@ mod tests {
         ] {
             assert!(v.get(k).is_some(), "{k}");
         }
+    }
+
+    #[test]
+    fn signatures_are_hmac_sha256_over_the_time_and_body() {
+        // Expected value from Python: hmac.new(b"Jefe", b'1700000000.{"action":"push"}', sha256).
+        assert_eq!(
+            signature(b"Jefe", 1_700_000_000, br#"{"action":"push"}"#),
+            "t=1700000000,v1=1bae507836267671397e6cac47040216bc6832d3ef9aed5e25bb772025f4a964"
+        );
+        assert_ne!(signature(b"Jefe", 1, b"x"), signature(b"Jefe", 2, b"x"));
+        assert_ne!(signature(b"Jefe", 1, b"x"), signature(b"Jeff", 1, b"x"));
     }
 }

@@ -1174,9 +1174,12 @@ async fn idle_uploads_expire_in_the_running_server() {
     e.start_upload("private/app").await;
 }
 
-/// A webhook receiver: a tiny HTTP server that records the JSON it is sent. It fails the first
+/// What a webhook receiver got: the JSON body, its raw bytes and the request's headers.
+type Received = Arc<Mutex<Vec<(Value, bytes::Bytes, http::HeaderMap)>>>;
+
+/// A webhook receiver: a tiny HTTP server that records what it is sent. It fails the first
 /// delivery, so the retry path is exercised.
-async fn receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
+async fn receiver() -> (String, Received) {
     use http_body_util::BodyExt;
     use hyper::service::service_fn;
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -1195,13 +1198,13 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let (ev, calls) = (ev.clone(), calls.clone());
                     async move {
+                        let headers = req.headers().clone();
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
                             return Ok::<_, std::convert::Infallible>(status(500));
                         }
-                        ev.lock()
-                            .unwrap()
-                            .push(serde_json::from_slice(&body).unwrap());
+                        let json = serde_json::from_slice(&body).unwrap();
+                        ev.lock().unwrap().push((json, body, headers));
                         Ok(status(200))
                     }
                 });
@@ -1214,38 +1217,103 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
     (format!("http://{addr}/hook"), events)
 }
 
+/// Checks a `Berth-Signature` the way a receiver would: HMAC-SHA256 over `<t>.<body>`, and `t`
+/// within five minutes of now.
+fn signature_ok(secret: &[u8], header: &str, body: &[u8]) -> bool {
+    use hmac::Mac;
+    let Some((t, v1)) = header
+        .strip_prefix("t=")
+        .and_then(|rest| rest.split_once(",v1="))
+    else {
+        return false;
+    };
+    let Ok(t_secs) = t.parse::<u64>() else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if now.abs_diff(t_secs) > 300 {
+        return false;
+    }
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    let Ok(sig) = hex::decode(v1) else {
+        return false;
+    };
+    mac.verify_slice(&sig).is_ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn webhooks_get_push_and_delete_events() {
+async fn webhooks_get_signed_push_and_delete_events() {
     let (url, events) = receiver().await;
-    let hook = berth::config::WebhookUrl::parse(&url).unwrap();
-    let e = Env::start_with(move |c| c.webhooks = vec![hook]).await;
+    let secret_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret_file.path(), "s3cret\n").unwrap();
+    let toml = format!(
+        "[[webhooks]]\nurl = \"{url}\"\nsecret_file = \"{}\"\nheaders = {{ X-Api-Key = \"k1\" }}\n",
+        secret_file.path().display()
+    );
+    let hooks = berth::config::Config::from_toml(&toml).unwrap().webhooks;
+    let e = Env::start_with(move |c| c.webhooks = hooks).await;
     let img = Image::new(110, &[10]);
     e.push_image("private/app", "v1", &img).await;
     wait_for("the push event", Duration::from_secs(10), || {
         !events.lock().unwrap().is_empty()
     })
     .await;
-    let push = events.lock().unwrap()[0].clone();
+    let (push, body, headers) = events.lock().unwrap()[0].clone();
     assert_eq!(push["action"], "push");
     assert_eq!(push["repository"], "private/app");
     assert_eq!(push["tag"], "v1");
+    assert_eq!(push["tags"], serde_json::json!(["v1"]));
     assert_eq!(push["digest"], img.digest);
     assert_eq!(push["mediaType"], img.media_type);
     assert_eq!(push["size"], img.manifest.len());
     assert_eq!(push["actor"], USER);
     let ts = push["timestamp"].as_str().unwrap();
     assert!(ts.len() == 20 && ts.ends_with('Z'), "{ts}");
+    assert_eq!(headers["x-api-key"], "k1");
+    let sig = headers["berth-signature"].to_str().unwrap();
+    assert!(signature_ok(b"s3cret", sig, &body), "{sig}");
+    assert!(!signature_ok(b"wrong", sig, &body), "another secret fails");
+    assert!(
+        !signature_ok(b"s3cret", sig, b"{\"action\":\"delete\"}"),
+        "another body fails"
+    );
 
-    let r = e.delete("/v2/private/app/manifests/v1").await;
+    // A second tag on the same manifest; a delete by digest takes both tags with it, and says so.
+    let r = e
+        .push_manifest("private/app", "latest", &img.manifest, img.media_type)
+        .await;
+    assert_eq!(r.status, 201);
+    let r = e
+        .delete(&format!("/v2/private/app/manifests/{}", img.digest))
+        .await;
     assert_eq!(r.status, 202);
     wait_for("the delete event", Duration::from_secs(10), || {
-        events.lock().unwrap().len() >= 2
+        events.lock().unwrap().len() >= 3
     })
     .await;
-    let del = events.lock().unwrap()[1].clone();
+    let (del, body, headers) = events.lock().unwrap()[2].clone();
     assert_eq!(del["action"], "delete");
-    assert_eq!(del["tag"], "v1");
+    assert_eq!(del["tag"], Value::Null);
+    assert_eq!(del["tags"], serde_json::json!(["latest", "v1"]));
     assert_eq!(del["digest"], img.digest);
+    let sig = headers["berth-signature"].to_str().unwrap();
+    assert!(signature_ok(b"s3cret", sig, &body), "{sig}");
+    // Every event arrived: the failed first attempt was retried and counted once as delivered.
+    let text = String::from_utf8_lossy(&e.b.get("/metrics").await.bytes()).into_owned();
+    let deliveries = |result| {
+        berth::ops::metrics::sample(
+            &text,
+            "berth_webhook_deliveries_total",
+            &[("result", result)],
+        )
+    };
+    assert_eq!(deliveries("delivered"), 3.0);
+    assert_eq!(deliveries("failed"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

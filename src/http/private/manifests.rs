@@ -168,7 +168,8 @@ pub(super) async fn put_manifest(
     app.private.webhooks.notify(Event {
         action: "push",
         repository: name.to_string(),
-        tag: tag.map(|t| t.to_string()),
+        tag: tag.as_ref().map(|t| t.to_string()),
+        tags: tag.iter().map(|t| t.to_string()).collect(),
         digest: Some(digest.to_string()),
         media_type: Some(media_type),
         size: Some(size as u64),
@@ -198,7 +199,8 @@ pub(super) async fn delete_manifest(
     let r = reference.clone();
     let store = ps.store().clone();
     let guard = app.private.lock_repo(&name).await;
-    // (digest, media type) of what was deleted, or None when the reference names nothing here.
+    // (digest, media type, tags removed) of what was deleted, or None when the reference names
+    // nothing here.
     let deleted = blocking(move || {
         let _guard = guard;
         match &r {
@@ -208,7 +210,7 @@ pub(super) async fn delete_manifest(
                 };
                 ps.remove_tag(&n, t)?;
                 let mt = store.get_manifest(Area::Local, &d)?.map(|(_, mt)| mt);
-                Ok(Some((d, mt)))
+                Ok(Some((d, mt, vec![t.to_string()])))
             }
             Reference::Digest(d) => {
                 if !ps.manifest_in_repo(&n, d)? {
@@ -217,9 +219,11 @@ pub(super) async fn delete_manifest(
                 let stored = store.get_manifest(Area::Local, d)?;
                 // Tags first: a delete cut short leaves a manifest without tags, not tags
                 // without their manifest.
+                let mut removed = Vec::new();
                 for (t, target) in ps.tags(&n)? {
                     if target == *d {
                         ps.remove_tag(&n, &t)?;
+                        removed.push(t.to_string());
                     }
                 }
                 ps.unlink_manifest(&n, d)?;
@@ -233,13 +237,13 @@ pub(super) async fn delete_manifest(
                     }
                     mt
                 });
-                Ok(Some((*d, mt)))
+                Ok(Some((*d, mt, removed)))
             }
         }
     })
     .await?
     .ok_or_else(unknown)?;
-    let (digest, media_type) = deleted;
+    let (digest, media_type, tags) = deleted;
     if matches!(reference, Reference::Digest(_)) {
         app.manifests.forget(Area::Local, &digest).await;
     }
@@ -251,6 +255,7 @@ pub(super) async fn delete_manifest(
             Reference::Tag(t) => Some(t.to_string()),
             Reference::Digest(_) => None,
         },
+        tags,
         digest: Some(digest.to_string()),
         media_type,
         size: None,

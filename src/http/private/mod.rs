@@ -256,6 +256,7 @@ async fn delete_blob(
         action: "delete",
         repository: name.to_string(),
         tag: None,
+        tags: Vec::new(),
         digest: Some(digest.to_string()),
         media_type: None,
         size: None,

@@ -125,6 +125,20 @@ impl Scraped {
             "Upload sessions removed for being idle longer than upload_max_age",
             n(private.uploads_expired.load(Ordering::Relaxed)),
         );
+        let hooks = &private.webhooks.stats;
+        s.push(
+            "berth_webhook_deliveries",
+            "Webhook events by result: delivered, failed (every attempt failed), dropped (too many pending)",
+            true,
+            [
+                ("delivered", &hooks.delivered),
+                ("failed", &hooks.failed),
+                ("dropped", &hooks.dropped),
+            ]
+            .iter()
+            .map(|(result, v)| (vec![("result", (*result).to_owned())], n(v.load(Ordering::Relaxed))))
+            .collect(),
+        );
         let mut remaining = Vec::new();
         let mut limit = Vec::new();
         let mut down = Vec::new();
