@@ -34,7 +34,10 @@ pub enum Command {
         after_help = "Flags cover the common settings. Every setting, including those only a \
                       config file takes (limits, rate limits, upstreams, storage, webhooks, \
                       CORS, ...), is documented in the README's \"Configuration\" section and \
-                      in the annotated deploy/berth.toml; the man pages are in deploy/man/."
+                      in the annotated deploy/berth.toml; the man pages are in deploy/man/. \
+                      Every setting can also be given as a BERTH_* environment variable \
+                      (BERTH_MAX_CACHE_SIZE, BERTH_LIMITS__IDLE_TIMEOUT, ...): variables \
+                      override the file, flags override both."
     )]
     Serve(serve::ServeArgs),
     /// Re-hash every stored blob and check private tags; report (or, with --repair, remove)
@@ -89,16 +92,13 @@ pub fn man(command: Option<&str>) -> std::process::ExitCode {
 /// certs` names in its instructions unless told another.
 pub const DEFAULT_TLS_PORT: u16 = 5443;
 
-/// The config of `--config`, or the defaults without one. A file that does not load is
+/// The config of `--config` (or the defaults) with the `BERTH_*` variables applied. A file that does not load is
 /// reported on stderr, and the command exits with 2, as for a bad flag.
 fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
-    match path {
-        Some(path) => Config::from_file(path).map_err(|e| {
-            eprintln!("berth: {e}");
-            ExitCode::from(2)
-        }),
-        None => Ok(Config::default()),
-    }
+    Config::load(path).map_err(|e| {
+        eprintln!("berth: {e}");
+        ExitCode::from(2)
+    })
 }
 
 /// The store a tool (`fsck`, `gc`) works on beside a running server: the configured backend,

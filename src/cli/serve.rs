@@ -78,10 +78,7 @@ impl ServeArgs {
             key: format!("--{key}"),
             message,
         };
-        let mut config = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
+        let mut config = Config::load(self.config.as_deref())?;
         if let Some(listen) = &self.listen {
             config.listen = listen_addr(listen).map_err(|e| flag("listen", e))?;
         }

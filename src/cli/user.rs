@@ -56,13 +56,12 @@ impl HtpasswdArgs {
         if let Some(p) = &self.htpasswd {
             return Ok(p.clone());
         }
-        let Some(config) = &self.config else {
-            return Err("give --htpasswd FILE (or --config with an htpasswd key)".into());
-        };
-        Config::from_file(config)
+        Config::load(self.config.as_deref())
             .map_err(|e| e.to_string())?
             .htpasswd
-            .ok_or_else(|| format!("{} sets no htpasswd file", config.display()))
+            .ok_or_else(|| {
+                "give --htpasswd FILE (or a config or BERTH_HTPASSWD that sets htpasswd)".into()
+            })
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod env;
 mod storage;
 mod values;
 mod webhook;
@@ -273,6 +274,32 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
         Config::from_toml(&text)
+    }
+
+    /// What a command runs with: the file of `--config` (or the defaults), with the `BERTH_*`
+    /// variables of this process's environment applied (see [`env`]).
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| err("--config", format!("{}: {e}", path.display())))?,
+            None => String::new(),
+        };
+        Config::from_toml_and_env(&text, std::env::vars())
+    }
+
+    /// The file's text with the `BERTH_*` settings among `vars` applied.
+    pub fn from_toml_and_env(
+        text: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let Some((merged, applied)) = env::overlay(text, vars)? else {
+            return Config::from_toml(text);
+        };
+        Config::from_toml(&merged).map_err(|mut e| {
+            // The merged text's line numbers mean nothing to the user: name the variables.
+            e.message = format!("{} (with {} set)", e.message, applied.join(", "));
+            e
+        })
     }
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {

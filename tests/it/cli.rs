@@ -100,6 +100,74 @@ fn exits_within(cmd: &mut Command) -> std::process::Output {
     child.wait_with_output().unwrap()
 }
 
+/// Waits (at most 20 s) until something listens on the port.
+async fn wait_listening(port: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "berth did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A child process killed when the test ends, passed or failed.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_setting_can_come_from_berth_variables() {
+    let up = Fake::start().await;
+    let img = Image::new(2, &[100]);
+    up.add_image("library/env", "1", &img);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // No flags and no file: the listener, the data dir and the upstream (a key of a table the
+    // defaults create) from the environment. (Nesting and value types: config::env's tests.)
+    let _berth = Killed(
+        berth()
+            .arg("serve")
+            .env("BERTH_LISTEN", format!("127.0.0.1:{port}"))
+            .env("BERTH_DATA_DIR", dir.path())
+            .env("BERTH_UPSTREAMS__DOCKER_IO__URL", up.url())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(port).await;
+    let url = format!("http://127.0.0.1:{port}/v2/env/manifests/1");
+    assert_eq!(
+        send(http::Method::GET, &url, &[]).await.bytes(),
+        img.manifest
+    );
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().count() > 0,
+        "the data dir of BERTH_DATA_DIR is used"
+    );
+
+    // A variable that is no setting, or a bad value, is one line naming it, exit code 2.
+    for (name, value) in [
+        ("BERTH_COLOUR", "blue"),
+        ("BERTH_LIMITS__IDLE_TIMEOUT", "soon"),
+    ] {
+        let out = berth().arg("serve").env(name, value).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(name), "{stderr:?} should name {name}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_server_cleanly() {
     let up = Fake::start().await;
@@ -122,17 +190,7 @@ async fn sigterm_stops_the_server_cleanly() {
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}/v2/sig/manifests/1");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "berth did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_listening(port).await;
     assert_eq!(
         send(http::Method::GET, &url, &[]).await.bytes(),
         img.manifest
