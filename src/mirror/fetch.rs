@@ -238,7 +238,7 @@ impl Fetches {
             }
             .await;
             if let Err(e) = &outcome {
-                tracing::warn!(%digest, upstream = %upstream.key, %repo, reason = e.reason(), error = %e, "blob download failed");
+                tracing::warn!(%digest, upstream = %upstream.name, %repo, reason = e.reason(), error = %e, "blob download failed");
             }
             guard.outcome.replace(outcome);
         });

@@ -172,6 +172,12 @@ impl Mirror {
         self.upstreams.values()
     }
 
+    /// What people see an upstream's key as (see [`upstream::display_name`]); a key no longer
+    /// configured (cache left from an earlier config) as itself.
+    pub fn upstream_name<'a>(&'a self, key: &'a str) -> &'a str {
+        self.upstreams.get(key).map_or(key, |u| u.name.as_str())
+    }
+
     /// Picks the upstream a request means (containerd's `?ns=`, else the default) and the
     /// repository name as that upstream spells it.
     pub fn route(
@@ -345,7 +351,7 @@ impl Mirror {
             }
             Err(e) if e.is_outage() => match self.tag_lists.get(&key).await {
                 Some(list) => {
-                    tracing::warn!(upstream = %up.key, %repo, error = %e, "upstream unavailable; serving cached tag list");
+                    tracing::warn!(upstream = %up.name, %repo, error = %e, "upstream unavailable; serving cached tag list");
                     self.stale_serves.fetch_add(1, Ordering::Relaxed);
                     Ok((list, Outcome::Stale))
                 }
@@ -371,7 +377,7 @@ impl Mirror {
         e: &UpstreamError,
         served: ServedManifest,
     ) -> (ServedManifest, Outcome) {
-        tracing::warn!(upstream = %up.key, %repo, %tag, error = %e, "upstream unavailable; serving cached tag");
+        tracing::warn!(upstream = %up.name, %repo, %tag, error = %e, "upstream unavailable; serving cached tag");
         self.stale_serves.fetch_add(1, Ordering::Relaxed);
         (served, Outcome::Stale)
     }

@@ -222,7 +222,7 @@ pub fn begin<B>(
             repo = Some((PRIVATE.to_owned(), name.to_string()));
         } else {
             if let Ok((up, name)) = app.mirror.route(ns.as_deref(), name.clone()) {
-                upstream = Some(up.key.clone());
+                upstream = Some(up.name.clone());
                 repo = Some((up.key.clone(), name.to_string()));
             }
         }

@@ -140,7 +140,7 @@ impl Upstream {
             .or(parsed.access_token)
             .ok_or_else(|| UpstreamError::Invalid("token response has no token".into()))?;
         let ttl = Duration::from_secs(parsed.expires_in.unwrap_or(60).max(1));
-        tracing::debug!(upstream = %self.key, scope, ttl_s = ttl.as_secs(), "fetched upstream token");
+        tracing::debug!(upstream = %self.name, scope, ttl_s = ttl.as_secs(), "fetched upstream token");
         Ok(Token { value, ttl })
     }
 }

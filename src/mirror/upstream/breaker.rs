@@ -72,7 +72,7 @@ impl Upstream {
                     });
                 }
                 *health = Health::Probing { since_failures };
-                tracing::info!(upstream = %self.key, "probing a down upstream");
+                tracing::info!(upstream = %self.name, "probing a down upstream");
                 Ok(Probe {
                     upstream: Some(self),
                 })
@@ -113,14 +113,14 @@ impl Upstream {
             (down @ Health::Down { .. }, true) => down,
         };
         if !failed && !matches!(before, Health::Up { .. }) {
-            tracing::info!(upstream = %self.key, "upstream answers again");
+            tracing::info!(upstream = %self.name, "upstream answers again");
         }
     }
 
     fn trip(&self, failures: u32) -> Health {
         let cooldown = self.config.breaker_cooldown.0;
         self.breaker_trips.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(upstream = %self.key, failures, cooldown_s = cooldown.as_secs_f64(),
+        tracing::warn!(upstream = %self.name, failures, cooldown_s = cooldown.as_secs_f64(),
             "upstream taken for down: cached tags are served stale and misses answer 503 at once until a probe succeeds");
         Health::Down {
             since_failures: failures,

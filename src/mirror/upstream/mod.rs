@@ -32,7 +32,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::config::{UpstreamConfig, UpstreamUrl};
+use crate::config::{UpstreamConfig, UpstreamUrl, DOCKER_HUB};
 use crate::oci::names::{Digest, Reference, RepoName};
 
 /// The largest manifest berth will take from an upstream (Docker Hub's limit is 4 MiB).
@@ -62,8 +62,26 @@ pub struct FetchedManifest {
     pub digest: Digest,
 }
 
+/// The name people see for an upstream: its key, except that the built-in `docker.io` entry
+/// pointed at another registry (`--upstream https://registry.office`) is called by that
+/// registry's host, not by a name that says Docker Hub. The key itself stays `docker.io`: it is
+/// what containerd's `?ns=docker.io` asks for, and the directory its cache is filed under.
+pub fn display_name(key: &str, url: &UpstreamUrl) -> String {
+    if key == DOCKER_HUB && url.authority != DOCKER_HUB_REGISTRY {
+        url.authority.clone()
+    } else {
+        key.to_owned()
+    }
+}
+
+/// The host Docker Hub's registry API is served from.
+const DOCKER_HUB_REGISTRY: &str = "registry-1.docker.io";
+
 pub struct Upstream {
+    /// What `?ns=` names and the cache is filed under.
     pub key: String,
+    /// What logs and the status page call it: see [`display_name`].
+    pub name: String,
     pub url: UpstreamUrl,
     pub config: UpstreamConfig,
     client: HttpClient,
@@ -139,6 +157,7 @@ impl Upstream {
             .build(https);
         Ok(Upstream {
             key: key.to_owned(),
+            name: display_name(key, &config.url),
             url: config.url.clone(),
             config: config.clone(),
             client,
@@ -265,7 +284,7 @@ impl Upstream {
             // and the token belongs to the registry that issued the challenge.
             let same_host =
                 next.authority() == current.authority() && next.scheme() == current.scheme();
-            tracing::debug!(upstream = %self.key, to = %next.authority().map(|a| a.as_str()).unwrap_or(""), "following blob redirect");
+            tracing::debug!(upstream = %self.name, to = %next.authority().map(|a| a.as_str()).unwrap_or(""), "following blob redirect");
             let mut req = Request::builder().method(method.clone()).uri(next.clone());
             if same_host
                 && next.authority().map(|a| a.as_str()) == Some(self.url.authority.as_str())
@@ -404,7 +423,7 @@ impl Upstream {
                 .unwrap_or(Duration::from_secs(60))
                 .min(self.config.max_retry_after.0);
             *lock(&self.backoff_until) = Instant::now().checked_add(retry_after);
-            tracing::warn!(upstream = %self.key, retry_after_s = retry_after.as_secs(), "upstream rate limit hit; backing off");
+            tracing::warn!(upstream = %self.name, retry_after_s = retry_after.as_secs(), "upstream rate limit hit; backing off");
             return Err(UpstreamError::TooManyRequests { retry_after });
         }
         Ok(resp)
@@ -438,7 +457,7 @@ impl Upstream {
         if let Some(remaining) = read("ratelimit-remaining") {
             let before = self.ratelimit_remaining.swap(remaining, Ordering::Relaxed);
             if before != remaining {
-                tracing::info!(upstream = %self.key, remaining, limit = self.ratelimit_limit.load(Ordering::Relaxed), "upstream rate limit");
+                tracing::info!(upstream = %self.name, remaining, limit = self.ratelimit_limit.load(Ordering::Relaxed), "upstream rate limit");
             }
         }
     }

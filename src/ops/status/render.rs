@@ -114,7 +114,7 @@ pub(super) async fn overview(app: &Service, private: bool) -> Result<String, Reg
                 "<tr><td><code>{}:{}</code></td><td>{}</td><td class=\"num\">{n}</td></tr>",
                 esc(&repo),
                 esc(&tag),
-                esc(upstream_label(&up)),
+                esc(upstream_label(app, &up)),
             );
         }
         h.push_str("</table>");
@@ -144,7 +144,7 @@ pub(super) async fn overview(app: &Service, private: bool) -> Result<String, Reg
                  <td class=\"num\">{}</td><td>{}</td></tr>",
                 esc(&repo_href(&r.upstream, &r.name)),
                 esc(r.name.as_str()),
-                esc(area_label(r)),
+                esc(area_label(app, r)),
                 shown.join(", "),
                 if more > 0 {
                     format!(" <span class=\"muted\">and {more} more</span>")
@@ -194,8 +194,13 @@ fn upstreams(app: &Service, h: &mut String) {
         );
         let _ = write!(
             h,
-            "<tr><td>{}</td><td><code>{}</code></td><td>{ok}</td><td>{bad}</td><td>{rl}</td></tr>",
-            esc(&up.key),
+            "<tr><td>{}{}</td><td><code>{}</code></td><td>{ok}</td><td>{bad}</td><td>{rl}</td></tr>",
+            esc(&up.name),
+            if up.name == up.key {
+                String::new()
+            } else {
+                format!(" <span class=\"muted\">(?ns={})</span>", esc(&up.key))
+            },
             esc(&up.url.to_string()),
         );
     }
@@ -252,7 +257,7 @@ pub(super) async fn repo_page(
          <tr><th>Upstream</th><td>{}</td></tr><tr><th>Size</th><td>{}</td></tr>\
          <tr><th>Last pull</th><td>{}</td></tr></table></section>",
         esc(repo.name.as_str()),
-        esc(area_label(repo)),
+        esc(area_label(app, repo)),
         size_text(repo.size, repo.size_complete),
         pulls
             .as_ref()
@@ -329,19 +334,19 @@ fn pull_key(r: &Repo) -> &str {
     }
 }
 
-fn area_label(r: &Repo) -> &str {
+fn area_label<'a>(app: &'a Service, r: &'a Repo) -> &'a str {
     if r.area == Area::Local {
         "private"
     } else {
-        &r.upstream
+        app.mirror.upstream_name(&r.upstream)
     }
 }
 
-fn upstream_label(up: &str) -> &str {
+fn upstream_label<'a>(app: &'a Service, up: &'a str) -> &'a str {
     if up == PRIVATE {
         "private"
     } else {
-        up
+        app.mirror.upstream_name(up)
     }
 }
 
