@@ -284,6 +284,16 @@ pub fn finish(app: &Arc<Service>, info: RequestInfo, mut resp: Response<Body>) -
     if let (Some(kind), Some(outcome)) = (info.kind, outcome) {
         app.ops.metrics.cache_outcome(kind, outcome);
         app.ops.traffic.lookup(outcome);
+        // A manifest GET is what Docker Hub counts as a pull; one answered from the cache is a
+        // pull avoided (a HEAD revalidating the tag is not counted as one).
+        let avoided = kind == Content::Manifest
+            && outcome == Outcome::Hit
+            && info.method == Method::GET
+            && status == StatusCode::OK;
+        if let (true, Some(up)) = (avoided, &info.upstream) {
+            app.ops.metrics.pull_avoided(up);
+            app.ops.traffic.pull_avoided();
+        }
     }
     if status == StatusCode::OK {
         if let Some((up, repo, tag)) = &info.pull {
