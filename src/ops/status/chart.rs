@@ -123,8 +123,8 @@ pub(super) fn savings(traffic: &Traffic, h: &mut String) {
         h.push_str("</div>");
     }
     h.push_str(
-        "<p class=\"muted\">Kept across restarts; bytes fetched upstream are blob bytes. \
-         The totals agree with <code>/metrics</code> since this process started.</p></section>",
+        "<p class=\"muted\">Kept across restarts (the <code>/metrics</code> counters start \
+         again at zero with each); bytes fetched upstream are blob bytes.</p></section>",
     );
 }
 
