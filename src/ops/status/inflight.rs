@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use crate::config::human_bytes;
 use crate::oci::error::RegistryError;
 use crate::ops::Service;
-use crate::store::{blocking, now_secs, Area};
+use crate::store::{blocking, now_secs};
 
 use super::render::{esc, human_duration};
 
@@ -87,12 +87,6 @@ pub(super) async fn section(
     }
     h.push_str("</section>");
     Ok(())
-}
-
-/// Whether the private namespace holds a repository (a tag pushed).
-pub(super) async fn private_exist(app: &Service) -> Result<bool, RegistryError> {
-    let store = app.mirror.store().clone();
-    blocking(move || Ok(!store.area_repos(Area::Local, 1).is_empty())).await
 }
 
 /// The note an anonymous visitor gets where the private repositories would be listed.

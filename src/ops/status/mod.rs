@@ -414,6 +414,7 @@ mod tests {
                         Ok(Listing {
                             repos: Vec::new(),
                             more: false,
+                            private_hidden: false,
                         })
                     })
                     .await
@@ -433,6 +434,7 @@ mod tests {
                 Ok(Listing {
                     repos: Vec::new(),
                     more: false,
+                    private_hidden: false,
                 })
             })
             .await;

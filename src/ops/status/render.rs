@@ -129,7 +129,7 @@ pub(super) async fn overview(app: &Service, private: bool) -> Result<String, Reg
         repos.len(),
         if listing.more { "+" } else { "" }
     );
-    if !private && super::inflight::private_exist(app).await? {
+    if listing.private_hidden {
         h.push_str(super::inflight::HIDDEN_NOTE);
     }
     if repos.is_empty() {
