@@ -1,6 +1,8 @@
 //! The status page in a real browser: Debian's headless chromium renders berth's `/` after some
 //! pulls, dumps the DOM and takes a screenshot (`status-page.png` in cargo's
-//! `CARGO_TARGET_TMPDIR`, `target/tmp/` by default, kept for a look after the run).
+//! `CARGO_TARGET_TMPDIR`, `target/tmp/` by default, kept for a look after the run); the savings
+//! charts are looked for in the DOM and, decoded, in a screenshot of their own
+//! (`status-charts.png`).
 //!
 //! Interop tier: `cargo test --features interop --test interop browser::`; needs
 //! `/usr/bin/chromium` (Debian package `chromium`). berth and its upstream are the in-process

@@ -7,7 +7,9 @@
 //! the page is HTML-escaped. Private repositories are listed only to visitors who
 //! [`App::may_see_private`].
 //!
-//! Pull counts and traffic are kept in memory: they start again at zero with the process.
+//! It also shows the savings charts (see `history` and `chart`) and what is in flight (see
+//! `inflight`). Pull counts and the traffic table are kept in memory: they start again at zero
+//! with the process; the charts' history is kept in the data dir.
 //!
 //! Anyone can make the cache hold what they like (a pull through the mirror is enough), so what
 //! a page costs must not grow with it: see [`Pages`] for the bounds.
