@@ -185,19 +185,32 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         app.private.clone(),
         stopped.clone(),
     ));
+    crate::ops::status::history::restore(&app).await;
+    tokio::spawn(crate::ops::status::history::keep(
+        app.clone(),
+        stopped.clone(),
+    ));
     tracing::info!(%addr, "listening (plain HTTP)");
     let listeners = Listeners {
         plain: listener,
         tls,
     };
-    let task = tokio::spawn(serve(
+    let served = serve(
         listeners,
         app.clone(),
         app.ops.conns.clone(),
         app.mirror.clone(),
         stopped,
         grace,
-    ));
+    );
+    // The history is written once more when the last response is done.
+    let task = tokio::spawn({
+        let app = app.clone();
+        async move {
+            served.await;
+            crate::ops::status::history::save(&app).await;
+        }
+    });
     Ok(Running {
         addr,
         tls_addr,

@@ -92,6 +92,8 @@ pub(super) struct Progress {
 
 /// One download in flight.
 pub struct Download {
+    /// The repository the first request named (for the status page).
+    pub(super) repo: crate::oci::names::RepoName,
     pub(super) progress: watch::Sender<Progress>,
     pub(super) readers: AtomicUsize,
     /// The bytes written so far, shared by the readers.

@@ -66,6 +66,19 @@ pub enum Attach {
 
 type DownloadKey = (String, Digest);
 
+/// A download under way as the status page lists it.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    pub upstream: String,
+    pub digest: Digest,
+    pub repo: RepoName,
+    /// Bytes received so far, and the length the upstream announced.
+    pub received: u64,
+    pub total: Option<u64>,
+    /// Requests reading it now.
+    pub readers: usize,
+}
+
 /// Ends a download when its task does, however it does.
 struct Ending {
     fetches: Arc<Fetches>,
@@ -150,6 +163,29 @@ impl Fetches {
         v
     }
 
+    /// The downloads under way (at most `limit` of them, by upstream and digest), with their
+    /// progress, for the status page.
+    pub fn list(&self, limit: usize) -> Vec<InFlight> {
+        let inflight = lock(&self.inflight);
+        let mut keys: Vec<&DownloadKey> = inflight.keys().collect();
+        keys.sort();
+        keys.truncate(limit);
+        keys.into_iter()
+            .filter_map(|k| {
+                let d = inflight.get(k)?;
+                let p = d.progress.borrow();
+                Some(InFlight {
+                    upstream: k.0.clone(),
+                    digest: k.1,
+                    repo: d.repo.clone(),
+                    received: p.received,
+                    total: p.total,
+                    readers: d.readers.load(Ordering::Relaxed),
+                })
+            })
+            .collect()
+    }
+
     pub fn in_flight(&self) -> usize {
         lock(&self.inflight).len()
     }
@@ -209,6 +245,7 @@ impl Fetches {
             total: None,
         });
         let download = Arc::new(Download {
+            repo: repo.clone(),
             written: writer.follow(),
             recent: Mutex::new(std::collections::VecDeque::with_capacity(BATCHES_KEPT)),
             progress,

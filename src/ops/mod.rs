@@ -222,7 +222,7 @@ pub fn begin<B>(
             repo = Some((PRIVATE.to_owned(), name.to_string()));
         } else {
             if let Ok((up, name)) = app.mirror.route(ns.as_deref(), name.clone()) {
-                upstream = Some(up.name.clone());
+                upstream = Some(up.key.clone());
                 repo = Some((up.key.clone(), name.to_string()));
             }
         }
@@ -284,6 +284,16 @@ pub fn finish(app: &Arc<Service>, info: RequestInfo, mut resp: Response<Body>) -
     if let (Some(kind), Some(outcome)) = (info.kind, outcome) {
         app.ops.metrics.cache_outcome(kind, outcome);
         app.ops.traffic.lookup(outcome);
+        // A manifest GET is what Docker Hub counts as a pull; one answered from the cache is a
+        // pull avoided (a HEAD revalidating the tag is not counted as one).
+        let avoided = kind == Content::Manifest
+            && outcome == Outcome::Hit
+            && info.method == Method::GET
+            && status == StatusCode::OK;
+        if let (true, Some(up)) = (avoided, &info.upstream) {
+            app.ops.metrics.pull_avoided(up);
+            app.ops.traffic.pull_avoided();
+        }
     }
     if status == StatusCode::OK {
         if let Some((up, repo, tag)) = &info.pull {
@@ -435,7 +445,11 @@ impl Done {
         let client = info.client.ip;
         let method = &info.method;
         let path = info.path.as_str();
-        let upstream = info.upstream.as_deref().unwrap_or("-");
+        // Called as people see it (see `upstream::display_name`); metrics keep the key.
+        let upstream = info
+            .upstream
+            .as_deref()
+            .map_or("-", |key| self.app.mirror.upstream_name(key));
         let route = info.route;
         let ns = info.ns.as_deref();
         // The path and `ns` only: query strings may carry tokens, and no header is ever logged.

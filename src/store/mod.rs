@@ -26,6 +26,7 @@ pub mod manifests;
 pub mod pages;
 pub mod private;
 pub mod s3;
+pub mod state;
 pub mod uploads;
 mod writer;
 

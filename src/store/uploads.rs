@@ -89,6 +89,25 @@ impl Uploads {
             .collect())
     }
 
+    /// Up to `limit` sessions (the first by id), with what their `info` records and the bytes
+    /// received so far, oldest first: the status page's list of uploads in flight.
+    pub fn in_progress(&self, limit: usize) -> io::Result<Vec<(UploadId, UploadInfo, u64)>> {
+        let mut ids = self.ids()?;
+        ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        ids.truncate(limit);
+        let mut out: Vec<_> = ids
+            .into_iter()
+            .filter_map(|id| {
+                let dir = self.session_dir(&id);
+                let info = serde_json::from_slice(&fs::read(dir.join("info")).ok()?).ok()?;
+                let len = fs::metadata(dir.join("data")).ok()?.len();
+                Some((id, info, len))
+            })
+            .collect();
+        out.sort_by_key(|(_, info, _): &(UploadId, UploadInfo, u64)| info.started);
+        Ok(out)
+    }
+
     fn ids(&self) -> io::Result<Vec<UploadId>> {
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,

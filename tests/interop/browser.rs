@@ -1,6 +1,8 @@
 //! The status page in a real browser: Debian's headless chromium renders berth's `/` after some
 //! pulls, dumps the DOM and takes a screenshot (`status-page.png` in cargo's
-//! `CARGO_TARGET_TMPDIR`, `target/tmp/` by default, kept for a look after the run).
+//! `CARGO_TARGET_TMPDIR`, `target/tmp/` by default, kept for a look after the run); the savings
+//! charts are looked for in the DOM and, decoded, in a screenshot of their own
+//! (`status-charts.png`).
 //!
 //! Interop tier: `cargo test --features interop --test interop browser::`; needs
 //! `/usr/bin/chromium` (Debian package `chromium`). berth and its upstream are the in-process
@@ -169,5 +171,148 @@ async fn the_status_page_renders_in_chromium() {
         png.len() > 20_000,
         "a {}-byte screenshot is too small to show the page",
         png.len()
+    );
+}
+
+/// An 8-bit RGB(A) image decoded from a PNG: (width, height, channels, pixels).
+fn decode_png(png: &[u8]) -> (usize, usize, usize, Vec<u8>) {
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(png));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().expect("a PNG header");
+    let mut buf = vec![0; reader.output_buffer_size().expect("a sane PNG size")];
+    let frame = reader.next_frame(&mut buf).expect("a PNG frame");
+    let channels = match frame.color_type {
+        png::ColorType::Rgb => 3,
+        png::ColorType::Rgba => 4,
+        other => panic!("a screenshot in {other:?}"),
+    };
+    buf.truncate(frame.buffer_size());
+    (frame.width as usize, frame.height as usize, channels, buf)
+}
+
+/// "#3a86ff" as bytes.
+fn rgb(hex: &str) -> [u8; 3] {
+    let v = u32::from_str_radix(hex.trim_start_matches('#'), 16).unwrap();
+    [(v >> 16) as u8, (v >> 8) as u8, v as u8]
+}
+
+/// Pixels of this colour (within a little rounding), and the tallest vertical run of them: a
+/// bar is a tall run, a legend swatch is 10 px.
+fn colour_in(img: &(usize, usize, usize, Vec<u8>), colour: [u8; 3]) -> (usize, usize) {
+    let (w, h, ch, px) = img;
+    let is = |x: usize, y: usize| {
+        let p = &px[(y * w + x) * ch..][..3];
+        p.iter()
+            .zip(colour)
+            .map(|(a, b)| a.abs_diff(b) as u32)
+            .sum::<u32>()
+            <= 24
+    };
+    let (mut count, mut tallest) = (0, 0);
+    for x in 0..*w {
+        let mut run = 0;
+        for y in 0..*h {
+            if is(x, y) {
+                count += 1;
+                run += 1;
+                tallest = tallest.max(run);
+            } else {
+                run = 0;
+            }
+        }
+    }
+    (count, tallest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_savings_charts_render_in_chromium() {
+    let up = Fake::start().await;
+    let img = Image::new(24, &[60_000, 200_000]);
+    up.add_image("library/alpine", "3.20", &img);
+    let b = Berth::start(&up, |_| {}).await;
+    // One cold pull and two warm ones: bytes from the cache and from upstream, hits and
+    // misses, two pulls avoided.
+    for _ in 0..3 {
+        assert_eq!(b.get("/v2/alpine/manifests/3.20").await.status, 200);
+        for blob in img.blobs() {
+            let r = b.get(&format!("/v2/alpine/blobs/{}", sha256(&blob))).await;
+            assert_eq!(r.bytes(), blob);
+        }
+        b.settle().await;
+    }
+    let url = b.url("/");
+
+    // The DOM chromium built holds the charts, each titled, each bar and point with its value.
+    let dom = chromium(&["--dump-dom".to_owned()], &url).await;
+    for scale in ["hours", "days"] {
+        for chart in ["bytes", "ratio", "pulls"] {
+            let id = format!("chart-{scale}-{chart}");
+            let at = dom
+                .find(&format!("<svg id=\"{id}\""))
+                .unwrap_or_else(|| panic!("no <svg id={id}> in the DOM: {dom}"));
+            let svg = &dom[at..at + dom[at..].find("</svg>").unwrap()];
+            assert!(svg.contains(&format!("<title id=\"{id}-title\">")), "{svg}");
+            let marks = match chart {
+                "bytes" => [
+                    "<rect class=\"cache-bytes\"",
+                    "<rect class=\"upstream-bytes\"",
+                ],
+                "ratio" => ["<circle class=\"hit-ratio\"", "<circle class=\"hit-ratio\""],
+                _ => [
+                    "<rect class=\"pulls-avoided\"",
+                    "<rect class=\"pulls-avoided\"",
+                ],
+            };
+            for mark in marks {
+                let m = &svg[svg
+                    .find(mark)
+                    .unwrap_or_else(|| panic!("no {mark} in {svg}"))..];
+                let mark_end = m.find("</rect>").or(m.find("</circle>")).unwrap();
+                assert!(
+                    m[..mark_end].contains("<title>"),
+                    "untitled: {}",
+                    &m[..mark_end]
+                );
+            }
+        }
+    }
+    let text = visible_text(&dom);
+    assert!(text.contains("pulls avoided: 2"), "{text}");
+
+    // The screenshot shows them: bars (tall runs of their colour, not just the legend's
+    // swatches) of bytes from the cache, from upstream and pulls avoided, and the hit ratio.
+    let shot: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-charts.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1280,1800".to_owned(),
+            "--hide-scrollbars".to_owned(),
+        ],
+        &url,
+    )
+    .await;
+    let png = std::fs::read(&shot)
+        .unwrap_or_else(|e| panic!("chromium wrote no screenshot at {}: {e}", shot.display()));
+    let image = decode_png(&png);
+    assert_eq!((image.0, image.1), (1280, 1800));
+    for (what, colour) in [
+        ("bytes from the cache", "#3a86ff"),
+        ("bytes from upstream", "#fb5607"),
+        ("pulls avoided", "#d99a00"),
+    ] {
+        let (count, tallest) = colour_in(&image, rgb(colour));
+        assert!(
+            tallest >= 30,
+            "no bar of {what} ({colour}) in {}: {count} pixels, tallest run {tallest}",
+            shot.display()
+        );
+    }
+    let (ratio, _) = colour_in(&image, rgb("#8338ec"));
+    assert!(
+        ratio > 0,
+        "no hit ratio ({}) in {}",
+        "#8338ec",
+        shot.display()
     );
 }

@@ -69,6 +69,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamOnly {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
     upstream: String,
     status: String,
@@ -142,6 +147,7 @@ pub struct Metrics {
     cache_served_bytes: Counter,
     upstream_requests: Family<UpstreamLabels, Counter>,
     upstream_errors: Family<UpstreamLabels, Counter>,
+    pulls_avoided: Family<UpstreamOnly, Counter>,
 }
 
 impl Default for Metrics {
@@ -196,8 +202,17 @@ impl Metrics {
             "Upstream requests that failed: timeouts, unreachable, 429 and 5xx",
             upstream_errors.clone(),
         );
+        let pulls_avoided = Family::<UpstreamOnly, Counter>::default();
+        registry.register(
+            "berth_pulls_avoided",
+            "Manifest GETs of mirrored repositories answered from the cache, by upstream: pulls \
+             the upstream did not see (Docker Hub counts a pull per manifest GET; a HEAD that \
+             revalidates a tag is not one)",
+            pulls_avoided.clone(),
+        );
         Metrics {
             registry,
+            pulls_avoided,
             requests,
             latency,
             cache,
@@ -241,6 +256,15 @@ impl Metrics {
             .get_or_create(&CacheLabels {
                 kind: kind.as_str(),
                 outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// A manifest GET of a repository mirrored from `upstream` was answered from the cache.
+    pub fn pull_avoided(&self, upstream: &str) {
+        self.pulls_avoided
+            .get_or_create(&UpstreamOnly {
+                upstream: upstream.to_owned(),
             })
             .inc();
     }

@@ -286,6 +286,16 @@ impl Scraped {
             "Status page visits refused because too many listings were being computed",
             load(&app.pages.busy_refusals),
         );
+        let (load_failed, save_failed) = ops.traffic.history_failures();
+        s.push(
+            "berth_status_history_failures",
+            "Failures to read (at start) or write the status page's traffic history file, by op",
+            true,
+            vec![
+                (vec![("op", "load".to_owned())], n(load_failed)),
+                (vec![("op", "save".to_owned())], n(save_failed)),
+            ],
+        );
         s.push(
             "berth_auth_refused",
             "Requests refused by authentication limits: failed_logins (address over its limit, \

@@ -125,6 +125,9 @@ pub(super) enum ListingKey {
 pub(super) struct Listing {
     pub(super) repos: Vec<Repo>,
     pub(super) more: bool,
+    /// The overview without the private area: whether it holds a repository (the visitor is
+    /// told they are hidden).
+    pub(super) private_hidden: bool,
 }
 
 /// The overview's listing: the cached repositories, and the private ones when `private`.
@@ -141,6 +144,8 @@ pub(super) async fn overview(app: &Service, private: bool) -> Result<Arc<Listing
                 let local = list_area(memo, &store, Area::Local, MAX_LISTED_REPOS, budget)?;
                 listing.repos.extend(local.repos);
                 listing.more |= local.more;
+            } else {
+                listing.private_hidden = !store.area_repos(Area::Local, 1).is_empty();
             }
             Ok(listing)
         })
@@ -196,6 +201,7 @@ pub(super) async fn repo(
             Ok(Listing {
                 repos: repo.into_iter().collect(),
                 more: false,
+                private_hidden: false,
             })
         })
         .await?;
@@ -378,5 +384,9 @@ fn list_area(
             repos.push(repo);
         }
     }
-    Ok(Listing { repos, more })
+    Ok(Listing {
+        repos,
+        more,
+        private_hidden: false,
+    })
 }

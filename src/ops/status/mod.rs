@@ -7,11 +7,16 @@
 //! the page is HTML-escaped. Private repositories are listed only to visitors who
 //! [`App::may_see_private`].
 //!
-//! Pull counts and traffic are kept in memory: they start again at zero with the process.
+//! It also shows the savings charts (see `history` and `chart`) and what is in flight (see
+//! `inflight`). Pull counts and the traffic table are kept in memory: they start again at zero
+//! with the process; the charts' history is kept in the data dir.
 //!
 //! Anyone can make the cache hold what they like (a pull through the mirror is enough), so what
 //! a page costs must not grow with it: see [`Pages`] for the bounds.
 
+mod chart;
+pub mod history;
+mod inflight;
 mod listing;
 mod render;
 
@@ -74,6 +79,9 @@ impl Counts {
 pub struct Traffic {
     fetches: Arc<Fetches>,
     inner: Mutex<TrafficInner>,
+    /// Failures to read and to write the history file (see `history`).
+    load_failures: AtomicU64,
+    save_failures: AtomicU64,
 }
 
 #[derive(Default)]
@@ -82,6 +90,9 @@ struct TrafficInner {
     today: Counts,
     day: u64,
     upstream_at_day_start: u64,
+    /// The charts' buckets, and the upstream byte count already added to them.
+    history: history::History,
+    upstream_seen: u64,
 }
 
 impl Traffic {
@@ -90,15 +101,30 @@ impl Traffic {
             inner: Mutex::new(TrafficInner {
                 day: now_secs() / 86_400,
                 upstream_at_day_start: fetches.upstream_bytes.load(Ordering::Relaxed),
+                upstream_seen: fetches.upstream_bytes.load(Ordering::Relaxed),
                 ..TrafficInner::default()
             }),
             fetches,
+            load_failures: AtomicU64::new(0),
+            save_failures: AtomicU64::new(0),
         }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut TrafficInner) -> T) -> T {
         let mut inner = lock(&self.inner);
-        let day = now_secs() / 86_400;
+        let now = now_secs();
+        // Upstream bytes are the mirror's counter: what it grew by since goes in the history now.
+        let upstream = self.fetches.upstream_bytes.load(Ordering::Relaxed);
+        let grown = upstream.saturating_sub(inner.upstream_seen);
+        inner.upstream_seen = upstream;
+        inner.history.add(
+            now,
+            &history::Counters {
+                upstream_bytes: grown,
+                ..Default::default()
+            },
+        );
+        let day = now / 86_400;
         if day != inner.day {
             inner.day = day;
             inner.today = Counts::default();
@@ -118,6 +144,12 @@ impl Traffic {
                 c.lookups += 1;
                 c.hits += u64::from(hit);
             }
+            let c = history::Counters {
+                lookups: 1,
+                hits: u64::from(hit),
+                ..Default::default()
+            };
+            t.history.add(now_secs(), &c);
         });
     }
 
@@ -131,6 +163,13 @@ impl Traffic {
                 if from_cache {
                     c.cache_bytes += bytes;
                 }
+            }
+            if from_cache {
+                let c = history::Counters {
+                    cache_bytes: bytes,
+                    ..Default::default()
+                };
+                t.history.add(now_secs(), &c);
             }
         });
     }
@@ -377,6 +416,7 @@ mod tests {
                         Ok(Listing {
                             repos: Vec::new(),
                             more: false,
+                            private_hidden: false,
                         })
                     })
                     .await
@@ -396,6 +436,7 @@ mod tests {
                 Ok(Listing {
                     repos: Vec::new(),
                     more: false,
+                    private_hidden: false,
                 })
             })
             .await;

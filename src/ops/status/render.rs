@@ -100,7 +100,9 @@ pub(super) async fn overview(app: &Service, private: bool) -> Result<String, Reg
         c.lookups.to_string()
     });
     h.push_str("</table></section></div>");
+    super::chart::savings(&app.ops.traffic, &mut h);
     upstreams(app, &mut h);
+    super::inflight::section(app, private, &mut h).await?;
     // Most pulled images.
     h.push_str("<section><h2>Most pulled images</h2>");
     let top = app.ops.pulls.top(TOP_PULLS, private);
@@ -127,6 +129,9 @@ pub(super) async fn overview(app: &Service, private: bool) -> Result<String, Reg
         repos.len(),
         if listing.more { "+" } else { "" }
     );
+    if listing.private_hidden {
+        h.push_str(super::inflight::HIDDEN_NOTE);
+    }
     if repos.is_empty() {
         h.push_str("<p class=\"muted\">Nothing cached yet.</p>");
     } else {
