@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod singleflight;
 pub mod slots;
 pub mod upstream;
+pub mod warm;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,6 +100,8 @@ pub struct Mirror {
     pub stale_serves: AtomicU64,
     /// The cap on upstream fetches running at once (`rate_limit.max_upstream_concurrency`).
     pub slots: Arc<UpstreamSlots>,
+    /// Warming's counts and the prefetches of moved tags under way (see [`warm`]).
+    pub warm: warm::Warming,
 }
 
 impl Mirror {
@@ -156,6 +159,7 @@ impl Mirror {
                 })
                 .build(),
             stale_serves: AtomicU64::new(0),
+            warm: warm::Warming::default(),
         })
     }
 
@@ -221,6 +225,19 @@ impl Mirror {
                 }
             }
         }
+        self.manifest_from_upstream(up, repo, reference, accept)
+            .await
+    }
+
+    /// A manifest asked of the upstream whatever the cache holds: a cached tag is revalidated
+    /// with a HEAD and fetched only when its digest moved. Concurrent identical requests share one.
+    pub async fn manifest_from_upstream(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &AcceptSet,
+    ) -> Result<(ServedManifest, Outcome), RegistryError> {
         crate::mirror::admission::before_upstream()?;
         let key = (
             up.key.clone(),
@@ -246,8 +263,8 @@ impl Mirror {
 
     /// Asks the upstream, revalidating a cached tag with a HEAD first.
     async fn fetch_manifest(
-        &self,
-        up: &Upstream,
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
         repo: &RepoName,
         reference: &Reference,
         accept: &AcceptSet,
@@ -308,6 +325,11 @@ impl Mirror {
                     fetched_at: now_secs(),
                 };
                 self.put_tag(up, repo, tag, &accept.variant, entry).await?;
+                if let Some((_, old)) = cached {
+                    if old.digest != served.digest && up.config.prefetch_on_move {
+                        warm::prefetch_moved(self, up, repo, old, served.digest);
+                    }
+                }
                 Ok((served, Outcome::Miss))
             }
             Err(e) if e.is_outage() => match cached {
