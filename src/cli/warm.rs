@@ -99,7 +99,9 @@ fn parse_image(s: &str, upstream: Option<&str>) -> Result<Image, String> {
         Some(h) => Some(h.to_owned()),
         None => upstream.map(str::to_owned),
     };
-    let on_hub = ns.as_deref().map_or(true, |n| n == berth::config::DOCKER_HUB);
+    let on_hub = ns
+        .as_deref()
+        .map_or(true, |n| n == berth::config::DOCKER_HUB);
     let repo = RepoName::parse(path).map_err(|_| format!("{path:?} is not a repository name"))?;
     let repo = if on_hub {
         repo.with_library_prefix()
@@ -108,9 +110,7 @@ fn parse_image(s: &str, upstream: Option<&str>) -> Result<Image, String> {
     };
     let reference = match (digest, tag) {
         (Some(d), _) => Reference::Digest(d),
-        (None, Some(t)) => {
-            Reference::parse(t).map_err(|_| format!("{t:?} is not a tag"))?
-        }
+        (None, Some(t)) => Reference::parse(t).map_err(|_| format!("{t:?} is not a tag"))?,
         (None, None) => Reference::parse("latest").map_err(|e| e.to_string())?,
     };
     Ok(Image {
@@ -120,7 +120,10 @@ fn parse_image(s: &str, upstream: Option<&str>) -> Result<Image, String> {
     })
 }
 
-type HttpClient = Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Empty<Bytes>>;
+type HttpClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Empty<Bytes>,
+>;
 
 struct Puller {
     client: HttpClient,
@@ -280,8 +283,7 @@ impl Puller {
                     .filter(|c| match &c.platform {
                         Some(p) if p.os == "unknown" => false,
                         Some(p) => {
-                            self.platforms.is_empty()
-                                || self.platforms.iter().any(|s| s.matches(p))
+                            self.platforms.is_empty() || self.platforms.iter().any(|s| s.matches(p))
                         }
                         None => self.platforms.is_empty(),
                     })
@@ -339,9 +341,7 @@ impl Puller {
         if let Some(auth) = &self.auth {
             req = req.header(header::AUTHORIZATION, auth);
         }
-        let req = req
-            .body(Empty::new())
-            .map_err(|e| format!("{url}: {e}"))?;
+        let req = req.body(Empty::new()).map_err(|e| format!("{url}: {e}"))?;
         let resp = tokio::time::timeout(HEADERS_TIMEOUT, self.client.request(req))
             .await
             .map_err(|_| format!("{url}: no answer in {}s", HEADERS_TIMEOUT.as_secs()))?

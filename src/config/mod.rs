@@ -15,10 +15,10 @@ mod storage;
 mod values;
 mod warm;
 pub use storage::{S3Config, StorageConfig};
-pub use warm::{TagPattern, WarmEntry, MAX_TAGS_PER_ENTRY};
 pub use values::{
     human_bytes, valid_origin, ByteSize, IpNet, PublicUrl, Seconds, UpstreamUrl, WebhookUrl,
 };
+pub use warm::{TagPattern, WarmEntry, MAX_TAGS_PER_ENTRY};
 
 /// The upstream key that Docker Hub is filed under, and the one used when a request names none.
 pub const DOCKER_HUB: &str = "docker.io";

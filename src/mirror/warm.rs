@@ -216,7 +216,16 @@ async fn warm(
 ) -> Result<WarmReport, WarmError> {
     let accept = pull_accept();
     let mut report = WarmReport::default();
-    let top = manifest(mirror, up, repo, reference, &accept, revalidate, &mut report).await?;
+    let top = manifest(
+        mirror,
+        up,
+        repo,
+        reference,
+        &accept,
+        revalidate,
+        &mut report,
+    )
+    .await?;
     report.digest = Some(top.digest);
     let parsed = Manifest::from_slice(&top.manifest.bytes).map_err(WarmError::Registry)?;
     let mut blobs: Vec<Descriptor> = Vec::new();
@@ -296,7 +305,11 @@ async fn manifest(
     report: &mut WarmReport,
 ) -> Result<ServedManifest, WarmError> {
     if let Reference::Digest(d) = reference {
-        if let Some(m) = mirror.cached_manifest(d).await.map_err(WarmError::Registry)? {
+        if let Some(m) = mirror
+            .cached_manifest(d)
+            .await
+            .map_err(WarmError::Registry)?
+        {
             report.manifests_cached += 1;
             return Ok(m);
         }

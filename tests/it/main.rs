@@ -17,3 +17,4 @@ mod push;
 mod store;
 mod tls;
 mod upstream;
+mod warm;
