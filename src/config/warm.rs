@@ -156,4 +156,47 @@ mod tests {
         assert!(TagPattern::parse("*").unwrap().matches(""));
         assert!(TagPattern::parse("a/b").is_err() && TagPattern::parse("").is_err());
     }
+
+    #[test]
+    fn warm_entries_are_checked_naming_the_key() {
+        use crate::config::Config;
+        let c = Config::from_toml(
+            "warm_interval = \"30m\"\n[[warm]]\nrepository = \"library/alpine\"\n\
+             tags = [\"3.*\", \"latest\"]\nplatforms = [\"linux/amd64\", \"linux/arm64/v8\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.warm_interval.0, std::time::Duration::from_secs(1800));
+        assert_eq!(c.warm[0].repository.as_str(), "library/alpine");
+        assert_eq!(c.warm[0].platforms.len(), 2);
+        assert_eq!(
+            Config::default().upstreams["docker.io"].ratelimit_reserve,
+            20
+        );
+        for (text, key) in [
+            (
+                "[[warm]]\nrepository = \"Alpine\"\ntags = [\"1\"]\n",
+                "repository",
+            ),
+            ("[[warm]]\nrepository = \"a\"\ntags = [\"a/b\"]\n", "tags"),
+            (
+                "[[warm]]\nrepository = \"a\"\ntags = [\"1\"]\nplatforms = [\"linux\"]\n",
+                "platforms",
+            ),
+        ] {
+            let e = Config::from_toml(text).unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+        for (text, key) in [
+            ("[[warm]]\nrepository = \"a\"\ntags = []\n", "warm[0].tags"),
+            (
+                "[[warm]]\nrepository = \"a\"\ntags = [\"1\"]\nupstream = \"quay.io\"\n",
+                "warm[0].upstream",
+            ),
+            ("warm_interval = \"0s\"\n", "warm_interval"),
+        ] {
+            let e = Config::from_toml(text).unwrap().validate().unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+    }
 }

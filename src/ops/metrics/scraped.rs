@@ -109,33 +109,29 @@ impl Scraped {
                 n(remote.local_bytes),
             );
         }
-        for (name, help, tally, key) in [
+        for (name, help, tally) in [
             (
                 "berth_warm_images",
                 "Images warmed (`[[warm]]`, `berth warm`'s server side, prefetches), by result: \
                  warmed, unchanged, failed, reserve (stopped at ratelimit_reserve)",
                 &mirror.warm.images,
-                "result",
             ),
             (
                 "berth_warm_blobs",
                 "Blobs of warmed images, by result: fetched, cached, failed",
                 &mirror.warm.blobs,
-                "result",
             ),
             (
                 "berth_warm_refreshes",
                 "Refreshes of the [[warm]] list, by result: complete, reserve (cut short at an \
                  upstream's ratelimit_reserve)",
                 &mirror.warm.refreshes,
-                "result",
             ),
             (
                 "berth_prefetches",
                 "Moved tags whose new image is fetched in the background (prefetch_on_move), by \
                  result: started, dropped (too many waiting)",
                 &mirror.warm.prefetches,
-                "result",
             ),
         ] {
             s.push(
@@ -145,7 +141,7 @@ impl Scraped {
                 tally
                     .snapshot()
                     .into_iter()
-                    .map(|(label, v)| (vec![(key, label.to_owned())], n(v)))
+                    .map(|(label, v)| (vec![("result", label.to_owned())], n(v)))
                     .collect(),
             );
         }
