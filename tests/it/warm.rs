@@ -387,3 +387,34 @@ async fn berth_warm_pulls_images_through_a_running_berth() {
     assert_eq!(out.status.code(), Some(2));
     b.stop().await;
 }
+
+#[test]
+fn the_packaged_configs_warming_keys_are_valid_once_uncommented() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/berth.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let warm_keys = [
+        "# warm_interval =",
+        "# ratelimit_reserve =",
+        "# prefetch_on_move =",
+    ];
+    let mut in_warm = false;
+    let uncommented: Vec<&str> = text
+        .lines()
+        .map(|l| {
+            // The [[warm]] block runs to the next blank line.
+            in_warm = (in_warm && !l.is_empty()) || l.starts_with("# [[warm]]");
+            if in_warm || warm_keys.iter().any(|k| l.starts_with(k)) {
+                l.strip_prefix("# ").unwrap_or(l)
+            } else {
+                l
+            }
+        })
+        .collect();
+    let c = Config::from_toml(&uncommented.join("\n")).unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.warm_interval.0, Duration::from_secs(6 * 3600));
+    assert_eq!(c.warm.len(), 1);
+    assert_eq!(c.warm[0].platforms[0].to_string(), "linux/amd64");
+    assert!(c.upstreams["docker.io"].prefetch_on_move);
+    assert_eq!(c.upstreams["docker.io"].ratelimit_reserve, 20);
+}
