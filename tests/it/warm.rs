@@ -418,3 +418,42 @@ fn the_packaged_configs_warming_keys_are_valid_once_uncommented() {
     assert!(c.upstreams["docker.io"].prefetch_on_move);
     assert_eq!(c.upstreams["docker.io"].ratelimit_reserve, 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_warm_logs_in_with_user_and_the_password_from_the_environment() {
+    let up = Fake::start().await;
+    let img = Image::new(770, &[6_000]);
+    up.add_image("library/locked", "1", &img);
+    let users = tempfile::tempdir().unwrap();
+    let htpasswd = users.path().join("htpasswd");
+    berth::auth::add_user(&htpasswd, "warmer", "s3cret", 4).unwrap();
+    let b = Berth::start(&up, |c| {
+        c.htpasswd = Some(htpasswd);
+        c.auth_everything = true;
+    })
+    .await;
+    let url = format!("http://{}", b.addr);
+    let run = |user: Option<&str>, password: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.args(["warm", "locked:1", "--url", &url]);
+        if let Some(u) = user {
+            cmd.args(["--user", u]);
+        }
+        cmd.env("BERTH_PASSWORD", password);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+    };
+    let out = run(None, "").await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    let out = run(Some("warmer"), "wrong").await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(up.count("GET", "/manifests/"), 0);
+    let out = run(Some("warmer"), "s3cret").await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(blob_gets(&up, &img), vec![1, 1]);
+    b.stop().await;
+}
