@@ -195,6 +195,7 @@ async fn the_warm_list_is_warmed_at_start_and_a_refresh_fetches_only_moved_tags(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_stops_at_the_rate_limit_reserve() {
+    let logs = captured_logs();
     let up = Fake::start().await;
     // Two pulls left above the reserve of 20.
     up.st().rate_limit_remaining = Some(22);
@@ -226,6 +227,13 @@ async fn a_refresh_stops_at_the_rate_limit_reserve() {
         assert_eq!(up.count("HEAD", &format!("/manifests/{tag}")), 0, "{tag}");
     }
     assert_eq!(up.st().rate_limit_remaining, Some(20));
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        text.lines().any(|l| l.contains("\"WARN\"")
+            && l.contains("warm refresh stopped")
+            && l.contains("20 pulls left, at or below ratelimit_reserve = 20")),
+        "no WARN line says why the refresh stopped"
+    );
     let text = metrics(&b).await;
     assert_eq!(
         sample(
