@@ -6,6 +6,9 @@
 //! upstream is down (unreachable, timing out, 5xx or 429) the cached resolution is served stale.
 //! Resolutions are kept per accepted media-type set, so a client is never handed a manifest kind
 //! it did not ask for. Identical concurrent upstream requests are coalesced.
+//!
+//! [`warm`] puts images in the cache before anyone pulls them (`[[warm]]`, `berth warm`, and
+//! prefetching a moved tag's new image).
 
 pub mod admission;
 pub mod cache;

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -132,6 +132,19 @@ pub struct Warming {
     /// Moved tags' images being prefetched, by upstream and digest.
     prefetching: Mutex<HashSet<(String, Digest)>>,
     prefetch_slots: Arc<tokio::sync::Semaphore>,
+    /// The server's shutdown signal, once it runs: prefetches stop with it.
+    stopped: OnceLock<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Warming {
+    /// Resolves when the server stops (never, outside a server).
+    async fn until_stopped(&self) {
+        match self.stopped.get().cloned() {
+            // An error means the server is gone: stopped too.
+            Some(mut rx) => drop(rx.wait_for(|stopped| *stopped).await),
+            None => std::future::pending().await,
+        }
+    }
 }
 
 impl Default for Warming {
@@ -143,6 +156,7 @@ impl Default for Warming {
             prefetches: Tally::default(),
             prefetching: Mutex::new(HashSet::new()),
             prefetch_slots: Arc::new(tokio::sync::Semaphore::new(PREFETCH_CONCURRENCY)),
+            stopped: OnceLock::new(),
         }
     }
 }
@@ -367,13 +381,14 @@ async fn blob(
 }
 
 /// Runs the `[[warm]]` refresh at start and every `every`, until `stopped` (a refresh under way
-/// is cut short: its downloads finish in their own tasks).
+/// is cut short: its downloads finish in their own tasks); prefetches stop then too.
 pub fn spawn_schedule(
     mirror: Arc<Mirror>,
     entries: Vec<WarmEntry>,
     every: Duration,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
+    let _ = mirror.warm.stopped.set(stopped.clone());
     if entries.is_empty() {
         return;
     }
@@ -562,23 +577,30 @@ pub fn prefetch_moved(
             }
         }
         let _pending = Pending(mirror.clone(), key);
-        let Ok(_slot) = mirror.warm.prefetch_slots.clone().acquire_owned().await else {
-            return;
+        let work = async {
+            let Ok(_slot) = mirror.warm.prefetch_slots.clone().acquire_owned().await else {
+                return;
+            };
+            let platforms = match cached_platforms(&mirror, &old).await {
+                Some(p) if p.is_empty() => return,
+                Some(p) => p,
+                None => Vec::new(),
+            };
+            let _ = warm_counted(
+                &mirror,
+                &up,
+                &repo,
+                &Reference::Digest(new),
+                &platforms,
+                false,
+            )
+            .await;
         };
-        let platforms = match cached_platforms(&mirror, &old).await {
-            Some(p) if p.is_empty() => return,
-            Some(p) => p,
-            None => Vec::new(),
-        };
-        let _ = warm_counted(
-            &mirror,
-            &up,
-            &repo,
-            &Reference::Digest(new),
-            &platforms,
-            false,
-        )
-        .await;
+        // A shutdown does not wait for prefetches: they would keep starting downloads.
+        tokio::select! {
+            _ = work => {}
+            _ = mirror.warm.until_stopped() => {}
+        }
     });
 }
 
