@@ -34,6 +34,8 @@ const HEADERS_TIMEOUT: Duration = Duration::from_secs(120);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// The largest manifest read (the limit registries use is 4 MiB).
 const MAX_MANIFEST: usize = 8 << 20;
+/// The most children of one index pulled (an index lists a few dozen platforms at most).
+const MAX_CHILDREN: usize = 128;
 /// Blobs of one image pulled at once.
 const BLOB_CONCURRENCY: usize = 4;
 
@@ -287,6 +289,7 @@ impl Puller {
                         }
                         None => self.platforms.is_empty(),
                     })
+                    .take(MAX_CHILDREN)
                     .collect();
                 if chosen.is_empty() {
                     return Err(format!(

@@ -78,7 +78,7 @@ pub enum WarmError {
     Stale,
     #[error("the upstream's rate limit has {remaining} pulls left, at or below ratelimit_reserve = {reserve}")]
     Reserve { remaining: i64, reserve: u32 },
-    #[error("the index lists none of the platforms {0}")]
+    #[error("the index lists none of the platforms asked for ({0})")]
     NoPlatform(String),
     #[error("{failed} blob(s) failed, first {digest}: {failure}")]
     Blobs {
@@ -258,7 +258,12 @@ async fn warm(
                 .collect();
             if chosen.is_empty() {
                 let names: Vec<String> = platforms.iter().map(ToString::to_string).collect();
-                return Err(WarmError::NoPlatform(names.join(", ")));
+                let asked = if names.is_empty() {
+                    "any image".to_owned()
+                } else {
+                    names.join(", ")
+                };
+                return Err(WarmError::NoPlatform(asked));
             }
             for child in chosen {
                 let reference = Reference::Digest(child.digest);
