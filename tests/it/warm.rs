@@ -465,3 +465,48 @@ async fn berth_warm_logs_in_with_user_and_the_password_from_the_environment() {
     assert_eq!(blob_gets(&up, &img), vec![1, 1]);
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_warm_names_another_upstream_by_its_host_or_with_upstream() {
+    let hub = Fake::start().await;
+    let other = Fake::start().await;
+    let img = Image::new(780, &[7_000]);
+    other.add_image("org/app", "1", &img);
+    let b = Berth::start(&hub, |c| {
+        c.upstreams.insert(
+            "ghcr.io".into(),
+            berth::config::UpstreamConfig::new(
+                berth::config::UpstreamUrl::parse(&other.url()).unwrap(),
+            ),
+        );
+    })
+    .await;
+    let url = format!("http://{}", b.addr);
+    let out = berth_warm(vec![
+        "ghcr.io/org/app:1".into(),
+        "--url".into(),
+        url.clone(),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(blob_gets(&other, &img), vec![1, 1]);
+    assert_eq!(hub.requests(), 0, "Docker Hub was asked");
+    let out = berth_warm(vec![
+        "org/app:1".into(),
+        "--upstream".into(),
+        "ghcr.io".into(),
+        "--url".into(),
+        url,
+    ])
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    assert_eq!(blob_gets(&other, &img), vec![1, 1], "cached the first time");
+    assert_eq!(hub.requests(), 0);
+    b.stop().await;
+}
