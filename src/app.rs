@@ -190,6 +190,12 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         app.clone(),
         stopped.clone(),
     ));
+    crate::mirror::warm::spawn_schedule(
+        app.mirror.clone(),
+        app.config.warm.clone(),
+        app.config.warm_interval.0,
+        stopped.clone(),
+    );
     tracing::info!(%addr, "listening (plain HTTP)");
     let listeners = Listeners {
         plain: listener,

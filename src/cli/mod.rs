@@ -14,6 +14,7 @@ mod fsck;
 mod gc;
 mod serve;
 mod user;
+mod warm;
 
 #[derive(Parser)]
 #[command(
@@ -50,11 +51,14 @@ pub enum Command {
     User(user::UserCommand),
     /// Remove private blobs no manifest refers to, and abandoned uploads.
     Gc(gc::GcArgs),
+    /// Pull images through a running berth, as a client would, so they are in its cache before
+    /// anyone needs them.
+    Warm(warm::WarmArgs),
     /// Print the man page of berth (or of one of its commands) in roff, as shipped in
     /// deploy/man/.
     #[command(hide = true)]
     Man {
-        /// The command whose page to print (serve, fsck, certs, user, gc)
+        /// The command whose page to print (serve, fsck, certs, user, gc, warm)
         command: Option<String>,
     },
 }

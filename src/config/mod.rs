@@ -15,11 +15,13 @@ mod env;
 mod storage;
 mod values;
 mod webhook;
+mod warm;
 pub use storage::{S3Config, StorageConfig};
 pub use values::{
     human_bytes, valid_origin, ByteSize, IpNet, PublicUrl, Seconds, UpstreamUrl, WebhookUrl,
 };
 pub use webhook::{Webhook, WebhookSecret};
+pub use warm::{TagPattern, WarmEntry, MAX_TAGS_PER_ENTRY};
 
 /// The upstream key that Docker Hub is filed under, and the one used when a request names none.
 pub const DOCKER_HUB: &str = "docker.io";
@@ -72,6 +74,10 @@ pub struct Config {
     pub password_check_concurrency: Option<usize>,
     pub limits: LimitsConfig,
     pub storage: StorageConfig,
+    /// Images kept in the cache ahead of any pull (see `mirror::warm`).
+    pub warm: Vec<WarmEntry>,
+    /// How often the `[[warm]]` list is refreshed (also once at start).
+    pub warm_interval: Seconds,
 }
 
 /// Bounds on what one connection, and all of them together, may hold.
@@ -154,6 +160,14 @@ pub struct UpstreamConfig {
     /// How long a down upstream is left alone before one probe request may try it again.
     #[serde(default = "default_breaker_cooldown")]
     pub breaker_cooldown: Seconds,
+    /// Warming (`[[warm]]`, `berth warm`, prefetches) stops while the upstream's
+    /// `ratelimit-remaining` (Docker Hub) is at or below this, leaving those pulls to clients.
+    #[serde(default = "default_ratelimit_reserve")]
+    pub ratelimit_reserve: u32,
+    /// When a pull finds a tag moved to a new digest, fetch the new image's blobs in the
+    /// background so the next pull is a cache hit.
+    #[serde(default)]
+    pub prefetch_on_move: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +203,9 @@ fn default_breaker_failures() -> u32 {
 fn default_breaker_cooldown() -> Seconds {
     Seconds(Duration::from_secs(30))
 }
+fn default_ratelimit_reserve() -> u32 {
+    20
+}
 
 impl UpstreamConfig {
     pub fn new(url: UpstreamUrl) -> Self {
@@ -203,6 +220,8 @@ impl UpstreamConfig {
             max_retry_after: default_max_retry_after(),
             breaker_failures: default_breaker_failures(),
             breaker_cooldown: default_breaker_cooldown(),
+            ratelimit_reserve: default_ratelimit_reserve(),
+            prefetch_on_move: false,
         }
     }
 }
@@ -242,6 +261,8 @@ impl Default for Config {
             password_check_concurrency: None,
             limits: LimitsConfig::default(),
             storage: StorageConfig::default(),
+            warm: Vec::new(),
+            warm_interval: Seconds(Duration::from_secs(6 * 3600)),
         }
     }
 }
@@ -381,6 +402,7 @@ impl Config {
         }
         self.limits.validate()?;
         self.storage.validate()?;
+        warm::validate(&self.warm, &self.upstreams, self.warm_interval.0)?;
         Ok(())
     }
 

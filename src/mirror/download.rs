@@ -151,6 +151,14 @@ impl Download {
         }
     }
 
+    /// Waits until the download has ended: its blob is a cache entry, or it failed. The
+    /// returned guard counts as a reader while held, so a download nobody else reads is not
+    /// abandoned as an orphan (see `max_orphan_download`): hold it across the wait.
+    pub fn hold(self: &Arc<Self>) -> Holder {
+        self.readers.fetch_add(1, Ordering::AcqRel);
+        Holder(ReaderGuard(self.clone()))
+    }
+
     /// A body stream of bytes `start..end` (`end` None: to the end), as they become available;
     /// with `verified_only`, none before the whole blob is verified.
     pub fn reader(
@@ -214,6 +222,26 @@ impl Download {
 }
 
 struct ReaderGuard(Arc<Download>);
+
+/// A reader that reads nothing: it keeps a download going and waits for its end.
+pub struct Holder(ReaderGuard);
+
+impl Holder {
+    /// Waits for the download's end: Ok once its blob is in the cache.
+    pub async fn finished(&self) -> Result<(), FetchFailure> {
+        let mut rx = self.0 .0.progress.subscribe();
+        loop {
+            match &rx.borrow_and_update().state {
+                State::Done => return Ok(()),
+                State::Failed(e) => return Err(e.clone()),
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(FetchFailure::Io("download task vanished".into()));
+            }
+        }
+    }
+}
 
 impl Drop for ReaderGuard {
     fn drop(&mut self) {

@@ -6,6 +6,9 @@
 //! upstream is down (unreachable, timing out, 5xx or 429) the cached resolution is served stale.
 //! Resolutions are kept per accepted media-type set, so a client is never handed a manifest kind
 //! it did not ask for. Identical concurrent upstream requests are coalesced.
+//!
+//! [`warm`] puts images in the cache before anyone pulls them (`[[warm]]`, `berth warm`, and
+//! prefetching a moved tag's new image).
 
 pub mod admission;
 pub mod cache;
@@ -14,6 +17,7 @@ pub mod fetch;
 pub mod singleflight;
 pub mod slots;
 pub mod upstream;
+pub mod warm;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,6 +103,8 @@ pub struct Mirror {
     pub stale_serves: AtomicU64,
     /// The cap on upstream fetches running at once (`rate_limit.max_upstream_concurrency`).
     pub slots: Arc<UpstreamSlots>,
+    /// Warming's counts and the prefetches of moved tags under way (see [`warm`]).
+    pub warm: warm::Warming,
 }
 
 impl Mirror {
@@ -156,6 +162,7 @@ impl Mirror {
                 })
                 .build(),
             stale_serves: AtomicU64::new(0),
+            warm: warm::Warming::default(),
         })
     }
 
@@ -227,6 +234,19 @@ impl Mirror {
                 }
             }
         }
+        self.manifest_from_upstream(up, repo, reference, accept)
+            .await
+    }
+
+    /// A manifest asked of the upstream whatever the cache holds: a cached tag is revalidated
+    /// with a HEAD and fetched only when its digest moved. Concurrent identical requests share one.
+    pub async fn manifest_from_upstream(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &AcceptSet,
+    ) -> Result<(ServedManifest, Outcome), RegistryError> {
         crate::mirror::admission::before_upstream()?;
         let key = (
             up.key.clone(),
@@ -252,8 +272,8 @@ impl Mirror {
 
     /// Asks the upstream, revalidating a cached tag with a HEAD first.
     async fn fetch_manifest(
-        &self,
-        up: &Upstream,
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
         repo: &RepoName,
         reference: &Reference,
         accept: &AcceptSet,
@@ -314,6 +334,11 @@ impl Mirror {
                     fetched_at: now_secs(),
                 };
                 self.put_tag(up, repo, tag, &accept.variant, entry).await?;
+                if let Some((_, old)) = cached {
+                    if old.digest != served.digest && up.config.prefetch_on_move {
+                        warm::prefetch_moved(self, up, repo, old, served.digest);
+                    }
+                }
                 Ok((served, Outcome::Miss))
             }
             Err(e) if e.is_outage() => match cached {

@@ -359,6 +359,7 @@ fn the_shipped_man_pages_are_the_ones_the_command_line_makes() {
         Some("certs"),
         Some("user"),
         Some("gc"),
+        Some("warm"),
     ] {
         let mut cmd = berth();
         cmd.arg("man");

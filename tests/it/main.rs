@@ -18,3 +18,4 @@ mod push;
 mod store;
 mod tls;
 mod upstream;
+mod warm;

@@ -59,6 +59,9 @@ pub struct FakeState {
     /// Tokens numbered up to this are refused (as if expired).
     pub revoked_below: usize,
     pub rate_limit_headers: bool,
+    /// When set, manifest responses carry `ratelimit-remaining: N;w=21600`, N going down by one
+    /// with each manifest GET (Docker Hub counts GETs as pulls; HEADs are free).
+    pub rate_limit_remaining: Option<u64>,
     /// When set, manifest requests wait for this before answering.
     pub manifest_gate: Option<Arc<Notify>>,
 }
@@ -190,7 +193,7 @@ impl Fake {
                 None => status(404),
             };
         }
-        let (fail, hang, auth, redirect, rl) = {
+        let (fail, hang, auth, redirect, rl, mut remaining) = {
             let mut s = self.st();
             s.log.push((method.clone(), full_path, headers.clone()));
             (
@@ -199,6 +202,7 @@ impl Fake {
                 s.auth.clone(),
                 s.redirect_blobs_to.clone(),
                 s.rate_limit_headers,
+                s.rate_limit_remaining,
             )
         };
         if hang {
@@ -273,6 +277,19 @@ impl Fake {
                                     .insert("ratelimit-limit", "100;w=21600".parse().unwrap());
                                 r.headers_mut()
                                     .insert("ratelimit-remaining", "42;w=21600".parse().unwrap());
+                            }
+                            if method == Method::GET {
+                                let mut s = self.st();
+                                if let Some(n) = &mut s.rate_limit_remaining {
+                                    *n = n.saturating_sub(1);
+                                }
+                                remaining = s.rate_limit_remaining;
+                            }
+                            if let Some(n) = remaining {
+                                r.headers_mut().insert(
+                                    "ratelimit-remaining",
+                                    format!("{n};w=21600").parse().unwrap(),
+                                );
                             }
                             r
                         }

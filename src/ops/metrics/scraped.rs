@@ -109,6 +109,42 @@ impl Scraped {
                 n(remote.local_bytes),
             );
         }
+        for (name, help, tally) in [
+            (
+                "berth_warm_images",
+                "Images warmed (`[[warm]]`, `berth warm`'s server side, prefetches), by result: \
+                 warmed, unchanged, failed, reserve (stopped at ratelimit_reserve)",
+                &mirror.warm.images,
+            ),
+            (
+                "berth_warm_blobs",
+                "Blobs of warmed images, by result: fetched, cached, failed",
+                &mirror.warm.blobs,
+            ),
+            (
+                "berth_warm_refreshes",
+                "Refreshes of the [[warm]] list, by result: complete, reserve (cut short at an \
+                 upstream's ratelimit_reserve)",
+                &mirror.warm.refreshes,
+            ),
+            (
+                "berth_prefetches",
+                "Moved tags whose new image is fetched in the background (prefetch_on_move), by \
+                 result: started, dropped (too many waiting)",
+                &mirror.warm.prefetches,
+            ),
+        ] {
+            s.push(
+                name,
+                help,
+                true,
+                tally
+                    .snapshot()
+                    .into_iter()
+                    .map(|(label, v)| (vec![("result", label.to_owned())], n(v)))
+                    .collect(),
+            );
+        }
         let private = &app.private;
         s.gauge(
             "berth_uploads_open",
