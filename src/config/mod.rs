@@ -14,14 +14,14 @@ use serde::Deserialize;
 mod env;
 mod storage;
 mod values;
-mod webhook;
 mod warm;
+mod webhook;
 pub use storage::{S3Config, StorageConfig};
 pub use values::{
     human_bytes, valid_origin, ByteSize, IpNet, PublicUrl, Seconds, UpstreamUrl, WebhookUrl,
 };
-pub use webhook::{Webhook, WebhookSecret};
 pub use warm::{TagPattern, WarmEntry, MAX_TAGS_PER_ENTRY};
+pub use webhook::{Webhook, WebhookSecret};
 
 /// The upstream key that Docker Hub is filed under, and the one used when a request names none.
 pub const DOCKER_HUB: &str = "docker.io";
