@@ -301,10 +301,10 @@ impl Puller {
                     let (m, _, _) = self
                         .manifest(image, &Reference::Digest(child.digest))
                         .await?;
-                    blobs.extend(image_blobs(&m));
+                    blobs.extend(m.pull_blobs());
                 }
             }
-            None => blobs.extend(image_blobs(&top)),
+            None => blobs.extend(top.pull_blobs()),
         }
         let mut seen = std::collections::HashSet::new();
         blobs.retain(|b| seen.insert(b.digest));
@@ -409,15 +409,6 @@ impl Puller {
         }
         Ok(len)
     }
-}
-
-fn image_blobs(m: &Manifest) -> Vec<Descriptor> {
-    m.config
-        .iter()
-        .chain(m.layers.iter().flatten())
-        .filter(|d| !d.has_urls)
-        .cloned()
-        .collect()
 }
 
 async fn read(body: hyper::body::Incoming, max: usize) -> Result<Bytes, String> {

@@ -198,13 +198,13 @@ async fn warm_counted(
                 "unchanged"
             };
             mirror.warm.images.add(label, 1);
-            tracing::info!(upstream = %up.key, %repo, %reference, result = label,
+            tracing::info!(upstream = %up.name, %repo, %reference, result = label,
                 manifests_fetched = report.manifests_fetched, blobs_fetched = report.blobs_fetched,
                 blobs_cached = report.blobs_cached, "warmed");
         }
         Err(e) => {
             mirror.warm.images.add(e.result(), 1);
-            tracing::warn!(upstream = %up.key, %repo, %reference, reason = e.result(), error = %e, "warming failed");
+            tracing::warn!(upstream = %up.name, %repo, %reference, reason = e.result(), error = %e, "warming failed");
         }
     }
     result
@@ -269,10 +269,10 @@ async fn warm(
                 let reference = Reference::Digest(child.digest);
                 let m = manifest(mirror, up, repo, &reference, &accept, false, &mut report).await?;
                 let child = Manifest::from_slice(&m.manifest.bytes).map_err(WarmError::Registry)?;
-                blobs.extend(image_blobs(&child));
+                blobs.extend(child.pull_blobs());
             }
         }
-        None => blobs.extend(image_blobs(&parsed)),
+        None => blobs.extend(parsed.pull_blobs()),
     }
     let mut seen = HashSet::new();
     blobs.retain(|b| seen.insert(b.digest));
@@ -348,17 +348,6 @@ async fn manifest(
         Outcome::Hit | Outcome::Local => report.manifests_cached += 1,
     }
     Ok(served)
-}
-
-/// The blobs a pull of this image manifest fetches from the registry (foreign layers come from
-/// their own URLs).
-fn image_blobs(m: &Manifest) -> Vec<Descriptor> {
-    m.config
-        .iter()
-        .chain(m.layers.iter().flatten())
-        .filter(|d| !d.has_urls)
-        .cloned()
-        .collect()
 }
 
 /// Puts one blob in the cache: Ok(true) when it was fetched, Ok(false) when it was there.

@@ -174,6 +174,17 @@ fn non_empty_array<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
 }
 
 impl Manifest {
+    /// The blobs a pull of this image manifest fetches from the registry: the config and the
+    /// layers, but not foreign layers (those come from their own URLs).
+    pub fn pull_blobs(&self) -> Vec<Descriptor> {
+        self.config
+            .iter()
+            .chain(self.layers.iter().flatten())
+            .filter(|d| !d.has_urls)
+            .cloned()
+            .collect()
+    }
+
     /// Reads a manifest's fields, checking their types only (not that the manifest is one berth
     /// would accept on push).
     pub fn from_slice(bytes: &[u8]) -> Result<Manifest, RegistryError> {
