@@ -294,7 +294,7 @@ async fn warm(
             }
             Err(e) => {
                 mirror.warm.blobs.add("failed", 1);
-                tracing::warn!(upstream = %up.key, %repo, %digest, error = %e, "warming a blob failed");
+                tracing::warn!(upstream = %up.name, %repo, %digest, error = %e, "warming a blob failed");
                 match &mut failed {
                     Some((n, _, _)) => *n += 1,
                     None => failed = Some((1, digest, e)),
@@ -433,7 +433,7 @@ pub async fn refresh(mirror: &Arc<Mirror>, entries: &[WarmEntry]) -> RefreshRepo
         let tags = match matching_tags(mirror, &up, &repo, entry).await {
             Ok(tags) => tags,
             Err(e) => {
-                tracing::warn!(upstream = %up.key, %repo, error = %e, "warm entry skipped: its tags could not be listed");
+                tracing::warn!(upstream = %up.name, %repo, error = %e, "warm entry skipped: its tags could not be listed");
                 mirror.warm.images.add("failed", 1);
                 report.failed += 1;
                 continue;
@@ -441,7 +441,7 @@ pub async fn refresh(mirror: &Arc<Mirror>, entries: &[WarmEntry]) -> RefreshRepo
         };
         for tag in tags {
             if let Err(e) = check_reserve(&up) {
-                tracing::warn!(upstream = %up.key, error = %e, "warm refresh stopped for this upstream: it keeps its remaining pulls for clients");
+                tracing::warn!(upstream = %up.name, error = %e, "warm refresh stopped for this upstream: it keeps its remaining pulls for clients");
                 report.stopped.push(up.key.clone());
                 break;
             }
@@ -529,7 +529,7 @@ async fn matching_tags(
         }
     }
     if tags.len() > MAX_TAGS_PER_ENTRY {
-        tracing::warn!(upstream = %up.key, %repo, matched = tags.len(), kept = MAX_TAGS_PER_ENTRY,
+        tracing::warn!(upstream = %up.name, %repo, matched = tags.len(), kept = MAX_TAGS_PER_ENTRY,
             "a warm entry matches too many tags; only the first are warmed");
         tags.truncate(MAX_TAGS_PER_ENTRY);
     }
@@ -555,7 +555,7 @@ pub fn prefetch_moved(
         if pending.len() >= PREFETCH_PENDING {
             drop(pending);
             mirror.warm.prefetches.add("dropped", 1);
-            tracing::warn!(upstream = %up.key, %repo, digest = %new, "moved tag not prefetched: too many prefetches waiting");
+            tracing::warn!(upstream = %up.name, %repo, digest = %new, "moved tag not prefetched: too many prefetches waiting");
             return;
         }
         pending.insert(key.clone());
