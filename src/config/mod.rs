@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod access;
 mod storage;
 mod values;
+pub use access::{AccessRule, Permission, RepoPattern};
 pub use storage::{S3Config, StorageConfig};
 pub use values::{
     human_bytes, valid_origin, ByteSize, IpNet, PublicUrl, Seconds, UpstreamUrl, WebhookUrl,
@@ -69,6 +71,11 @@ pub struct Config {
     pub password_check_concurrency: Option<usize>,
     pub limits: LimitsConfig,
     pub storage: StorageConfig,
+    /// Named lists of users, for `access` rules.
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Who may do what to which repositories; none: every user pulls, pushes and deletes in
+    /// the private namespace, and nobody is admin (see `config::access`).
+    pub access: Vec<AccessRule>,
 }
 
 /// Bounds on what one connection, and all of them together, may hold.
@@ -239,6 +246,8 @@ impl Default for Config {
             password_check_concurrency: None,
             limits: LimitsConfig::default(),
             storage: StorageConfig::default(),
+            groups: BTreeMap::new(),
+            access: Vec::new(),
         }
     }
 }
@@ -345,6 +354,7 @@ impl Config {
         }
         self.limits.validate()?;
         self.storage.validate()?;
+        access::validate(&self.groups, &self.access)?;
         Ok(())
     }
 

@@ -242,6 +242,10 @@ pub trait ContentStore: Send + Sync + 'static {
     /// Forgets a manifest's media type (the blob itself is removed separately).
     fn remove_manifest_type(&self, area: Area, digest: &Digest) -> io::Result<()>;
 
+    /// Every manifest of an area: the digests with a recorded media type (their blobs may have
+    /// gone since), unsorted.
+    fn manifest_digests(&self, area: Area) -> io::Result<Vec<Digest>>;
+
     // --- tags ------------------------------------------------------------------------------
     // `upstream` is the registry a mirrored repository comes from (`LOCAL_UPSTREAM` for private
     // ones); `variant` separates resolutions of one tag that differ by what the client accepts.
