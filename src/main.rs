@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Certs(args) => args.run(),
         Command::User(cmd) => cmd.run(),
         Command::Gc(args) => args.run(),
+        Command::Cache(cmd) => cmd.run(),
         Command::Man { command } => cli::man(command.as_deref()),
     }
 }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use berth::config::{Config, LogFormat};
 
+mod cache;
 mod certs;
 mod fsck;
 mod gc;
@@ -47,11 +48,14 @@ pub enum Command {
     User(user::UserCommand),
     /// Remove private blobs no manifest refers to, and abandoned uploads.
     Gc(gc::GcArgs),
+    /// Inspect the mirror cache (ls, du) and purge from it (rm).
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// Print the man page of berth (or of one of its commands) in roff, as shipped in
     /// deploy/man/.
     #[command(hide = true)]
     Man {
-        /// The command whose page to print (serve, fsck, certs, user, gc)
+        /// The command whose page to print (serve, fsck, certs, user, gc, cache)
         command: Option<String>,
     },
 }

@@ -21,6 +21,7 @@
 pub mod disk;
 mod fsck;
 pub mod gc;
+pub mod inventory;
 pub mod lru;
 pub mod manifests;
 pub mod pages;
