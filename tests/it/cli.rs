@@ -301,6 +301,7 @@ fn the_shipped_man_pages_are_the_ones_the_command_line_makes() {
         Some("certs"),
         Some("user"),
         Some("gc"),
+        Some("cache"),
     ] {
         let mut cmd = berth();
         cmd.arg("man");
