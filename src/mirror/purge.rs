@@ -154,7 +154,7 @@ pub fn purge(
     let blobs: HashSet<Digest> = manifests
         .iter()
         .flat_map(|d| refs[d].blobs.iter().copied())
-        .filter(|b| !kept_blobs.contains(b) && !candidates.contains(b))
+        .filter(|b| !kept_blobs.contains(b))
         .collect();
 
     let mut report = PurgeReport {
@@ -224,7 +224,7 @@ impl Mirror {
                 self.disk.forget(&d);
             }
         }
-        tracing::warn!(upstream = %report.upstream, repository = %report.repository, tags = report.tags.len(), manifests = report.manifests.len(), blobs = report.blobs.len(), bytes = report.bytes, "purged mirrored content");
+        tracing::info!(upstream = %report.upstream, repository = %report.repository, tags = report.tags.len(), manifests = report.manifests.len(), blobs = report.blobs.len(), bytes = report.bytes, "purged mirrored content");
         Ok(report)
     }
 }

@@ -684,3 +684,36 @@ async fn cache_commands_list_measure_and_remove() {
     assert_eq!(code, 0);
     assert_eq!(out.lines().count(), 1, "only the header is left: {out}");
 }
+
+#[tokio::test]
+async fn a_mount_needs_pull_on_its_source_under_the_rules() {
+    let e = Env::start(RULES).await;
+    let secret = pseudo_random(40, 700);
+    let d = sha256(&secret);
+    let r = e.push_blob("private/team-b/app", &secret, "carol").await;
+    assert_eq!(r.status, 201);
+    let mount = |from: &str| format!("/v2/private/team-a/app/blobs/uploads/?mount={d}&from={from}");
+    // bob may not pull team-b: no mount, an upload session instead; nor without `from`.
+    for path in [
+        mount("private/team-b/app"),
+        format!("/v2/private/team-a/app/blobs/uploads/?mount={d}"),
+    ] {
+        let r = e.req(Method::POST, &path, "bob").await;
+        assert_eq!(r.status, 202, "{path}: {:?}", r.body);
+    }
+    let r = e
+        .req(
+            Method::GET,
+            &format!("/v2/private/team-a/app/blobs/{d}"),
+            "bob",
+        )
+        .await;
+    assert_eq!(r.status, 404, "nothing was mounted");
+    // From a repository bob may pull, the mount works.
+    let r = e.push_blob("private/team-a/lib", &secret, "carol").await;
+    assert_eq!(r.status, 201);
+    let r = e
+        .req(Method::POST, &mount("private/team-a/lib"), "bob")
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+}
