@@ -426,6 +426,13 @@ async fn purging_a_tag_a_digest_and_a_repository() {
         "busybox still uses the shared layer"
     );
     assert!(e.cache_has(&b.digest));
+    // The memory cache forgot the manifest too: asked by digest, it comes from the upstream.
+    let by_digest = gets(&format!("/manifests/{}", a.digest));
+    let r =
+        e.b.get(&format!("/v2/library/alpine/manifests/{}", a.digest))
+            .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(gets(&format!("/manifests/{}", a.digest)), by_digest + 1);
     let by_tag = gets("/manifests/3.19");
     let blob_gets = gets(&sha256(&a.layers[1]));
     pull(&e.b, "library/alpine", "3.19", &a).await;
