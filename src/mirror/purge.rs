@@ -196,7 +196,11 @@ impl Mirror {
     ) -> Result<PurgeReport, RegistryError> {
         let store = self.store().clone();
         let (key, name, t) = (up.key.clone(), repo.clone(), target.clone());
-        let report = blocking(move || purge(&*store, &key, &name, &t)).await?;
+        let report = blocking(move || purge(&*store, &key, &name, &t))
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(upstream = %up.key, repository = %repo, error = %e, "purge failed; part of it may be done");
+            })?;
         let Some(report) = report else {
             return Err(match target {
                 PurgeTarget::Repository => {
