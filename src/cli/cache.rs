@@ -460,4 +460,14 @@ mod tests {
         assert!(parse_ref("alpine:1", true).is_err());
         assert!(parse_ref("Alpine:1", false).is_err());
     }
+
+    #[test]
+    fn the_default_url_is_the_listen_address_on_loopback() {
+        let mut c = Config::default();
+        assert_eq!(default_url(&c), "http://127.0.0.1:5000");
+        c.listen = "[::]:5001".parse().unwrap();
+        assert_eq!(default_url(&c), "http://[::1]:5001");
+        c.listen = "10.0.0.7:5000".parse().unwrap();
+        assert_eq!(default_url(&c), "http://10.0.0.7:5000");
+    }
 }

@@ -278,6 +278,13 @@ mod tests {
             Route::parse("/v2/alpine/whatever/x"),
             Err(RegistryError::NotFound(_))
         ));
+        assert!(
+            matches!(Route::parse("/_berth/api/mirror/library/alpine/").unwrap(), Route::MirrorRepo { name } if name.as_str() == "library/alpine")
+        );
+        assert!(matches!(
+            Route::parse("/_berth/api/mirror/../x"),
+            Err(RegistryError::NameInvalid(_))
+        ));
     }
 
     #[test]
