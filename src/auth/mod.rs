@@ -8,6 +8,7 @@
 //!   file they are refused (berth never opens the namespace by accident);
 //! - pulls from the private namespace need a valid user unless `private_pull_public`;
 //! - mirrored pulls are anonymous unless `auth_everything`;
+//! - purges of mirrored content need a user whom an access rule makes admin;
 //! - health, readiness and metrics probes never need credentials.
 //!
 //! Verification runs bcrypt on the blocking pool, a bounded number at once, without holding a
