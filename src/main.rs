@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::User(cmd) => cmd.run(),
         Command::Gc(args) => args.run(),
         Command::Warm(args) => args.run(),
+        Command::Cache(cmd) => cmd.run(),
         Command::Man { command } => cli::man(command.as_deref()),
     }
 }

@@ -8,21 +8,24 @@
 //!   file they are refused (berth never opens the namespace by accident);
 //! - pulls from the private namespace need a valid user unless `private_pull_public`;
 //! - mirrored pulls are anonymous unless `auth_everything`;
+//! - purges of mirrored content need a user whom an access rule makes admin;
 //! - health, readiness and metrics probes never need credentials.
 //!
 //! Verification runs bcrypt on the blocking pool, a bounded number at once, without holding a
 //! lock; successes are remembered for a short while, keyed by a salted hash of the credentials
 //! (never the credentials themselves). An address over its failed-login limit is refused before
 //! anything is hashed. Tokens from `/auth/token` grant the scopes they were issued for and no
-//! more. Credentials never reach a log line.
+//! more. Access rules (`[[access]]`, see [`rules`]) then limit what each user may do, tokens
+//! included. Credentials never reach a log line.
 //!
 //! The parts: [`htpasswd`] (the users file, bcrypt checks and `berth user`), [`limits`] (the
 //! failed-login limit per address), [`tokens`] (token scopes, issue and verification) and
-//! [`policy`] (what a request needs: [`Access`], [`Need`]).
+//! [`policy`] (what a request needs: [`Access`], [`Need`]), [`rules`] (what a user may).
 
 mod htpasswd;
 mod limits;
 mod policy;
+pub mod rules;
 mod tokens;
 
 pub use htpasswd::{add_user, check_user_name, parse_htpasswd, remove_user, DEFAULT_COST};
@@ -98,6 +101,8 @@ pub struct AuthStats {
     pub refused_scope: AtomicU64,
     /// Requests with a token that is unknown, expired, or not signed with this berth's key.
     pub refused_token: AtomicU64,
+    /// Requests of a user that the access rules do not allow.
+    pub refused_rule: AtomicU64,
 }
 
 /// Why a password check did not produce a user.
@@ -203,25 +208,41 @@ impl Authenticator {
         if self.htpasswd.is_none() {
             return Err(RegistryError::Denied(match access {
                 Access::PrivateWrite => "pushes and deletes in the private namespace are disabled: no htpasswd file is configured (create users with `berth user add`)".into(),
+                Access::Admin => "purging mirrored content needs an admin user, but no htpasswd file is configured".into(),
                 _ => "pulls from the private namespace need credentials, but no htpasswd file is configured (configure one, or set private_pull_public = true)".into(),
             }));
         }
-        match self.authenticate(headers, client).await? {
-            Some(user) => match need {
-                Some(need) if !user.may(need) => {
-                    self.stats.refused_scope.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%client, user = user.name(), needs = %need.scope(), "refused: the token does not grant what the request needs");
-                    Err(RegistryError::Unauthorized(format!(
-                        "the token does not grant {}",
-                        need.scope()
-                    )))
-                }
-                _ => Ok(Some(user)),
-            },
-            None => Err(RegistryError::Unauthorized(
+        let Some(user) = self.authenticate(headers, client).await? else {
+            return Err(RegistryError::Unauthorized(
                 "authentication required".into(),
-            )),
+            ));
+        };
+        let Some(need) = need else {
+            // Every admin route names its repository; one that did not could not be checked.
+            return match access {
+                Access::Admin => Err(RegistryError::Denied(
+                    "admin requests name a repository".into(),
+                )),
+                _ => Ok(Some(user)),
+            };
+        };
+        // The rules first: what they refuse no token can grant, so the client is told so for
+        // good (403), not sent for another token (401).
+        if let Err(refusal) = rules::check(config, user.name(), access, need) {
+            let message = refusal.message(user.name());
+            self.stats.refused_rule.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%client, user = user.name(), reason = %message, "refused by the access rules");
+            return Err(RegistryError::Denied(message));
         }
+        if !user.may(need) {
+            self.stats.refused_scope.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%client, user = user.name(), needs = %need.scope(), "refused: the token does not grant what the request needs");
+            return Err(RegistryError::Unauthorized(format!(
+                "the token does not grant {}",
+                need.scope()
+            )));
+        }
+        Ok(Some(user))
     }
 
     /// Verifies the request's Basic credentials (or a token from `/auth/token`): `Ok(None)`

@@ -40,12 +40,20 @@ impl Need {
             }
             // Upload sessions, status included, are part of a push.
             Route::UploadStart { name } | Route::Upload { name, .. } => (name, Actions::PUSH),
+            // A purge of a whole mirrored repository deletes, as a purge of one manifest does.
+            Route::MirrorRepo { name } => (name, Actions::DELETE),
             _ => return None,
         };
         Some(Need {
             resource: format!("repository:{name}"),
             actions,
         })
+    }
+
+    /// The repository the need is about, if any.
+    pub fn repository(&self) -> Option<crate::oci::names::RepoName> {
+        let name = self.resource.strip_prefix("repository:")?;
+        crate::oci::names::RepoName::parse(name).ok()
     }
 
     /// The scope to put in a challenge: what a client should ask a token for. A push asks for
@@ -77,6 +85,8 @@ pub enum Access {
     PrivateRead,
     /// Pushes and deletes in the private namespace.
     PrivateWrite,
+    /// Purges of mirrored content: a user whom a rule makes admin.
+    Admin,
 }
 
 /// Which namespace the repository a request names is in (requests that name none: the mirror's).
@@ -114,6 +124,8 @@ impl Access {
             Route::Catalog if namespaces == Namespaces::WithPrivate => Access::PrivateRead,
             Route::Catalog | Route::Status { .. } => Access::Mirror,
             Route::UploadStart { .. } | Route::Upload { .. } if private => Access::PrivateWrite,
+            Route::MirrorRepo { .. } => Access::Admin,
+            Route::Manifest { .. } if !private && *method == Method::DELETE => Access::Admin,
             Route::Manifest { .. }
             | Route::Blob { .. }
             | Route::Tags { .. }
@@ -137,7 +149,7 @@ impl Access {
             Access::Login => config.htpasswd.is_some(),
             Access::Mirror => config.auth_everything,
             Access::PrivateRead => config.auth_everything || !config.private_pull_public,
-            Access::PrivateWrite => true,
+            Access::PrivateWrite | Access::Admin => true,
         }
     }
 }

@@ -129,7 +129,8 @@ impl Authenticator {
         };
         let mut grants = Grants::default();
         for (resource, asked) in requested_scopes(query) {
-            let mut granted = asked.intersection(rights(config, user.is_some(), &resource));
+            let holder = user.as_ref().map(|u| u.name());
+            let mut granted = asked.intersection(rights(config, holder, &resource));
             // A token traded for another grants no more than it did itself.
             if let Some(held) = user.as_ref().and_then(|u| u.grants.as_ref()) {
                 granted = granted.intersection(held.0.get(&resource).copied().unwrap_or_default());
@@ -229,9 +230,11 @@ impl TokenKey {
     }
 }
 
-/// What a holder may do with a resource: a user pulls anything and pushes and deletes in the
-/// private namespace; anonymous holders pull what anonymous pulls may.
-fn rights(config: &Config, user: bool, resource: &str) -> Actions {
+/// What a holder may do with a resource: a user what the access rules allow (see
+/// [`rules`](crate::auth::rules): without rules, pull anything and push and delete in the
+/// private namespace; delete in a mirrored repository only as its admin); anonymous holders
+/// pull what anonymous pulls may.
+fn rights(config: &Config, user: Option<&str>, resource: &str) -> Actions {
     if resource == "registry:catalog" {
         let access = Access::of(
             &Route::Catalog,
@@ -239,7 +242,7 @@ fn rights(config: &Config, user: bool, resource: &str) -> Actions {
             Repository::Mirrored,
             Namespaces::of(config),
         );
-        return if user || !access.needs_user(config) {
+        return if user.is_some() || !access.needs_user(config) {
             Actions::ALL
         } else {
             Actions::NONE
@@ -257,11 +260,23 @@ fn rights(config: &Config, user: bool, resource: &str) -> Actions {
     } else {
         Access::Mirror
     };
-    match (user, private) {
-        (true, true) => Actions::ALL,
-        (true, false) => Actions::PULL,
-        (false, _) if !read.needs_user(config) => Actions::PULL,
-        (false, _) => Actions::NONE,
+    match user {
+        Some(user) => {
+            let rights = crate::auth::rules::rights(config, user, &name);
+            let pull = if !private || !read.needs_user(config) {
+                Actions::PULL
+            } else {
+                Actions::NONE
+            };
+            let purge = if !private && rights.admin {
+                Actions::DELETE
+            } else {
+                Actions::NONE
+            };
+            rights.actions.union(pull).union(purge)
+        }
+        None if !read.needs_user(config) => Actions::PULL,
+        None => Actions::NONE,
     }
 }
 
@@ -297,17 +312,20 @@ mod tests {
             private_ns: vec!["private".into()],
             ..Config::default()
         };
-        assert_eq!(rights(&config, true, "repository:private/a"), Actions::ALL);
-        assert_eq!(rights(&config, true, "repository:library/a"), Actions::PULL);
         assert_eq!(
-            rights(&config, false, "repository:private/a"),
-            Actions::NONE
+            rights(&config, Some("alice"), "repository:private/a"),
+            Actions::ALL
         );
         assert_eq!(
-            rights(&config, false, "repository:library/a"),
+            rights(&config, Some("alice"), "repository:library/a"),
             Actions::PULL
         );
-        assert_eq!(rights(&config, true, "repository:../x"), Actions::NONE);
+        assert_eq!(rights(&config, None, "repository:private/a"), Actions::NONE);
+        assert_eq!(rights(&config, None, "repository:library/a"), Actions::PULL);
+        assert_eq!(
+            rights(&config, Some("alice"), "repository:../x"),
+            Actions::NONE
+        );
         let m = Route::Manifest {
             name: RepoName::parse("private/a").unwrap(),
             reference: crate::oci::names::Reference::parse("v1").unwrap(),

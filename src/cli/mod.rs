@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use berth::config::{Config, LogFormat};
 
+mod cache;
 mod certs;
 mod fsck;
 mod gc;
@@ -54,11 +55,14 @@ pub enum Command {
     /// Pull images through a running berth, as a client would, so they are in its cache before
     /// anyone needs them.
     Warm(warm::WarmArgs),
+    /// Inspect the mirror cache (ls, du) and purge from it (rm).
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// Print the man page of berth (or of one of its commands) in roff, as shipped in
     /// deploy/man/.
     #[command(hide = true)]
     Man {
-        /// The command whose page to print (serve, fsck, certs, user, gc, warm)
+        /// The command whose page to print (serve, fsck, certs, user, gc, warm, cache)
         command: Option<String>,
     },
 }

@@ -11,11 +11,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod access;
 mod env;
 mod storage;
 mod values;
 mod warm;
 mod webhook;
+pub use access::{AccessRule, Permission, RepoPattern};
 pub use storage::{S3Config, StorageConfig};
 pub use values::{
     human_bytes, valid_origin, ByteSize, IpNet, PublicUrl, Seconds, UpstreamUrl, WebhookUrl,
@@ -78,6 +80,11 @@ pub struct Config {
     pub warm: Vec<WarmEntry>,
     /// How often the `[[warm]]` list is refreshed (also once at start).
     pub warm_interval: Seconds,
+    /// Named lists of users, for `access` rules.
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Who may do what to which repositories; none: every user pulls, pushes and deletes in
+    /// the private namespace, and nobody is admin (see `config::access`).
+    pub access: Vec<AccessRule>,
 }
 
 /// Bounds on what one connection, and all of them together, may hold.
@@ -263,6 +270,8 @@ impl Default for Config {
             storage: StorageConfig::default(),
             warm: Vec::new(),
             warm_interval: Seconds(Duration::from_secs(6 * 3600)),
+            groups: BTreeMap::new(),
+            access: Vec::new(),
         }
     }
 }
@@ -403,6 +412,7 @@ impl Config {
         self.limits.validate()?;
         self.storage.validate()?;
         warm::validate(&self.warm, &self.upstreams, self.warm_interval.0)?;
+        access::validate(&self.groups, &self.access)?;
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 //! Handlers speak HTTP (headers, ranges, status codes) and delegate everything else: content
 //! comes from the mirror (cache, then upstream) or the private registry; no handler touches a file.
 
+mod admin;
 mod blobs;
 pub mod conn;
 mod mirror;
@@ -233,6 +234,12 @@ impl App {
                     .await
             }
             (Route::Tags { name }, Method::GET) => self.get_tags(name, &query).await,
+            (Route::Manifest { name, reference }, Method::DELETE) => {
+                self.purge_manifest(name, reference, &query).await
+            }
+            (Route::MirrorRepo { name }, Method::DELETE) => {
+                self.purge_repository(name, &query).await
+            }
             (
                 Route::Manifest { .. }
                 | Route::Blob { .. }

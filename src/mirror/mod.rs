@@ -14,6 +14,7 @@ pub mod admission;
 pub mod cache;
 mod download;
 pub mod fetch;
+pub mod purge;
 pub mod singleflight;
 pub mod slots;
 pub mod upstream;

@@ -38,7 +38,9 @@ pub enum RegistryError {
     RangeNotSatisfiable { len: u64 },
     #[error("authentication required")]
     Unauthorized(String),
-    #[error("requested access to the resource is denied")]
+    /// The message names why (what permission is missing), so that a client that shows only
+    /// the message (the Docker CLI) says so.
+    #[error("requested access to the resource is denied: {0}")]
     Denied(String),
     #[error("the operation is unsupported")]
     Unsupported(String),

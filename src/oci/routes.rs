@@ -52,6 +52,10 @@ pub enum Route {
     Status {
         path: String,
     },
+    /// `/_berth/api/mirror/<name>`: a whole mirrored repository (an admin purges it).
+    MirrorRepo {
+        name: RepoName,
+    },
 }
 
 /// An upload session id: berth issues them as 32 lower-case hex digits.
@@ -103,6 +107,11 @@ impl Route {
             "/metrics" => return Ok(Route::Metrics),
             "/auth/token" => return Ok(Route::Token),
             _ => {}
+        }
+        if let Some(name) = path.strip_prefix("/_berth/api/mirror/") {
+            return Ok(Route::MirrorRepo {
+                name: RepoName::parse(name.trim_end_matches('/'))?,
+            });
         }
         let Some(rest) = path.strip_prefix("/v2/") else {
             if path == "/" || path.starts_with("/ui/") {
@@ -168,6 +177,7 @@ impl Route {
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
             Route::Status { .. } => "status",
+            Route::MirrorRepo { .. } => "admin",
         }
     }
 }
@@ -267,6 +277,13 @@ mod tests {
         assert!(matches!(
             Route::parse("/v2/alpine/whatever/x"),
             Err(RegistryError::NotFound(_))
+        ));
+        assert!(
+            matches!(Route::parse("/_berth/api/mirror/library/alpine/").unwrap(), Route::MirrorRepo { name } if name.as_str() == "library/alpine")
+        );
+        assert!(matches!(
+            Route::parse("/_berth/api/mirror/../x"),
+            Err(RegistryError::NameInvalid(_))
         ));
     }
 

@@ -21,6 +21,7 @@
 pub mod disk;
 mod fsck;
 pub mod gc;
+pub mod inventory;
 pub mod lru;
 pub mod manifests;
 pub mod pages;
@@ -242,6 +243,10 @@ pub trait ContentStore: Send + Sync + 'static {
 
     /// Forgets a manifest's media type (the blob itself is removed separately).
     fn remove_manifest_type(&self, area: Area, digest: &Digest) -> io::Result<()>;
+
+    /// Every manifest of an area: the digests with a recorded media type (their blobs may have
+    /// gone since), unsorted.
+    fn manifest_digests(&self, area: Area) -> io::Result<Vec<Digest>>;
 
     // --- tags ------------------------------------------------------------------------------
     // `upstream` is the registry a mirrored repository comes from (`LOCAL_UPSTREAM` for private

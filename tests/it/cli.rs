@@ -360,6 +360,7 @@ fn the_shipped_man_pages_are_the_ones_the_command_line_makes() {
         Some("user"),
         Some("gc"),
         Some("warm"),
+        Some("cache"),
     ] {
         let mut cmd = berth();
         cmd.arg("man");

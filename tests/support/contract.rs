@@ -109,10 +109,14 @@ fn blocking_checks(store: &Store) {
         (&m[..], "application/vnd.oci.image.manifest.v1+json")
     );
     assert!(store.get_manifest(Area::Local, &md).unwrap().is_none());
+    // Listed among the area's manifests (what a purge weighs), and only there.
+    assert_eq!(store.manifest_digests(Area::Cache).unwrap(), vec![md]);
+    assert!(store.manifest_digests(Area::Local).unwrap().is_empty());
     store.remove_blob(Area::Cache, &md).unwrap();
     store.remove_blob(Area::Cache, &md).unwrap();
     assert!(store.get_manifest(Area::Cache, &md).unwrap().is_none());
     store.remove_manifest_type(Area::Cache, &md).unwrap();
+    assert!(store.manifest_digests(Area::Cache).unwrap().is_empty());
 
     // Tags: last writer wins, variants apart, listed in order.
     let repo = RepoName::parse("library/alpine").unwrap();

@@ -77,13 +77,18 @@ pub(super) async fn start_upload(
     let ps = app.private.store.clone();
     if let Some(mount) = &query.mount {
         let digest = Digest::parse(mount)?;
-        // Mounting reads the source repository: a token must grant pulling it.
+        // Mounting reads the source repository: a token must grant pulling it, and the access
+        // rules must let the user pull it.
+        let config = &app.config;
         let readable = |f: &RepoName| {
             user.map_or(true, |u| {
                 u.may(&crate::auth::Need {
                     resource: format!("repository:{f}"),
                     actions: crate::auth::Actions::PULL,
-                })
+                }) && (config.private_pull_public
+                    || crate::auth::rules::rights(config, u.name(), f)
+                        .actions
+                        .contains(crate::auth::Actions::PULL))
             })
         };
         let from = match &query.from {
@@ -91,9 +96,10 @@ pub(super) async fn start_upload(
             None => None,
         };
         // Without `from` the blob may come from any repository, which a token scoped to
-        // repositories cannot vouch for: its holder uploads instead.
+        // repositories (or a user limited by access rules) cannot vouch for: they upload
+        // instead.
         let mountable = match &query.from {
-            None => user.map_or(true, |u| !u.is_scoped()),
+            None => config.access.is_empty() && user.map_or(true, |u| !u.is_scoped()),
             Some(_) => from.is_some(),
         };
         let (ps2, target) = (ps.clone(), name.clone());

@@ -337,13 +337,14 @@ impl Scraped {
             "Requests refused by authentication limits: failed_logins (address over its limit, \
              refused before hashing), busy (too many password checks waiting), scope (a token \
              without the needed grant), token (a token unknown, expired or not signed with \
-             this berth's key)",
+             this berth's key), rule (a user the access rules do not allow)",
             true,
             [
                 ("failed_logins", &auth.refused_failures),
                 ("busy", &auth.refused_busy),
                 ("scope", &auth.refused_scope),
                 ("token", &auth.refused_token),
+                ("rule", &auth.refused_rule),
             ]
             .iter()
             .map(|(reason, v)| (vec![("reason", (*reason).to_owned())], load(v)))

@@ -308,6 +308,25 @@ impl ContentStore for DiskStore {
         remove_if_exists(&self.type_path(area, digest))
     }
 
+    fn manifest_digests(&self, area: Area) -> io::Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        let shards = match fs::read_dir(self.root.join(area.name()).join("types/sha256")) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for shard in shards.filter_map(Result::ok) {
+            let Ok(files) = fs::read_dir(shard.path()) else {
+                continue;
+            };
+            out.extend(files.filter_map(Result::ok).filter_map(|f| {
+                let name = f.file_name();
+                Digest::parse(&format!("sha256:{}", name.to_str()?)).ok()
+            }));
+        }
+        Ok(out)
+    }
+
     fn get_tag(
         &self,
         area: Area,

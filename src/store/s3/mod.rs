@@ -345,6 +345,15 @@ impl ContentStore for S3Store {
         self.local.remove_manifest_type(area, digest)
     }
 
+    fn manifest_digests(&self, area: Area) -> io::Result<Vec<Digest>> {
+        Ok(self
+            .bucket
+            .list(&format!("{}/types/sha256", area.name()))?
+            .into_iter()
+            .filter_map(|l| digest_of_key(&l.key))
+            .collect())
+    }
+
     fn get_tag(
         &self,
         area: Area,
