@@ -16,6 +16,9 @@ pub struct Need {
     pub actions: Actions,
 }
 
+/// The resource user management needs, in token-scope terms.
+pub const USERS_RESOURCE: &str = "registry:users";
+
 impl Need {
     /// What a route needs, in token-scope terms; None for routes outside any repository.
     pub fn of(route: &Route, method: &Method) -> Option<Need> {
@@ -42,6 +45,15 @@ impl Need {
             Route::UploadStart { name } | Route::Upload { name, .. } => (name, Actions::PUSH),
             // A purge of a whole mirrored repository deletes, as a purge of one manifest does.
             Route::MirrorRepo { name } => (name, Actions::DELETE),
+            // A warm-up pulls (admin, besides, which only rules grant).
+            Route::Warm { name } => (name, Actions::PULL),
+            // Users are no repository's: admin over every repository (see `rules::check`).
+            Route::Users { .. } => {
+                return Some(Need {
+                    resource: USERS_RESOURCE.into(),
+                    actions: Actions::ALL,
+                })
+            }
             _ => return None,
         };
         Some(Need {
@@ -124,7 +136,7 @@ impl Access {
             Route::Catalog if namespaces == Namespaces::WithPrivate => Access::PrivateRead,
             Route::Catalog | Route::Status { .. } => Access::Mirror,
             Route::UploadStart { .. } | Route::Upload { .. } if private => Access::PrivateWrite,
-            Route::MirrorRepo { .. } => Access::Admin,
+            Route::MirrorRepo { .. } | Route::Warm { .. } | Route::Users { .. } => Access::Admin,
             Route::Manifest { .. } if !private && *method == Method::DELETE => Access::Admin,
             Route::Manifest { .. }
             | Route::Blob { .. }

@@ -8,7 +8,7 @@
 //! rules: they stay anonymous, or open to every user under `auth_everything`.
 
 use crate::auth::{Access, Actions, Need};
-use crate::config::{Config, Permission};
+use crate::config::{AccessRule, Config, Permission};
 use crate::oci::names::RepoName;
 
 /// What a user may do to one repository.
@@ -29,14 +29,9 @@ pub fn rights(config: &Config, user: &str, repo: &RepoName) -> Rights {
     }
     let mut granted = Vec::new();
     for rule in &config.access {
-        let names_user = rule.users.iter().any(|u| u == user)
-            || rule.groups.iter().any(|g| {
-                config
-                    .groups
-                    .get(g)
-                    .is_some_and(|members| members.iter().any(|m| m == user))
-            });
-        if names_user && rule.repositories.iter().any(|p| p.matches(repo.as_str())) {
+        if names_user(config, rule, user)
+            && rule.repositories.iter().any(|p| p.matches(repo.as_str()))
+        {
             granted.extend_from_slice(&rule.actions);
         }
     }
@@ -63,19 +58,47 @@ pub fn rights(config: &Config, user: &str, repo: &RepoName) -> Rights {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub missing: Permission,
-    pub repo: RepoName,
+    /// A repository's name, or what else was asked for (`every repository`).
+    pub on: String,
 }
 
 impl Refusal {
     pub fn message(&self, user: &str) -> String {
-        format!("{user} may not {} {}", self.missing.verb(), self.repo)
+        format!("{user} may not {} {}", self.missing.verb(), self.on)
     }
+}
+
+/// Whether a rule makes `user` admin of every repository (the pattern `*`): what managing
+/// users needs, since a user of the htpasswd file is no repository's.
+pub fn admin_of_everything(config: &Config, user: &str) -> bool {
+    config.access.iter().any(|rule| {
+        rule.actions.contains(&Permission::Admin)
+            && rule.repositories.iter().any(|p| p.as_str() == "*")
+            && names_user(config, rule, user)
+    })
+}
+
+/// Whether a rule is about `user`: by name, or by one of the user's groups.
+fn names_user(config: &Config, rule: &AccessRule, user: &str) -> bool {
+    rule.users.iter().any(|u| u == user)
+        || rule.groups.iter().any(|g| {
+            config
+                .groups
+                .get(g)
+                .is_some_and(|members| members.iter().any(|m| m == user))
+        })
 }
 
 /// Whether `user` may do what a request needs; only the private namespace and admin requests
 /// are governed by rules.
 pub fn check(config: &Config, user: &str, access: Access, need: &Need) -> Result<(), Refusal> {
     let Some(repo) = need.repository() else {
+        if access == Access::Admin && !admin_of_everything(config, user) {
+            return Err(Refusal {
+                missing: Permission::Admin,
+                on: "every repository (user management needs admin on \"*\")".into(),
+            });
+        }
         return Ok(());
     };
     let rights = rights(config, user, &repo);
@@ -92,7 +115,10 @@ pub fn check(config: &Config, user: &str, access: Access, need: &Need) -> Result
         }
         _ => return Ok(()),
     };
-    Err(Refusal { missing, repo })
+    Err(Refusal {
+        missing,
+        on: repo.to_string(),
+    })
 }
 
 #[cfg(test)]

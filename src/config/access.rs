@@ -67,6 +67,10 @@ impl TryFrom<String> for RepoPattern {
 }
 
 impl RepoPattern {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     pub fn matches(&self, name: &str) -> bool {
         glob(self.0.as_bytes(), name.as_bytes())
     }

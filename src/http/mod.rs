@@ -240,6 +240,8 @@ impl App {
             (Route::MirrorRepo { name }, Method::DELETE) => {
                 self.purge_repository(name, &query).await
             }
+            (Route::Warm { name }, Method::POST) => self.start_warm(name, req.uri().query()),
+            (Route::Users { user }, _) => self.users(user, req).await,
             (
                 Route::Manifest { .. }
                 | Route::Blob { .. }

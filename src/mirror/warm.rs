@@ -120,7 +120,8 @@ impl Tally {
 /// What warming has done, for the metrics, and the prefetches under way.
 pub struct Warming {
     /// Images warmed, by result: `warmed` (something was fetched), `unchanged` (all cached),
-    /// `failed`, `reserve` (stopped at the rate-limit reserve).
+    /// `failed`, `reserve` (stopped at the rate-limit reserve), `busy` (an admin's warm-up
+    /// refused: too many running).
     pub images: Tally,
     /// Blobs, by result: `fetched`, `cached`, `failed`.
     pub blobs: Tally,
@@ -132,6 +133,8 @@ pub struct Warming {
     /// Moved tags' images being prefetched, by upstream and digest.
     prefetching: Mutex<HashSet<(String, Digest)>>,
     prefetch_slots: Arc<tokio::sync::Semaphore>,
+    /// Warm-ups an admin asked for (API, status page) running at once.
+    requested_slots: Arc<tokio::sync::Semaphore>,
     /// The server's shutdown signal, once it runs: prefetches stop with it.
     stopped: OnceLock<tokio::sync::watch::Receiver<bool>>,
 }
@@ -156,9 +159,35 @@ impl Default for Warming {
             prefetches: Tally::default(),
             prefetching: Mutex::new(HashSet::new()),
             prefetch_slots: Arc::new(tokio::sync::Semaphore::new(PREFETCH_CONCURRENCY)),
+            requested_slots: Arc::new(tokio::sync::Semaphore::new(REQUESTED_CONCURRENCY)),
             stopped: OnceLock::new(),
         }
     }
+}
+
+/// Warm-ups asked for by admins running at once; more are refused (and counted as `busy`),
+/// never queued without bound.
+const REQUESTED_CONCURRENCY: usize = 4;
+
+/// Starts warming an image in the background, as an admin asked (the API, the status page):
+/// false, with the refusal counted in `images{result="busy"}` and logged, when
+/// [`REQUESTED_CONCURRENCY`] are running already. The warm-up logs and counts its own result,
+/// and stops with the server.
+pub fn start(mirror: &Arc<Mirror>, req: WarmRequest) -> bool {
+    let Ok(slot) = mirror.warm.requested_slots.clone().try_acquire_owned() else {
+        mirror.warm.images.add("busy", 1);
+        tracing::warn!(repository = %req.repository, reference = %req.reference, running = REQUESTED_CONCURRENCY, "warm-up refused: too many running");
+        return false;
+    };
+    let mirror = mirror.clone();
+    tokio::spawn(async move {
+        let _slot = slot;
+        tokio::select! {
+            _ = warm_image(&mirror, &req) => {}
+            _ = mirror.warm.until_stopped() => {}
+        }
+    });
+    true
 }
 
 /// The media types a pull by Docker or containerd accepts: warmed tags are cached under the

@@ -56,6 +56,15 @@ pub enum Route {
     MirrorRepo {
         name: RepoName,
     },
+    /// `/_berth/api/warm/<name>`: an admin starts pulling an image of it into the cache.
+    Warm {
+        name: RepoName,
+    },
+    /// `/_berth/api/users[/<user>]`: an admin lists, sets or removes users of the htpasswd file.
+    /// The name is checked by the handler, as `berth user` checks it.
+    Users {
+        user: Option<String>,
+    },
 }
 
 /// An upload session id: berth issues them as 32 lower-case hex digits.
@@ -111,6 +120,19 @@ impl Route {
         if let Some(name) = path.strip_prefix("/_berth/api/mirror/") {
             return Ok(Route::MirrorRepo {
                 name: RepoName::parse(name.trim_end_matches('/'))?,
+            });
+        }
+        if let Some(name) = path.strip_prefix("/_berth/api/warm/") {
+            return Ok(Route::Warm {
+                name: RepoName::parse(name.trim_end_matches('/'))?,
+            });
+        }
+        if path == "/_berth/api/users" {
+            return Ok(Route::Users { user: None });
+        }
+        if let Some(user) = path.strip_prefix("/_berth/api/users/") {
+            return Ok(Route::Users {
+                user: Some(user.chars().take(200).collect()),
             });
         }
         let Some(rest) = path.strip_prefix("/v2/") else {
@@ -177,7 +199,7 @@ impl Route {
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
             Route::Status { .. } => "status",
-            Route::MirrorRepo { .. } => "admin",
+            Route::MirrorRepo { .. } | Route::Warm { .. } | Route::Users { .. } => "admin",
         }
     }
 }

@@ -724,3 +724,99 @@ async fn a_mount_needs_pull_on_its_source_under_the_rules() {
         .await;
     assert_eq!(r.status, 201, "{:?}", r.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_starts_a_warm_up_over_the_api() {
+    let e = Env::start(RULES).await;
+    let img = Image::new(8, &[300, 500]);
+    e.up.add_image("library/alpine", "3.20", &img);
+    let path = "/_berth/api/warm/alpine?reference=3.20";
+    // Not an admin: refused, naming what is missing; nothing fetched.
+    assert_denied(
+        &e.req(Method::POST, path, "alice").await,
+        "alice may not administer (purge) alpine",
+    );
+    let r = send(Method::POST, &e.b.url(path), &[]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(e.up.count("GET", "/blobs/"), 0);
+    // A bad platform is refused before anything starts.
+    let r = e
+        .req(Method::POST, &format!("{path}&platform=linux"), "carol")
+        .await;
+    assert_eq!(r.status, 405, "{:?}", r.body);
+    // The admin: 202 at once, then the image lands in the cache.
+    let r = e.req(Method::POST, path, "carol").await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(r.json()["repository"], "alpine");
+    assert_eq!(r.json()["reference"], "3.20");
+    wait_for("the warmed blobs", std::time::Duration::from_secs(10), || {
+        img.blobs().iter().all(|b| e.cache_has(&sha256(b)))
+    })
+    .await;
+    e.b.settle().await;
+    // A pull now is all hits: no more upstream GETs.
+    let before = e.up.count("GET", "/");
+    pull(&e.b, "alpine", "3.20", &img).await;
+    assert_eq!(
+        e.up.count("GET", "/"),
+        before,
+        "the pull was served from the cache"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_of_everything_manages_users_over_the_api() {
+    let e = Env::start(RULES).await;
+    let list = || e.req(Method::GET, "/_berth/api/users", "carol");
+    let r = list().await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.json()["users"],
+        serde_json::json!(["alice", "bob", "carol", "dave"])
+    );
+    // Users without admin on `*` may not, whatever else they may do.
+    assert_denied(
+        &e.req(Method::GET, "/_berth/api/users", "alice").await,
+        "alice may not administer (purge) every repository (user management needs admin on \"*\")",
+    );
+    let carol = basic("carol");
+    let set = |name: &str, body: &'static str| {
+        let url = e.b.url(&format!("/_berth/api/users/{name}"));
+        let carol = carol.clone();
+        async move {
+            send_body(
+                Method::PUT,
+                &url,
+                &[("authorization", carol.as_str())],
+                Bytes::from_static(body.as_bytes()),
+            )
+            .await
+        }
+    };
+    let r = set("eve", r#"{"password": "pw"}"#).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    // eve logs in with the password the API set.
+    assert_eq!(e.req(Method::GET, "/v2/", "eve").await.status, 200);
+    assert_eq!(set("eve", r#"{"password": "pw"}"#).await.status, 200);
+    // Bad input: a bad name, a body that is not the password, one too large.
+    assert_eq!(
+        set("bad:name", r#"{"password": "x"}"#).await.error_code(),
+        "NAME_INVALID"
+    );
+    assert_eq!(set("eve", r#"{"pass": "x"}"#).await.status, 405);
+    let huge: &'static str =
+        Box::leak(format!("{{\"password\": \"{}\"}}", "x".repeat(5000)).into_boxed_str());
+    assert_eq!(set("eve", huge).await.error_code(), "SIZE_INVALID");
+    let r = e
+        .req(Method::DELETE, "/_berth/api/users/eve", "carol")
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(
+        list().await.json()["users"],
+        serde_json::json!(["alice", "bob", "carol", "dave"])
+    );
+    let r = e
+        .req(Method::DELETE, "/_berth/api/users/eve", "carol")
+        .await;
+    assert_eq!(r.status, 404);
+}

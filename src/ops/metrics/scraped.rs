@@ -112,8 +112,9 @@ impl Scraped {
         for (name, help, tally) in [
             (
                 "berth_warm_images",
-                "Images warmed (`[[warm]]`, `berth warm`'s server side, prefetches), by result: \
-                 warmed, unchanged, failed, reserve (stopped at ratelimit_reserve)",
+                "Images warmed (`[[warm]]`, admin warm-ups, prefetches), by result: warmed, \
+                 unchanged, failed, reserve (stopped at ratelimit_reserve), busy (an admin's \
+                 warm-up refused: too many running)",
                 &mirror.warm.images,
             ),
             (
