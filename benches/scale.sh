@@ -4,7 +4,9 @@
 # connections (wrk), with throughput, p99 latency and the server's peak RSS at each level.
 #
 #   bash benches/scale.sh [--duration 5s] [--levels "1 8 64 256 1024"] [--profile dist|release]
+#                         [--mirrors "berth nginx distribution"] [--berth PATH]
 #
+# --berth runs that binary (an A/B of two builds) instead of building one.
 # The blob is a 2 MiB layer and the manifest a Docker schema 2 image manifest, both warm in
 # every mirror (fetched once before measuring). RSS is sampled every 100 ms during each level
 # (nginx: master and workers together), whole and anonymous (RssAnon: without the page-cache
@@ -18,11 +20,15 @@ HELPER="python3 $ROOT/benches/mirror.py"
 DURATION=5s
 LEVELS="1 8 64 256 1024"
 PROFILE=dist
+MIRRORS="berth nginx distribution"
+BERTH=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --duration) DURATION=$2; shift ;;
         --levels) LEVELS=$2; shift ;;
         --profile) PROFILE=$2; shift ;;
+        --mirrors) MIRRORS=$2; shift ;;
+        --berth) BERTH=$2; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option: $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -32,9 +38,11 @@ done
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 need_tools docker-registry nginx curl python3 skopeo wrk
-log "cargo build --profile $PROFILE"
-cargo build --profile "$PROFILE" >&2
-BERTH=$ROOT/target/$PROFILE/berth
+if [ -z "$BERTH" ]; then
+    log "cargo build --profile $PROFILE"
+    cargo build --profile "$PROFILE" >&2
+    BERTH=$ROOT/target/$PROFILE/berth
+fi
 ulimit -n 65536 2>/dev/null || true
 
 start_upstream
@@ -98,7 +106,6 @@ level() {
 
 # Manifests differ by Accept: nginx keys its cache by both.
 NGINX_CACHE_KEY='$uri$http_accept'
-MIRRORS="berth nginx distribution"
 for who in $MIRRORS; do
     log "$who"
     start_peer "$who" "$TMP/$who"

@@ -186,12 +186,19 @@ impl App {
             _ => Repository::Mirrored,
         };
         let access = Access::of(&route, &method, repo, Namespaces::of(&self.config));
-        let user = self
-            .auth
-            .authorize(&self.config, access, need, req.headers(), client)
-            .await?;
+        // Each step's future is boxed: one request's future is then the size of the step it is
+        // at, not the sum of every step's (rustc lays awaited futures out side by side), which
+        // is what concurrent requests hold.
+        let user = Box::pin(
+            self.auth
+                .authorize(&self.config, access, need, req.headers(), client),
+        )
+        .await?;
         if repo == Repository::Private || route == Route::Catalog {
-            return crate::http::private::dispatch(self, route, req, query, user).await;
+            return Box::pin(crate::http::private::dispatch(
+                self, route, req, query, user,
+            ))
+            .await;
         }
         match (route, method) {
             (Route::Base, Method::GET | Method::HEAD) => {
@@ -199,10 +206,13 @@ impl App {
             }
             (Route::Healthz, Method::GET | Method::HEAD) => Ok(text(StatusCode::OK, "ok\n")),
             (Route::Token, Method::GET) => {
-                let token = self
-                    .auth
-                    .issue_token(&self.config, req.headers(), req.uri().query(), client)
-                    .await?;
+                let token = Box::pin(self.auth.issue_token(
+                    &self.config,
+                    req.headers(),
+                    req.uri().query(),
+                    client,
+                ))
+                .await?;
                 let body = serde_json::json!({
                     "token": token,
                     "access_token": token,
@@ -226,22 +236,20 @@ impl App {
                         .iter()
                         .filter_map(|v| v.to_str().ok()),
                 );
-                self.get_manifest(name, reference, &query, &accept, head)
-                    .await
+                Box::pin(self.get_manifest(name, reference, &query, &accept, head)).await
             }
             (Route::Blob { name, digest }, Method::GET | Method::HEAD) => {
-                self.get_blob(name, digest, &query, &BlobRead::of(&req))
-                    .await
+                Box::pin(self.get_blob(name, digest, &query, &BlobRead::of(&req))).await
             }
-            (Route::Tags { name }, Method::GET) => self.get_tags(name, &query).await,
+            (Route::Tags { name }, Method::GET) => Box::pin(self.get_tags(name, &query)).await,
             (Route::Manifest { name, reference }, Method::DELETE) => {
-                self.purge_manifest(name, reference, &query).await
+                Box::pin(self.purge_manifest(name, reference, &query)).await
             }
             (Route::MirrorRepo { name }, Method::DELETE) => {
-                self.purge_repository(name, &query).await
+                Box::pin(self.purge_repository(name, &query)).await
             }
             (Route::Warm { name }, Method::POST) => self.start_warm(name, req.uri().query()),
-            (Route::Users { user }, _) => self.users(user, req).await,
+            (Route::Users { user }, _) => Box::pin(self.users(user, req)).await,
             (
                 Route::Manifest { .. }
                 | Route::Blob { .. }

@@ -81,7 +81,9 @@ impl Service {
         let resp = match intercept(&self, &info, &req) {
             Some(resp) => resp,
             None => {
-                let served = self.app.respond(route, req, info.client.ip, &*self);
+                // Boxed: `scope` holds its future in two places, so unboxed it would count twice
+                // in what every request in flight holds.
+                let served = Box::pin(self.app.respond(route, req, info.client.ip, &*self));
                 self.ops.limits.scope(info.client.ip, served).await
             }
         };

@@ -749,9 +749,11 @@ async fn an_admin_starts_a_warm_up_over_the_api() {
     assert_eq!(r.status, 202, "{:?}", r.body);
     assert_eq!(r.json()["repository"], "alpine");
     assert_eq!(r.json()["reference"], "3.20");
-    wait_for("the warmed blobs", std::time::Duration::from_secs(10), || {
-        img.blobs().iter().all(|b| e.cache_has(&sha256(b)))
-    })
+    wait_for(
+        "the warmed blobs",
+        std::time::Duration::from_secs(10),
+        || img.blobs().iter().all(|b| e.cache_has(&sha256(b))),
+    )
     .await;
     e.b.settle().await;
     // A pull now is all hits: no more upstream GETs.
