@@ -31,6 +31,7 @@
 //! A `berth serve` line runs in the background until the next `serve` line (which replaces it,
 //! as a user stops one to start the other) or the end, and is waited for by polling its ports.
 
+use std::cell::RefCell;
 use std::ffi::OsString;
 use std::fs;
 use std::io::{Read, Write};
@@ -205,6 +206,31 @@ const CHECKS: &[Check] = &[
         },
     },
     Check {
+        command: "docker login",
+        states: "a Bearer challenge, then /auth/token with the password",
+        check: |ctx, _| {
+            let log = ctx
+                .serve_log
+                .borrow()
+                .clone()
+                .expect("a berth serve is running");
+            // The request line is written as the response ends, maybe after docker returned.
+            wait_for(
+                "berth to log the challenge, then the token (docker login)",
+                START_DEADLINE,
+                || {
+                    let text = fs::read_to_string(&log).unwrap_or_default();
+                    let at = |path: &str, status: u16| {
+                        let needle = format!(" path=\"{path}\" status={status} ");
+                        text.lines().position(|l| l.contains(&needle))
+                    };
+                    let (challenge, token) = (at("/v2/", 401)?, at("/auth/token", 200)?);
+                    (challenge < token).then_some(())
+                },
+            );
+        },
+    },
+    Check {
         command: "-X DELETE",
         states: "the tags go with it",
         check: |ctx, _| {
@@ -247,6 +273,8 @@ struct Ctx {
     port: u16,
     tls_port: u16,
     env: Vec<(String, OsString)>,
+    /// The log of the `berth serve` running now.
+    serve_log: RefCell<Option<PathBuf>>,
 }
 
 impl Ctx {
@@ -571,6 +599,7 @@ fn readme_commands_run_as_written() {
         port,
         tls_port,
         env,
+        serve_log: RefCell::new(None),
     };
 
     // The images the README assumes: docker.rs's generated single-platform image, as
@@ -655,6 +684,7 @@ fn readme_commands_run_as_written() {
                 w.ca = Some(CertsDEntry::add(&format!("{README_HOST}:{tls_port}"), &ca));
             }
             serve = Some(p);
+            *ctx.serve_log.borrow_mut() = Some(log);
             None
         } else {
             let ran = ctx.run(&line);
@@ -769,6 +799,9 @@ fn readme_blocks_are_read_as_a_shell_would() {
         "X=1 {berth} serve --htpasswd {tmp}/htpasswd"
     );
     assert_eq!(program("X=1 {berth} serve"), "{berth}");
+    // A program the test has not set up is refused, not run.
+    let other = rewrite("podman pull mirror.office:5000/x", &mut used);
+    assert!(!PROGRAMS.contains(&program(&other)));
     assert_eq!(
         exec_form("X=1 Y=2 {berth} serve"),
         "X=1 Y=2 exec {berth} serve"
