@@ -39,6 +39,9 @@ const MIRROR_HOST: &str = "berth-mirror.test";
 /// daemon.json says, and then skips certificate checks (and certs.d); ::1 is outside that range.
 const MIRROR_HOST6: &str = "berth-mirror6.test";
 
+/// The README's name for the mirror, which `readme.rs` maps to ::1 to run its commands as written.
+pub(crate) const README_HOST: &str = "mirror.office";
+
 /// Where dockerd 20.10 looks for a registry's (or mirror's) CA: `CERTS_D/HOST:PORT/ca.crt`.
 /// `--config-file` does not move it.
 const CERTS_D: &str = "/etc/docker/certs.d";
@@ -585,26 +588,26 @@ fn show(reqs: &[Req]) -> String {
 // ---------------------------------------------------------------------------------------------
 // The world: temp dir, upstream, berth, dockerd, hosts entry
 
-struct World {
+pub(crate) struct World {
     // Dropped in this order (see Drop): every process before the temp dir.
     dockerd: Option<Dockerd>,
     berth: Option<Berth>,
     upstream: Option<Proc>,
-    hosts: Option<HostsEntry>,
-    ca: Option<CertsDEntry>,
-    upstream_port: u16,
+    pub(crate) hosts: Option<HostsEntry>,
+    pub(crate) ca: Option<CertsDEntry>,
+    pub(crate) upstream_port: u16,
     upstream_log: PathBuf,
     berth_runs: usize,
     images: Images,
     tools: Tools,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     tmp: Option<tempfile::TempDir>,
     _serial: MutexGuard<'static, ()>,
 }
 
 impl World {
     /// Checks the tools, writes the images, starts the upstream registry and seeds it.
-    fn new(name: &str) -> World {
+    pub(crate) fn new(name: &str) -> World {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let tools = Tools::find();
         let tmp = tempfile::Builder::new()
@@ -794,11 +797,11 @@ impl World {
         self.berth.as_ref().expect("berth running")
     }
 
-    fn start_dockerd(&mut self, daemon_json: Value) {
+    pub(crate) fn start_dockerd(&mut self, daemon_json: Value) {
         self.dockerd = Some(Dockerd::start(&self.tools, &self.dir, daemon_json));
     }
 
-    fn docker(&self) -> &Dockerd {
+    pub(crate) fn docker(&self) -> &Dockerd {
         self.dockerd.as_ref().expect("dockerd running")
     }
 
@@ -1100,7 +1103,7 @@ fn field(line: &str, key: &str) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // dockerd
 
-struct Dockerd {
+pub(crate) struct Dockerd {
     proc: Option<Proc>,
     root: PathBuf,
     sock: PathBuf,
@@ -1135,7 +1138,7 @@ impl Dockerd {
             .env("HTTPS_PROXY", &dead_proxy)
             .env(
                 "NO_PROXY",
-                format!("localhost,127.0.0.1,::1,{MIRROR_HOST},{MIRROR_HOST6}"),
+                format!("localhost,127.0.0.1,::1,{MIRROR_HOST},{MIRROR_HOST6},{README_HOST}"),
             )
             .arg("--config-file")
             .arg(&config)
@@ -1181,6 +1184,17 @@ impl Dockerd {
             other => other.into(),
         };
         d
+    }
+
+    /// The environment that points a `docker` command at this daemon with its own CLI config.
+    pub(crate) fn client_env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        vec![
+            ("DOCKER_CONFIG", self.cli_config.clone().into()),
+            (
+                "DOCKER_HOST",
+                format!("unix://{}", self.sock.display()).into(),
+            ),
+        ]
     }
 
     fn cli(&self, args: &[&str]) -> Command {
@@ -1322,7 +1336,7 @@ fn unmount_under(dir: &Path) {
 // /etc/hosts
 
 /// A line mapping a name to an address in /etc/hosts, removed again when dropped.
-struct HostsEntry {
+pub(crate) struct HostsEntry {
     line: String,
 }
 
@@ -1330,7 +1344,7 @@ const HOSTS: &str = "/etc/hosts";
 const HOSTS_MARK: &str = "# added by berth interop_docker";
 
 impl HostsEntry {
-    fn add(ip: &str, name: &str) -> HostsEntry {
+    pub(crate) fn add(ip: &str, name: &str) -> HostsEntry {
         let line = format!("{ip} {name} {HOSTS_MARK}");
         // A crashed earlier run may have left its line: one copy is enough.
         let mut hosts = strip_line(&fs::read_to_string(HOSTS).expect("read /etc/hosts"), &line);
@@ -1363,13 +1377,13 @@ impl Drop for HostsEntry {
 
 /// `CERTS_D/HOST:PORT/ca.crt`, removed when dropped together with every directory this guard
 /// created for it (deepest first, and only while empty).
-struct CertsDEntry {
+pub(crate) struct CertsDEntry {
     file: PathBuf,
     created: Vec<PathBuf>,
 }
 
 impl CertsDEntry {
-    fn add(host_port: &str, ca: &Path) -> CertsDEntry {
+    pub(crate) fn add(host_port: &str, ca: &Path) -> CertsDEntry {
         let dir = Path::new(CERTS_D).join(host_port);
         let file = dir.join("ca.crt");
         assert!(

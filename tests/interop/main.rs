@@ -8,6 +8,8 @@
 //!   files shipped in `deploy/clients/`.
 //! - `docker`: a private dockerd with berth as its registry mirror.
 //! - `browser`: the status page in headless chromium.
+//! - `readme`: every command of the README's quick start and private-namespace sections, run
+//!   as written against a local upstream (with documented rewrites), so the docs cannot drift.
 //!
 //! Shared helpers: `oci` (deterministic OCI images and layouts), `procs` (the processes and how
 //! to run them), `pulls` (pushing and checking pulls), and the fresh-machine tier's harness
@@ -24,6 +26,7 @@ mod pulls;
 
 mod browser;
 mod docker;
+mod readme;
 mod replicas;
 mod s3;
 mod skopeo;
