@@ -70,6 +70,13 @@ pub trait OpsPages: Send + Sync {
         head: bool,
         client: std::net::IpAddr,
     ) -> futures_util::future::BoxFuture<'a, Result<Response<Body>, RegistryError>>;
+    /// A form posted to the status page (sign-in, sign-out, actions on a repository).
+    fn form<'a>(
+        &'a self,
+        path: &'a str,
+        req: Request<Incoming>,
+        client: std::net::IpAddr,
+    ) -> futures_util::future::BoxFuture<'a, Result<Response<Body>, RegistryError>>;
 }
 
 /// Marks a request that arrived over TLS (set by the TLS listener).
@@ -218,6 +225,7 @@ impl App {
             (Route::Status { path }, Method::GET | Method::HEAD) => {
                 pages.status(&path, &req, head, client).await
             }
+            (Route::Status { path }, Method::POST) => pages.form(&path, req, client).await,
             (Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
                 let accept = AcceptSet::from_headers(
                     req.headers()
