@@ -14,6 +14,7 @@ mod deploy;
 mod fetch;
 mod ops;
 mod pull;
+mod signin;
 mod push;
 mod store;
 mod tls;
