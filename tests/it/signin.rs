@@ -6,7 +6,10 @@
 use base64::Engine as _;
 use http::Method;
 
-use crate::support::client::{send, send_body, Reply};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::support::client::{send, send_body, wait_for, Reply};
 use crate::support::fake::Fake;
 use crate::support::harness::Berth;
 use crate::support::image::{sha256, Image};
@@ -24,6 +27,10 @@ struct Env {
 
 impl Env {
     async fn start() -> Env {
+        Env::start_with(|_| {}).await
+    }
+
+    async fn start_with(tweak: impl FnOnce(&mut berth::config::Config)) -> Env {
         let users = tempfile::tempdir().unwrap();
         let htpasswd = users.path().join("htpasswd");
         berth::auth::add_user(&htpasswd, USER, PASSWORD, 4).unwrap();
@@ -31,6 +38,7 @@ impl Env {
         let b = Berth::start(&up, |c| {
             c.private_ns = vec!["private".into()];
             c.htpasswd = Some(htpasswd);
+            tweak(c);
         })
         .await;
         let basic = format!(
@@ -372,4 +380,66 @@ async fn a_session_is_no_credential_for_the_registry_api() {
         assert_eq!(r.status, 401, "{method} {path}");
     }
     assert_eq!(e.api_status("private/app", "v1").await, 200);
+}
+
+/// Webhook deliveries received: their JSON bodies.
+type Received = Arc<Mutex<Vec<serde_json::Value>>>;
+
+/// A webhook receiver on a free port answering 200; its URL.
+async fn receiver() -> (String, Received) {
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let events = Received::default();
+    let ev = events.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let ev = ev.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let ev = ev.clone();
+                    async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        ev.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Empty::<bytes::Bytes>::new(),
+                        ))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}/hook"), events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_from_the_page_fires_the_webhook_with_the_signed_in_user() {
+    let (url, events) = receiver().await;
+    let hooks = berth::config::Config::from_toml(&format!("[[webhooks]]\nurl = \"{url}\"\n"))
+        .unwrap()
+        .webhooks;
+    let e = Env::start_with(move |c| c.webhooks = hooks).await;
+    let image = Image::new(204, &[10]);
+    e.push("private/app", "v1", &image).await;
+    let (_, session) = e.sign_in(USER, PASSWORD).await;
+    let cookie = session_header(&session.unwrap());
+    let token = csrf(&text(&e.page(REPO_PAGE, &cookie).await));
+    let fields = [("csrf", token.as_str()), ("action", "delete-tag"), ("tag", "v1")];
+    let r = e.post(REPO_PAGE, &[("cookie", &cookie)], &fields).await;
+    assert_eq!(r.status, 303, "{:?}", r.body);
+    wait_for("the delete event", Duration::from_secs(10), || {
+        events.lock().unwrap().iter().any(|e| e["action"] == "delete")
+    })
+    .await;
+    let events = events.lock().unwrap();
+    let delete = events.iter().find(|e| e["action"] == "delete").unwrap();
+    assert_eq!(delete["repository"], "private/app");
+    assert_eq!(delete["tag"], "v1");
+    assert_eq!(delete["digest"], image.digest);
+    assert_eq!(delete["actor"], USER);
 }

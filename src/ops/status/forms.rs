@@ -203,7 +203,7 @@ async fn sign_in(
     let sessions = &app.pages.sessions;
     match app.auth.sign_in(name, password, client).await {
         Ok(user) => {
-            let id = sessions.start(&user).await;
+            let id = sessions.start(user.name()).await;
             tracing::info!(%client, user = user.name(), "signed in to the status page");
             Ok(see_other(
                 "/",

@@ -87,10 +87,10 @@ impl Sessions {
         }
     }
 
-    /// Starts a session for `user`; its id.
-    pub async fn start(&self, user: &User) -> String {
+    /// Starts a session for the user `name` (whose password was just checked); its id.
+    pub async fn start(&self, name: &str) -> String {
         let id = hex::encode(rand::random::<[u8; 32]>());
-        self.live.insert(id.clone(), user.name().into()).await;
+        self.live.insert(id.clone(), name.into()).await;
         id
     }
 
@@ -239,5 +239,46 @@ pub fn foreign_origin<B>(req: &Request<B>, public_url: Option<&str>) -> Option<&
 impl Refusals {
     pub fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_store_is_bounded_and_keeps_the_newest_sessions() {
+        let sessions = Sessions::new(3);
+        let mut ids = Vec::new();
+        for i in 0..10 {
+            ids.push(sessions.start(&format!("u{i}")).await);
+        }
+        assert!(sessions.count().await <= 3, "{}", sessions.count().await);
+        // The newest sign-in is always kept (no admission policy turns it away).
+        let last = ids.last().unwrap();
+        assert_eq!(sessions.live.get(last).await.as_deref(), Some("u9"));
+        assert_eq!(sessions.live.get(&ids[0]).await, None);
+        assert_eq!(last.len(), 64);
+    }
+
+    #[test]
+    fn tokens_are_bound_to_their_session_and_purpose() {
+        let sessions = Sessions::new(3);
+        let t = sessions.token("session", "ab");
+        assert!(sessions.token_ok("session", "ab", &t));
+        assert!(!sessions.token_ok("session", "ac", &t));
+        assert!(!sessions.token_ok("login", "ab", &t));
+        assert!(!sessions.token_ok("session", "ab", ""));
+        // Another server (another key) does not take it.
+        assert!(!Sessions::new(3).token_ok("session", "ab", &t));
+    }
+
+    #[test]
+    fn only_plain_hex_cookies_are_read() {
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, "a=1; berth_session=zz".parse().unwrap());
+        h.append(COOKIE, "berth_login=00ff".parse().unwrap());
+        assert_eq!(cookie(&h, COOKIE_NAME), None);
+        assert_eq!(cookie(&h, LOGIN_COOKIE), Some("00ff"));
     }
 }
