@@ -192,10 +192,16 @@ impl App {
             _ => Repository::Mirrored,
         };
         let access = Access::of(&route, &method, repo, Namespaces::of(&self.config));
-        let user = self
-            .auth
-            .authorize(&self.config, access, need, req.headers(), client)
-            .await?;
+        // The status page authorizes itself: a session of its sign-in form counts there, and
+        // only there.
+        let user = match route {
+            Route::Status { .. } => None,
+            _ => {
+                self.auth
+                    .authorize(&self.config, access, need, req.headers(), client)
+                    .await?
+            }
+        };
         if repo == Repository::Private || route == Route::Catalog {
             return crate::http::private::dispatch(self, route, req, query, user).await;
         }

@@ -443,3 +443,26 @@ async fn a_delete_from_the_page_fires_the_webhook_with_the_signed_in_user() {
     assert_eq!(delete["digest"], image.digest);
     assert_eq!(delete["actor"], USER);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_everything_the_page_asks_visitors_to_sign_in_and_a_session_answers() {
+    let e = Env::start_with(|c| c.auth_everything = true).await;
+    let r = e.b.get("/").await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.header("location"), "/ui/login");
+    assert_eq!(e.b.get("/ui/repo/docker.io/library/x").await.status, 303);
+    let (r, session) = e.sign_in(USER, PASSWORD).await;
+    assert_eq!(r.status, 303, "{:?}", r.body);
+    let cookie = session_header(&session.unwrap());
+    let page = e.page("/", &cookie).await;
+    assert_eq!(page.status, 200);
+    assert!(text(&page).contains("id=\"signed-in-as\""));
+    // Basic credentials still do, and wrong ones are refused as before.
+    let r = e.b.get_with("/", &[("authorization", &e.basic)]).await;
+    assert_eq!(r.status, 200);
+    let r = e.b.get_with("/", &[("authorization", "Basic YWxpY2U6bm8=")]).await;
+    assert_eq!(r.status, 401);
+    // And the API still wants its own credentials.
+    let r = send(Method::GET, &e.b.url("/v2/library/x/tags/list"), &[("cookie", &cookie)]).await;
+    assert_eq!(r.status, 401);
+}

@@ -283,7 +283,7 @@ pub(super) fn login_page(
 }
 
 /// A 303 to `location`, setting `cookies`.
-fn see_other(location: &str, cookies: Vec<String>) -> Response<Body> {
+pub(super) fn see_other(location: &str, cookies: Vec<String>) -> Response<Body> {
     let mut b = Response::builder()
         .status(StatusCode::SEE_OTHER)
         .header(LOCATION, location)

@@ -36,6 +36,7 @@ use std::time::Instant;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 
+use crate::auth::Access;
 use crate::http::App;
 use crate::http::{empty, full, Body};
 use crate::lock;
@@ -269,6 +270,22 @@ pub async fn page<B>(
     if path == "/ui/login" {
         let secure = session::secure(app, req);
         return Ok(forms::login_page(app, secure, StatusCode::OK, None));
+    }
+    if app.config.auth_everything && viewer.user.is_none() {
+        // What `auth_everything` asks of any request, unless a session answers for it. A
+        // visitor without credentials is shown where to sign in.
+        let anonymous = !req.headers().contains_key(http::header::AUTHORIZATION);
+        match app
+            .auth
+            .authorize(&app.config, Access::Mirror, None, req.headers(), client)
+            .await
+        {
+            Err(RegistryError::Unauthorized(_)) if anonymous => {
+                return Ok(forms::see_other("/ui/login", Vec::new()));
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
     }
     let private = viewer.user.is_some() || app.may_see_private(req, client).await;
     let (status, html) = if path == "/" {
