@@ -23,6 +23,7 @@ mod procs;
 mod pulls;
 
 mod browser;
+mod browser_signin;
 mod docker;
 mod replicas;
 mod s3;
