@@ -31,8 +31,8 @@ impl Authenticator {
         let encoded =
             base64::engine::general_purpose::STANDARD.encode(format!("{name}:{password}"));
         let mut headers = HeaderMap::new();
-        let value = HeaderValue::from_str(&format!("Basic {encoded}"))
-            .map_err(|_| self.failed(client))?;
+        let value =
+            HeaderValue::from_str(&format!("Basic {encoded}")).map_err(|_| self.failed(client))?;
         headers.insert(http::header::AUTHORIZATION, value);
         match self.authenticate(&headers, client).await? {
             Some(user) => Ok(user),

@@ -206,7 +206,10 @@ async fn browser_signs_in_and_deletes_a_tag_and_a_form_without_its_token_is_refu
 
     let mut browser = Browser::start().await;
     let text = browser.goto(&b.url("/")).await;
-    assert!(text.contains("Private repositories exist but are hidden"), "{text}");
+    assert!(
+        text.contains("Private repositories exist but are hidden"),
+        "{text}"
+    );
     assert!(!text.contains("private/app"));
 
     // Sign in through the form, as a person would.

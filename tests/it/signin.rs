@@ -112,8 +112,7 @@ impl Env {
                 &[("csrf", &token), ("user", user), ("password", password)],
             )
             .await;
-        let session =
-            set_cookie(&r, "berth_session").filter(|c| !cookie_value(c).is_empty());
+        let session = set_cookie(&r, "berth_session").filter(|c| !cookie_value(c).is_empty());
         (r, session)
     }
 
@@ -186,11 +185,20 @@ async fn signing_in_shows_private_repositories_until_signing_out() {
     assert_eq!(r.header("location"), "/");
     let session = session.expect("a session cookie");
     let id = cookie_value(&session);
-    assert!(id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    assert!(
+        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
-        assert!(session.contains(attribute), "{attribute} missing: {session}");
+        assert!(
+            session.contains(attribute),
+            "{attribute} missing: {session}"
+        );
     }
-    assert!(!session.contains("Secure"), "not over plain HTTP: {session}");
+    assert!(
+        !session.contains("Secure"),
+        "not over plain HTTP: {session}"
+    );
     let cookie = session_header(&session);
 
     let signed = text(&e.page("/", &cookie).await);
@@ -202,7 +210,8 @@ async fn signing_in_shows_private_repositories_until_signing_out() {
     assert_eq!(page.status, 200);
     assert!(text(&page).contains("id=\"delete-tag-v1\""));
     assert!(
-        page.header("content-security-policy").contains("form-action 'self'"),
+        page.header("content-security-policy")
+            .contains("form-action 'self'"),
         "{}",
         page.header("content-security-policy")
     );
@@ -215,7 +224,11 @@ async fn signing_in_shows_private_repositories_until_signing_out() {
     assert_eq!(r.status, 403);
     assert_eq!(e.page(REPO_PAGE, &cookie).await.status, 200);
     let r = e
-        .post("/ui/logout", &[("cookie", &cookie)], &[("csrf", &csrf(&signed))])
+        .post(
+            "/ui/logout",
+            &[("cookie", &cookie)],
+            &[("csrf", &csrf(&signed))],
+        )
         .await;
     assert_eq!(r.status, 303);
     let cleared = set_cookie(&r, "berth_session").expect("the cookie is cleared");
@@ -311,7 +324,11 @@ async fn deletes_from_the_page_need_the_session_token_and_are_the_registry_delet
         (Some(cookie.as_str()), Some(second_token.as_str()), None),
         (Some(cookie.as_str()), Some(""), None),
         (None, Some(token.as_str()), None),
-        (Some(cookie.as_str()), Some(token.as_str()), Some("http://evil.example")),
+        (
+            Some(cookie.as_str()),
+            Some(token.as_str()),
+            Some("http://evil.example"),
+        ),
     ] {
         let mut headers = Vec::new();
         headers.extend(session.map(|c| ("cookie", c)));
@@ -335,7 +352,10 @@ async fn deletes_from_the_page_need_the_session_token_and_are_the_registry_delet
     assert_eq!(e.api_status("private/app", "v1").await, 404);
     assert_eq!(e.api_status("private/app", "v2").await, 200);
     let page = text(&e.page(r.header("location"), &cookie).await);
-    assert!(page.contains("id=\"notice\">Deleted <code>v1</code>"), "{page}");
+    assert!(
+        page.contains("id=\"notice\">Deleted <code>v1</code>"),
+        "{page}"
+    );
     assert!(!page.contains("id=\"delete-tag-v1\""));
     assert!(page.contains("id=\"delete-tag-v2\""));
 
@@ -352,11 +372,19 @@ async fn deletes_from_the_page_need_the_session_token_and_are_the_registry_delet
     assert_eq!(e.api_status("private/app", "v2").await, 200);
 
     // Bad input gets a registry error, not a delete.
-    let fields = [("csrf", token.as_str()), ("action", "delete-tag"), ("tag", "no such/tag")];
+    let fields = [
+        ("csrf", token.as_str()),
+        ("action", "delete-tag"),
+        ("tag", "no such/tag"),
+    ];
     let r = e.post(REPO_PAGE, &[("cookie", &cookie)], &fields).await;
     assert_eq!(r.status, 400, "{:?}", r.body);
     assert_eq!(r.error_code(), "TAG_INVALID");
-    let fields = [("csrf", token.as_str()), ("action", "delete-tag"), ("tag", "gone")];
+    let fields = [
+        ("csrf", token.as_str()),
+        ("action", "delete-tag"),
+        ("tag", "gone"),
+    ];
     let r = e.post(REPO_PAGE, &[("cookie", &cookie)], &fields).await;
     assert_eq!(r.status, 404);
     assert_eq!(r.error_code(), "MANIFEST_UNKNOWN");
@@ -402,7 +430,9 @@ async fn receiver() -> (String, Received) {
                     let ev = ev.clone();
                     async move {
                         let body = req.into_body().collect().await.unwrap().to_bytes();
-                        ev.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                        ev.lock()
+                            .unwrap()
+                            .push(serde_json::from_slice(&body).unwrap());
                         Ok::<_, std::convert::Infallible>(http::Response::new(
                             http_body_util::Empty::<bytes::Bytes>::new(),
                         ))
@@ -429,11 +459,19 @@ async fn a_delete_from_the_page_fires_the_webhook_with_the_signed_in_user() {
     let (_, session) = e.sign_in(USER, PASSWORD).await;
     let cookie = session_header(&session.unwrap());
     let token = csrf(&text(&e.page(REPO_PAGE, &cookie).await));
-    let fields = [("csrf", token.as_str()), ("action", "delete-tag"), ("tag", "v1")];
+    let fields = [
+        ("csrf", token.as_str()),
+        ("action", "delete-tag"),
+        ("tag", "v1"),
+    ];
     let r = e.post(REPO_PAGE, &[("cookie", &cookie)], &fields).await;
     assert_eq!(r.status, 303, "{:?}", r.body);
     wait_for("the delete event", Duration::from_secs(10), || {
-        events.lock().unwrap().iter().any(|e| e["action"] == "delete")
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "delete")
     })
     .await;
     let events = events.lock().unwrap();
@@ -460,9 +498,16 @@ async fn with_auth_everything_the_page_asks_visitors_to_sign_in_and_a_session_an
     // Basic credentials still do, and wrong ones are refused as before.
     let r = e.b.get_with("/", &[("authorization", &e.basic)]).await;
     assert_eq!(r.status, 200);
-    let r = e.b.get_with("/", &[("authorization", "Basic YWxpY2U6bm8=")]).await;
+    let r =
+        e.b.get_with("/", &[("authorization", "Basic YWxpY2U6bm8=")])
+            .await;
     assert_eq!(r.status, 401);
     // And the API still wants its own credentials.
-    let r = send(Method::GET, &e.b.url("/v2/library/x/tags/list"), &[("cookie", &cookie)]).await;
+    let r = send(
+        Method::GET,
+        &e.b.url("/v2/library/x/tags/list"),
+        &[("cookie", &cookie)],
+    )
+    .await;
     assert_eq!(r.status, 401);
 }

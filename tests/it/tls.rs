@@ -776,7 +776,10 @@ async fn sign_in_cookies_are_secure_over_tls_only() {
         )
         .await;
         let plain = cookie(&plain);
-        assert!(plain.starts_with("berth_login=") && !plain.contains("Secure"), "{plain}");
+        assert!(
+            plain.starts_with("berth_login=") && !plain.contains("Secure"),
+            "{plain}"
+        );
         server.running.shutdown().await;
     })
     .await

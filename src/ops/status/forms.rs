@@ -146,7 +146,10 @@ pub async fn post(
     }
     let (Some(id), Some(user)) = (viewer.session.as_deref(), viewer.user.as_ref()) else {
         if path == "/ui/logout" {
-            return Ok(see_other("/", vec![session::clear_cookie(secure, COOKIE_NAME)]));
+            return Ok(see_other(
+                "/",
+                vec![session::clear_cookie(secure, COOKIE_NAME)],
+            ));
         }
         Refusals::count(&sessions.refusals.no_session);
         tracing::warn!(%client, path, "status page form refused: not signed in");
@@ -158,7 +161,10 @@ pub async fn post(
     if path == "/ui/logout" {
         sessions.end(id).await;
         tracing::info!(%client, user = user.name(), "signed out of the status page");
-        return Ok(see_other("/", vec![session::clear_cookie(secure, COOKIE_NAME)]));
+        return Ok(see_other(
+            "/",
+            vec![session::clear_cookie(secure, COOKIE_NAME)],
+        ));
     }
     let Some((upstream, name)) = path
         .strip_prefix("/ui/repo/")
@@ -222,6 +228,7 @@ async fn sign_in(
                 secure,
                 StatusCode::UNAUTHORIZED,
                 Some("Sign-in failed: wrong user name or password."),
+                false,
             ))
         }
         Err(RegistryError::TooManyRequests { retry_after }) => {
@@ -231,6 +238,7 @@ async fn sign_in(
                 secure,
                 StatusCode::TOO_MANY_REQUESTS,
                 Some("Too many sign-in attempts; wait a minute and try again."),
+                false,
             );
             if let Ok(v) = http::HeaderValue::from_str(&retry_after.as_secs().max(1).to_string()) {
                 resp.headers_mut().insert(RETRY_AFTER, v);
@@ -247,6 +255,7 @@ pub(super) fn login_page(
     secure: bool,
     status: StatusCode,
     message: Option<&str>,
+    head_only: bool,
 ) -> Response<Body> {
     let (id, cookie) = app.pages.sessions.login_cookie(secure);
     let token = app.pages.sessions.token("login", &id);
@@ -262,7 +271,7 @@ pub(super) fn login_page(
     if let Some(m) = message {
         let _ = write!(h, "<p class=\"bad\" id=\"sign-in-error\">{}</p>", esc(m));
     }
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<form method=\"post\" action=\"/ui/login\" id=\"sign-in\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
@@ -272,10 +281,10 @@ pub(super) fn login_page(
          <p><button type=\"submit\">Sign in</button></p></form>\
          <p class=\"muted\">The users of the htpasswd file. Signing in shows private \
          repositories and lets you act on them; it is not a login for the registry API.</p>\
-         </section></main></body></html>\n",
+         </section></main></body></html>",
         esc(&token)
     );
-    let mut resp = html_response(status, h, false);
+    let mut resp = html_response(status, h, head_only);
     if let Ok(v) = http::HeaderValue::from_str(&cookie) {
         resp.headers_mut().append(SET_COOKIE, v);
     }
@@ -306,11 +315,7 @@ async fn read_form(req: Request<Incoming>) -> Result<HashMap<String, String>, Re
     let bytes = match tokio::time::timeout(FORM_WAIT, body).await {
         Ok(Ok(c)) => c.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Ok(Err(e)) => {
-            return Err(RegistryError::SizeInvalid(format!(
-                "reading the form: {e}"
-            )))
-        }
+        Ok(Err(e)) => return Err(RegistryError::SizeInvalid(format!("reading the form: {e}"))),
         Err(_) => {
             return Err(RegistryError::SizeInvalid(format!(
                 "the form did not arrive within {} s",

@@ -269,7 +269,7 @@ pub async fn page<B>(
     let viewer = app.pages.sessions.viewer(app, req).await;
     if path == "/ui/login" {
         let secure = session::secure(app, req);
-        return Ok(forms::login_page(app, secure, StatusCode::OK, None));
+        return Ok(forms::login_page(app, secure, StatusCode::OK, None, head));
     }
     if app.config.auth_everything && viewer.user.is_none() {
         // What `auth_everything` asks of any request, unless a session answers for it. A

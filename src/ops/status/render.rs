@@ -268,8 +268,8 @@ pub(super) async fn repo_page(
     head(&mut h, &format!("{} — berth", repo.name), viewer);
     h.push_str("<main>");
     // What the last action did (the redirect after a form says so in the query).
-    if let Some((_, what)) = form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .find(|(k, _)| k == "deleted")
+    if let Some((_, what)) =
+        form_urlencoded::parse(query.unwrap_or("").as_bytes()).find(|(k, _)| k == "deleted")
     {
         let _ = write!(
             h,
@@ -331,7 +331,9 @@ pub(super) async fn repo_page(
         );
         let may = |user, action| permitted(user, &repo.name, &action);
         if let Some((user, csrf)) = actions {
-            let tag = Tag::parse(&t.tag).ok().filter(|tag| may(user, Action::DeleteTag(tag.clone())));
+            let tag = Tag::parse(&t.tag)
+                .ok()
+                .filter(|tag| may(user, Action::DeleteTag(tag.clone())));
             let digest = Digest::parse(&t.digest)
                 .ok()
                 .filter(|d| may(user, Action::DeleteManifest(*d)));
@@ -394,7 +396,9 @@ pub(super) fn head(h: &mut String, title: &str, viewer: &Viewer) {
             );
         }
         _ if viewer.can_sign_in => {
-            h.push_str("<div class=\"who\"><a href=\"/ui/login\" id=\"sign-in-link\">Sign in</a></div>");
+            h.push_str(
+                "<div class=\"who\"><a href=\"/ui/login\" id=\"sign-in-link\">Sign in</a></div>",
+            );
         }
         _ => {}
     }

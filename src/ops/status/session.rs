@@ -138,8 +138,8 @@ impl Sessions {
 
     /// The form token for `id` in `purpose` ("session" or "login").
     pub fn token(&self, purpose: &str, id: &str) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
-            .expect("HMAC accepts any key length");
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC accepts any key length");
         mac.update(purpose.as_bytes());
         mac.update(b"\0");
         mac.update(id.as_bytes());
