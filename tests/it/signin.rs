@@ -511,3 +511,25 @@ async fn with_auth_everything_the_page_asks_visitors_to_sign_in_and_a_session_an
     .await;
     assert_eq!(r.status, 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_failures_count_against_the_same_limit_as_basic_credentials() {
+    let e = Env::start().await;
+    for _ in 0..berth::auth::FAILURES_PER_MINUTE {
+        let (r, _) = e.sign_in(USER, "wrong").await;
+        assert_eq!(r.status, 401);
+    }
+    // The form is refused before any password check, with the right password too...
+    let (r, session) = e.sign_in(USER, PASSWORD).await;
+    assert_eq!(r.status, 429);
+    assert!(session.is_none());
+    assert!(
+        text(&r).contains("Too many sign-in attempts"),
+        "{}",
+        text(&r)
+    );
+    assert!(!r.header("retry-after").is_empty());
+    // ...and so are Basic credentials from the same address: it is one limit.
+    let r = e.b.get_with("/v2/", &[("authorization", &e.basic)]).await;
+    assert_eq!(r.status, 429);
+}
