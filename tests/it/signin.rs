@@ -533,3 +533,34 @@ async fn sign_in_failures_count_against_the_same_limit_as_basic_credentials() {
     let r = e.b.get_with("/v2/", &[("authorization", &e.basic)]).await;
     assert_eq!(r.status, 429);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_body_that_stalls_is_answered_within_the_form_wait() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = Env::start().await;
+    let mut tcp = tokio::net::TcpStream::connect(e.b.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    tcp.write_all(
+        b"POST /ui/login HTTP/1.1\r\nhost: berth\r\ncontent-type: application/x-www-form-urlencoded\r\n\
+          content-length: 100\r\n\r\nuser=alice",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tcp.read(&mut buf).await.unwrap_or(0);
+            answer.extend_from_slice(&buf[..n]);
+            if n == 0 || answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer to a stalled form within 30 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(9), "answered after {waited:?}");
+}
