@@ -4,6 +4,9 @@
 //! stdout). The page has no script of its own: the test types into the form and clicks its
 //! buttons from outside, as a person would.
 //!
+//! A screenshot of the repository page after the delete is kept in cargo's
+//! `CARGO_TARGET_TMPDIR` (`status-signed-in.png`).
+//!
 //! Interop tier: `cargo test --features interop --test interop browser`; needs
 //! `/usr/bin/chromium` (Debian package `chromium`).
 
@@ -236,6 +239,15 @@ async fn browser_signs_in_and_deletes_a_tag_and_a_form_without_its_token_is_refu
     browser.click("#delete-tag-v1").await;
     let text = browser.loaded("?deleted=v1").await;
     assert!(text.contains("Deleted v1."), "{text}");
+    // A look at the signed-in page, kept for after the run.
+    let shot = browser
+        .call("Page.captureScreenshot", json!({"format": "png"}))
+        .await;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().unwrap())
+        .unwrap();
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-signed-in.png");
+    std::fs::write(&path, &png).unwrap();
     assert_eq!(api("v1").await, 404);
     assert_eq!(api("v2").await, 200);
 
