@@ -60,3 +60,18 @@ impl Authenticator {
         })
     }
 }
+
+#[cfg(test)]
+impl User {
+    /// A user whose credentials grant only `actions` on `resource`, as a token's do: what a
+    /// user without some permission looks like to the code that checks it.
+    pub(crate) fn limited(name: &str, resource: &str, actions: super::Actions) -> User {
+        let grants: super::Grants =
+            serde_json::from_value(serde_json::json!({ resource: actions }))
+                .expect("grants from a map of actions");
+        User {
+            name: name.into(),
+            grants: Some(std::sync::Arc::new(grants)),
+        }
+    }
+}

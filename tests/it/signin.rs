@@ -562,5 +562,8 @@ async fn a_form_body_that_stalls_is_answered_within_the_form_wait() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_secs(9), "answered after {waited:?}");
+    assert!(
+        waited >= Duration::from_secs(9),
+        "answered after {waited:?}"
+    );
 }

@@ -329,3 +329,46 @@ async fn read_form(req: Request<Incoming>) -> Result<HashMap<String, String>, Re
     }
     Ok(form)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_users_the_api_would_let_delete_may_delete_from_the_page() {
+        let app = RepoName::parse("private/app").unwrap();
+        let other = RepoName::parse("private/other").unwrap();
+        let tag = Action::DeleteTag(Tag::parse("v1").unwrap());
+        let manifest = Action::DeleteManifest(Digest::of(b"m"));
+        let puller = User::limited("bob", "repository:private/app", Actions::PULL);
+        let pusher = User::limited(
+            "bob",
+            "repository:private/app",
+            Actions::PULL.union(Actions::PUSH),
+        );
+        let deleter = User::limited("carol", "repository:private/app", Actions::DELETE);
+        for action in [&tag, &manifest] {
+            assert!(!permitted(&puller, &app, action));
+            assert!(!permitted(&pusher, &app, action));
+            assert!(permitted(&deleter, &app, action));
+            assert!(!permitted(&deleter, &other, action), "another repository");
+        }
+    }
+
+    #[test]
+    fn forms_name_one_action() {
+        let form = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            Action::parse(&form(&[("action", "delete-tag"), ("tag", "v1")])).unwrap(),
+            Action::DeleteTag(Tag::parse("v1").unwrap())
+        );
+        assert!(Action::parse(&form(&[("action", "delete-tag")])).is_err());
+        assert!(Action::parse(&form(&[("action", "delete-manifest"), ("digest", "v1")])).is_err());
+        assert!(Action::parse(&form(&[("action", "purge")])).is_err());
+    }
+}
