@@ -266,11 +266,11 @@ pub async fn page<B>(
     head: bool,
     client: std::net::IpAddr,
 ) -> Result<Response<Body>, RegistryError> {
-    let viewer = app.pages.sessions.viewer(app, req).await;
     if path == "/ui/login" {
         let secure = session::secure(app, req);
         return Ok(forms::login_page(app, secure, StatusCode::OK, None, head));
     }
+    let viewer = app.pages.sessions.viewer(app, req).await;
     if app.config.auth_everything && viewer.user.is_none() {
         // What `auth_everything` asks of any request, unless a session answers for it. A
         // visitor without credentials is shown where to sign in.
