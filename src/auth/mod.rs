@@ -26,6 +26,7 @@ mod htpasswd;
 mod limits;
 mod policy;
 pub mod rules;
+mod session;
 mod tokens;
 
 pub use htpasswd::{add_user, check_user_name, parse_htpasswd, remove_user, DEFAULT_COST};

@@ -71,6 +71,13 @@ pub trait OpsPages: Send + Sync {
         head: bool,
         client: std::net::IpAddr,
     ) -> futures_util::future::BoxFuture<'a, Result<Response<Body>, RegistryError>>;
+    /// A form posted to the status page (sign-in, sign-out, actions on a repository).
+    fn form<'a>(
+        &'a self,
+        path: &'a str,
+        req: Request<Incoming>,
+        client: std::net::IpAddr,
+    ) -> futures_util::future::BoxFuture<'a, Result<Response<Body>, RegistryError>>;
 }
 
 /// Marks a request that arrived over TLS (set by the TLS listener).
@@ -186,14 +193,20 @@ impl App {
             _ => Repository::Mirrored,
         };
         let access = Access::of(&route, &method, repo, Namespaces::of(&self.config));
-        // Each step's future is boxed: one request's future is then the size of the step it is
-        // at, not the sum of every step's (rustc lays awaited futures out side by side), which
-        // is what concurrent requests hold.
-        let user = Box::pin(
-            self.auth
-                .authorize(&self.config, access, need, req.headers(), client),
-        )
-        .await?;
+        // The status page authorizes itself: a session of its sign-in form counts there, and
+        // only there. Each step's future is boxed: one request's future is then the size of the
+        // step it is at, not the sum of every step's (rustc lays awaited futures out side by
+        // side), which is what concurrent requests hold.
+        let user = match route {
+            Route::Status { .. } => None,
+            _ => {
+                Box::pin(
+                    self.auth
+                        .authorize(&self.config, access, need, req.headers(), client),
+                )
+                .await?
+            }
+        };
         if repo == Repository::Private || route == Route::Catalog {
             return Box::pin(crate::http::private::dispatch(
                 self, route, req, query, user,
@@ -229,6 +242,7 @@ impl App {
             (Route::Status { path }, Method::GET | Method::HEAD) => {
                 pages.status(&path, &req, head, client).await
             }
+            (Route::Status { path }, Method::POST) => pages.form(&path, req, client).await,
             (Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
                 let accept = AcceptSet::from_headers(
                     req.headers()

@@ -125,6 +125,16 @@ impl OpsPages for Service {
     {
         Box::pin(status::page(self, path, req, head, client))
     }
+
+    fn form<'a>(
+        &'a self,
+        path: &'a str,
+        req: Request<hyper::body::Incoming>,
+        client: std::net::IpAddr,
+    ) -> futures_util::future::BoxFuture<'a, Result<Response<Body>, crate::oci::error::RegistryError>>
+    {
+        Box::pin(status::forms::post(self, path, req, client))
+    }
 }
 
 /// Everything the ops layer keeps, one per server.

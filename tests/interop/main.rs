@@ -25,6 +25,7 @@ mod procs;
 mod pulls;
 
 mod browser;
+mod browser_signin;
 mod docker;
 mod readme;
 mod replicas;

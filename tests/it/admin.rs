@@ -359,17 +359,6 @@ fn image_with(seed: u64, layers: Vec<Bytes>) -> Image {
     }
 }
 
-/// Pulls an image whole through berth (manifest by `reference`, then every blob).
-async fn pull(b: &Berth, repo: &str, reference: &str, image: &Image) {
-    let r = b.get(&format!("/v2/{repo}/manifests/{reference}")).await;
-    assert_eq!(r.status, 200, "{repo}:{reference}");
-    for blob in image.blobs() {
-        let r = b.get(&format!("/v2/{repo}/blobs/{}", sha256(&blob))).await;
-        assert_eq!(r.status, 200);
-    }
-    b.settle().await;
-}
-
 #[tokio::test]
 async fn purging_a_tag_a_digest_and_a_repository() {
     let e = Env::start(RULES).await;
@@ -378,8 +367,8 @@ async fn purging_a_tag_a_digest_and_a_repository() {
     let b = image_with(11, vec![shared.clone()]);
     e.up.add_image("library/alpine", "3.19", &a);
     e.up.add_image("library/busybox", "1", &b);
-    pull(&e.b, "library/alpine", "3.19", &a).await;
-    pull(&e.b, "library/busybox", "1", &b).await;
+    e.b.pull("library/alpine", "3.19", &a).await;
+    e.b.pull("library/busybox", "1", &b).await;
     let gets = |path: &str| e.up.count("GET", path);
 
     // A tag: the resolution goes, the next pull asks the upstream again.
@@ -395,7 +384,7 @@ async fn purging_a_tag_a_digest_and_a_repository() {
         .await;
     assert_eq!(r.status, 404, "nothing left to purge");
     assert_eq!(r.error_code(), "MANIFEST_UNKNOWN");
-    pull(&e.b, "library/alpine", "3.19", &a).await;
+    e.b.pull("library/alpine", "3.19", &a).await;
     assert_eq!(
         gets("/manifests/3.19"),
         before + 1,
@@ -435,7 +424,7 @@ async fn purging_a_tag_a_digest_and_a_repository() {
     assert_eq!(gets(&format!("/manifests/{}", a.digest)), by_digest + 1);
     let by_tag = gets("/manifests/3.19");
     let blob_gets = gets(&sha256(&a.layers[1]));
-    pull(&e.b, "library/alpine", "3.19", &a).await;
+    e.b.pull("library/alpine", "3.19", &a).await;
     assert_eq!(
         gets("/manifests/3.19"),
         by_tag + 1,
@@ -473,7 +462,7 @@ async fn purging_a_tag_a_digest_and_a_repository() {
     assert_eq!(r.status, 404);
     assert_eq!(r.error_code(), "NAME_UNKNOWN");
     let manifests = gets("/library/busybox/manifests/1");
-    pull(&e.b, "library/busybox", "1", &b).await;
+    e.b.pull("library/busybox", "1", &b).await;
     assert_eq!(gets("/library/busybox/manifests/1"), manifests + 1);
     // Anonymous and non-admin callers of the admin API are refused.
     let r = send(Method::DELETE, &e.b.url("/_berth/api/mirror/busybox"), &[]).await;
@@ -500,8 +489,8 @@ async fn purging_an_index_takes_its_children_but_not_what_another_index_uses() {
                 .await;
         assert_eq!(r.status, 200);
     }
-    pull(&e.b, "library/app", &amd.digest, &amd).await;
-    pull(&e.b, "library/app", &arm.digest, &arm).await;
+    e.b.pull("library/app", &amd.digest, &amd).await;
+    e.b.pull("library/app", &arm.digest, &arm).await;
     let r = e
         .req(
             Method::DELETE,
@@ -560,8 +549,8 @@ async fn cache_commands_list_measure_and_remove() {
     let b = image_with(32, vec![pseudo_random(33, 7000)]);
     e.up.add_image("library/alpine", "3.19", &a);
     e.up.add_image("library/alpine", "3.20", &b);
-    pull(&e.b, "library/alpine", "3.19", &a).await;
-    pull(&e.b, "library/alpine", "3.20", &b).await;
+    e.b.pull("library/alpine", "3.19", &a).await;
+    e.b.pull("library/alpine", "3.20", &b).await;
     let private = Image::new(34, &[900]);
     assert_eq!(
         e.push_image("private/team-a/app", "v1", &private, "carol")
@@ -758,7 +747,7 @@ async fn an_admin_starts_a_warm_up_over_the_api() {
     e.b.settle().await;
     // A pull now is all hits: no more upstream GETs.
     let before = e.up.count("GET", "/");
-    pull(&e.b, "alpine", "3.20", &img).await;
+    e.b.pull("alpine", "3.20", &img).await;
     assert_eq!(
         e.up.count("GET", "/"),
         before,

@@ -94,16 +94,6 @@ async fn totals_agreeing(b: &Berth, before: Totals) -> (Totals, String) {
     }
 }
 
-async fn pull(b: &Berth, name: &str, tag: &str, img: &Image) {
-    let r = b.get(&format!("/v2/{name}/manifests/{tag}")).await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    for blob in img.blobs() {
-        let r = b.get(&format!("/v2/{name}/blobs/{}", sha256(&blob))).await;
-        assert_eq!(r.bytes(), blob);
-    }
-    b.settle().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_totals_equal_the_metrics_after_cold_and_warm_pulls() {
     let up = Fake::start().await;
@@ -115,10 +105,10 @@ async fn chart_totals_equal_the_metrics_after_cold_and_warm_pulls() {
     assert_eq!(chart_totals(&empty, "hours"), Totals::default());
     assert!(empty.contains("nothing yet"));
     // Cold pulls, then warm ones; a HEAD of a cached tag and a GET by digest.
-    pull(&b, "alpine", "3.19", &alpine).await;
-    pull(&b, "team/app", "v1", &app_img).await;
+    b.pull("alpine", "3.19", &alpine).await;
+    b.pull("team/app", "v1", &app_img).await;
     for _ in 0..2 {
-        pull(&b, "alpine", "3.19", &alpine).await;
+        b.pull("alpine", "3.19", &alpine).await;
     }
     assert_eq!(b.head("/v2/alpine/manifests/3.19").await.status, 200);
     let by_digest = format!("/v2/team/app/manifests/{}", app_img.digest);
@@ -193,8 +183,8 @@ async fn the_history_survives_a_restart_and_a_corrupt_file_with_a_warning() {
     let img = Image::new(33, &[4000]);
     up.add_image("library/busybox", "1", &img);
     let b = Berth::start(&up, |_| {}).await;
-    pull(&b, "busybox", "1", &img).await;
-    pull(&b, "busybox", "1", &img).await;
+    b.pull("busybox", "1", &img).await;
+    b.pull("busybox", "1", &img).await;
     let (first, _) = totals_agreeing(&b, Totals::default()).await;
     assert!(first.cache_bytes > 0 && first.upstream_bytes > 0 && first.pulls_avoided == 1);
     let dir = b.stop().await;
@@ -206,7 +196,7 @@ async fn the_history_survives_a_restart_and_a_corrupt_file_with_a_warning() {
     let p = page(&b, &[]).await;
     assert_eq!(chart_totals(&p, "hours"), first);
     assert_eq!(chart_totals(&p, "days"), first);
-    pull(&b, "busybox", "1", &img).await;
+    b.pull("busybox", "1", &img).await;
     let (second, metrics) = totals_agreeing(&b, first).await;
     assert_eq!(second.pulls_avoided, 2);
     assert_eq!(
@@ -245,7 +235,7 @@ async fn the_history_survives_a_restart_and_a_corrupt_file_with_a_warning() {
         1.0
     );
     // And it keeps counting: a pull shows, and the next stop writes a good file again.
-    pull(&b, "busybox", "1", &img).await;
+    b.pull("busybox", "1", &img).await;
     let (third, _) = totals_agreeing(&b, Totals::default()).await;
     assert_eq!(third.pulls_avoided, 1);
     let dir = b.stop().await;

@@ -16,6 +16,7 @@ mod fetch;
 mod ops;
 mod pull;
 mod push;
+mod signin;
 mod store;
 mod tls;
 mod upstream;

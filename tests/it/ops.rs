@@ -489,16 +489,6 @@ fn percent_in(page: &str, id: &str) -> f64 {
         .unwrap()
 }
 
-async fn pull(b: &Berth, name: &str, tag: &str, img: &Image) {
-    let r = b.get(&format!("/v2/{name}/manifests/{tag}")).await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    for blob in img.blobs() {
-        let r = b.get(&format!("/v2/{name}/blobs/{}", sha256(&blob))).await;
-        assert_eq!(r.bytes(), blob);
-    }
-    b.settle().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_lists_repositories_and_a_hit_ratio() {
     let up = Fake::start().await;
@@ -509,9 +499,9 @@ async fn the_status_page_lists_repositories_and_a_hit_ratio() {
     let page = html(&b.get("/").await);
     assert!(page.contains("Nothing cached yet"), "{page}");
     for _ in 0..3 {
-        pull(&b, "alpine", "3.19", &alpine).await;
+        b.pull("alpine", "3.19", &alpine).await;
     }
-    pull(&b, "team/app", "v1", &app_img).await;
+    b.pull("team/app", "v1", &app_img).await;
     let r = b.get("/").await;
     assert_eq!(r.status, 200);
     assert!(r
@@ -617,7 +607,7 @@ async fn private_repositories_are_not_listed_to_anonymous_visitors() {
             c.htpasswd = Some(htpasswd.clone());
         })
         .await;
-        pull(&b, "alpine", "3", &public).await;
+        b.pull("alpine", "3", &public).await;
         push_private(&b, "private/secret-app", "v1", &secret, &auth).await;
         let path = format!("/v2/private/secret-app/manifests/{}", secret.digest);
         assert_eq!(
@@ -837,7 +827,7 @@ async fn a_crafted_index_costs_the_status_page_a_bounded_number_of_reads() {
     let r = b.get("/ui/repo/docker.io/library/crafted").await;
     assert_eq!(r.status, 200);
     assert!(html(&r).contains("index, 10000 platforms"));
-    pull(&b, "plain", "1", &img).await;
+    b.pull("plain", "1", &img).await;
     assert_eq!(b.get("/").await.status, 200);
     let r = b.get("/ui/repo/docker.io/library/plain").await;
     assert!(html(&r).contains(&img.digest[7..19]));

@@ -737,3 +737,50 @@ async fn a_client_that_never_finishes_the_handshake_is_closed() {
     })
     .await
 }
+
+/// The status page's cookies are `Secure` when the page came over TLS, and only then.
+#[tokio::test]
+async fn sign_in_cookies_are_secure_over_tls_only() {
+    within(async {
+        let certs = Certs::valid();
+        let server = start(&certs).await;
+        let stream = connect(
+            server.tls_addr(),
+            client_config(&certs.ca.cert_pem(), &[b"http/1.1"]),
+            "mirror.test",
+        )
+        .await
+        .unwrap();
+        let mut sender = http1(stream).await;
+        sender.ready().await.unwrap();
+        let req = Request::get("/ui/login")
+            .header(http::header::HOST, "mirror.test")
+            .body(Empty::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let cookie = |resp: &Response<Incoming>| {
+            resp.headers()
+                .get("set-cookie")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let over_tls = cookie(&resp);
+        assert!(over_tls.starts_with("berth_login="), "{over_tls}");
+        assert!(over_tls.ends_with("; Secure"), "{over_tls}");
+        let plain = crate::support::client::send_head(
+            http::Method::GET,
+            &format!("http://{}/ui/login", server.running.addr),
+            &[],
+        )
+        .await;
+        let plain = cookie(&plain);
+        assert!(
+            plain.starts_with("berth_login=") && !plain.contains("Secure"),
+            "{plain}"
+        );
+        server.running.shutdown().await;
+    })
+    .await
+}

@@ -49,6 +49,18 @@ impl Berth {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Pulls an image whole through berth, as a client would (the manifest by `reference`,
+    /// then every blob, checked), and waits for the downloads to become cache entries.
+    pub async fn pull(&self, repo: &str, reference: &str, image: &super::image::Image) {
+        let r = self.get(&format!("/v2/{repo}/manifests/{reference}")).await;
+        assert_eq!(r.status, 200, "{repo}:{reference}: {:?}", r.body);
+        for blob in image.blobs() {
+            let path = format!("/v2/{repo}/blobs/{}", super::image::sha256(&blob));
+            assert_eq!(self.get(&path).await.bytes(), blob, "{path}");
+        }
+        self.settle().await;
+    }
+
     /// Waits until no download is running: a client has its bytes as soon as they are
     /// verified, and the blob becomes a cache entry a moment later.
     pub async fn settle(&self) {

@@ -112,6 +112,20 @@ pub async fn dispatch(
     }
 }
 
+/// Deletes a manifest or a tag of a private repository for the status page's actions: the API's
+/// DELETE itself (repository lock, webhook), without its HTTP response. Permission is the
+/// caller's to check.
+pub async fn delete_manifest_for(
+    app: &App,
+    name: RepoName,
+    reference: Reference,
+    actor: &User,
+) -> Result<(), RegistryError> {
+    delete_manifest(app, name, reference, Some(actor.name().to_owned()))
+        .await
+        .map(drop)
+}
+
 // --- responses ------------------------------------------------------------------------------
 
 fn respond(

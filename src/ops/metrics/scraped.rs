@@ -323,6 +323,29 @@ impl Scraped {
             "Status page visits refused because too many listings were being computed",
             load(&app.pages.busy_refusals),
         );
+        let refusals = &app.pages.sessions.refusals;
+        s.push(
+            "berth_status_form_refused",
+            "Status page form posts refused, by reason: csrf (a missing or wrong token), origin \
+             (posted from another site), no_session (an action without signing in), permission \
+             (a user without the grant), sign_in (a wrong user name or password)",
+            true,
+            [
+                ("csrf", &refusals.csrf),
+                ("origin", &refusals.origin),
+                ("no_session", &refusals.no_session),
+                ("permission", &refusals.permission),
+                ("sign_in", &refusals.failed_sign_ins),
+            ]
+            .iter()
+            .map(|(reason, v)| (vec![("reason", (*reason).to_owned())], load(v)))
+            .collect(),
+        );
+        s.gauge(
+            "berth_status_sessions",
+            "Signed-in status page sessions held (at most 10000, each for at most 12 h)",
+            app.pages.sessions.approx_count() as f64,
+        );
         let (load_failed, save_failed) = ops.traffic.history_failures();
         s.push(
             "berth_status_history_failures",

@@ -91,7 +91,7 @@ pub(super) async fn section(
 
 /// The note an anonymous visitor gets where the private repositories would be listed.
 pub(super) const HIDDEN_NOTE: &str = "<p class=\"muted\" id=\"private-hidden\">\
-    Private repositories exist but are hidden: sign in to see them.</p>";
+    Private repositories exist but are hidden: <a href=\"/ui/login\">sign in</a> to see them.</p>";
 
 fn short(s: &str) -> &str {
     let s = s.strip_prefix("sha256:").unwrap_or(s);

@@ -11,14 +11,20 @@
 //! `inflight`). Pull counts and the traffic table are kept in memory: they start again at zero
 //! with the process; the charts' history is kept in the data dir.
 //!
+//! Visitors may sign in with a user of the htpasswd file (`/ui/login`, see `session` and
+//! `forms`): a session shows them the private namespace, and lets them delete private tags and
+//! manifests from a repository's page.
+//!
 //! Anyone can make the cache hold what they like (a pull through the mirror is enough), so what
 //! a page costs must not grow with it: see [`Pages`] for the bounds.
 
 mod chart;
+pub mod forms;
 pub mod history;
 mod inflight;
 mod listing;
 mod render;
+pub mod session;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +36,7 @@ use std::time::Instant;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 
+use crate::auth::Access;
 use crate::http::App;
 use crate::http::{empty, full, Body};
 use crate::lock;
@@ -259,29 +266,58 @@ pub async fn page<B>(
     head: bool,
     client: std::net::IpAddr,
 ) -> Result<Response<Body>, RegistryError> {
-    let private = app.may_see_private(req, client).await;
+    if path == "/ui/login" {
+        let secure = session::secure(app, req);
+        return Ok(forms::login_page(app, secure, StatusCode::OK, None, head));
+    }
+    let viewer = app.pages.sessions.viewer(app, req).await;
+    if app.config.auth_everything && viewer.user.is_none() {
+        // What `auth_everything` asks of any request, unless a session answers for it. A
+        // visitor without credentials is shown where to sign in.
+        let anonymous = !req.headers().contains_key(http::header::AUTHORIZATION);
+        match app
+            .auth
+            .authorize(&app.config, Access::Mirror, None, req.headers(), client)
+            .await
+        {
+            Err(RegistryError::Unauthorized(_)) if anonymous => {
+                return Ok(forms::see_other("/ui/login", Vec::new()));
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+    }
+    let private = viewer.user.is_some() || app.may_see_private(req, client).await;
     let (status, html) = if path == "/" {
-        (StatusCode::OK, overview(app, private).await?)
+        (StatusCode::OK, overview(app, private, &viewer).await?)
     } else if let Some(rest) = path.strip_prefix("/ui/repo/") {
-        match repo_page(app, rest, private).await? {
+        let query = req.uri().query();
+        match repo_page(app, rest, private, &viewer, query).await? {
             Some(html) => (StatusCode::OK, html),
-            None => (StatusCode::NOT_FOUND, not_found(path)),
+            None => (StatusCode::NOT_FOUND, not_found(path, &viewer)),
         }
     } else {
-        (StatusCode::NOT_FOUND, not_found(path))
+        (StatusCode::NOT_FOUND, not_found(path, &viewer))
     };
-    Ok(Response::builder()
+    Ok(html_response(status, html, head))
+}
+
+/// A status page response. Pages hold no script: the policy forbids any, and forms may post
+/// only to this server, which no other site may frame.
+pub(super) fn html_response(status: StatusCode, html: String, head: bool) -> Response<Body> {
+    Response::builder()
         .status(status)
         .header(CONTENT_TYPE, "text/html; charset=utf-8")
         .header(CONTENT_LENGTH, html.len())
         .header(CACHE_CONTROL, "no-store")
         .header(
             "content-security-policy",
-            "default-src 'none'; style-src 'unsafe-inline'",
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; \
+             frame-ancestors 'none'",
         )
         .header("x-content-type-options", "nosniff")
         .body(if head { empty() } else { full(html) })
-        .unwrap_or_default())
+        .unwrap_or_default()
 }
 
 /// What keeps the status pages cheap however much is cached: manifest summaries computed once
@@ -297,6 +333,8 @@ pub struct Pages {
     generation: AtomicU64,
     /// Visitors refused because too many listings were being computed.
     pub busy_refusals: AtomicU64,
+    /// Signed-in visitors (see `session`).
+    pub sessions: session::Sessions,
 }
 
 impl Default for Pages {
@@ -322,6 +360,7 @@ impl Pages {
             render_wait: RENDER_WAIT,
             generation: AtomicU64::new(0),
             busy_refusals: AtomicU64::new(0),
+            sessions: session::Sessions::default(),
         }
     }
 

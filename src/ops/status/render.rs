@@ -8,11 +8,13 @@ use std::time::{Duration, UNIX_EPOCH};
 use crate::config::human_bytes;
 use crate::oci::error::RegistryError;
 use crate::oci::media::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
-use crate::oci::names::RepoName;
+use crate::oci::names::{Digest, RepoName, Tag};
 use crate::ops::Service;
 use crate::store::{now_secs, Area};
 
+use super::forms::{permitted, Action};
 use super::listing::{self, Repo};
+use super::session::Viewer;
 use super::{Counts, PRIVATE};
 
 const TOP_PULLS: usize = 10;
@@ -29,7 +31,9 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}\
 .bar{background:#e8ebef;border-radius:4px;height:12px;width:320px;display:inline-block;\
 vertical-align:middle;overflow:hidden}.bar span{display:block;height:100%;background:#2a9d8f}\
 .ok{color:#2a7d34}.bad{color:#b3261e}.muted{color:#7a838d}code{font-size:12px}\
-.grid{display:flex;gap:16px;flex-wrap:wrap}.grid section{flex:1;min-width:320px}";
+.grid{display:flex;gap:16px;flex-wrap:wrap}.grid section{flex:1;min-width:320px}\
+header .who{float:right;margin-top:4px}header form,td form{display:inline;margin:0}\
+.notice{background:#e6f4ea;border:1px solid #b7dfc2;border-radius:6px;padding:8px 14px}";
 
 /// A size for people, marked as a lower bound when not everything could be counted.
 fn size_text(size: u64, complete: bool) -> String {
@@ -40,13 +44,17 @@ fn size_text(size: u64, complete: bool) -> String {
     }
 }
 
-pub(super) async fn overview(app: &Service, private: bool) -> Result<String, RegistryError> {
+pub(super) async fn overview(
+    app: &Service,
+    private: bool,
+    viewer: &Viewer,
+) -> Result<String, RegistryError> {
     let listing = listing::overview(app, private).await?;
     let repos = &listing.repos;
     let (since_start, today) = app.ops.traffic.snapshot();
     let disk = &app.mirror.disk;
     let mut h = String::with_capacity(16 << 10);
-    head(&mut h, "berth status");
+    head(&mut h, "berth status", viewer);
     let _ = write!(
         h,
         "<main><div class=\"grid\"><section><h2>Server</h2><table>\
@@ -246,6 +254,8 @@ pub(super) async fn repo_page(
     app: &Service,
     rest: &str,
     private: bool,
+    viewer: &Viewer,
+    query: Option<&str>,
 ) -> Result<Option<String>, RegistryError> {
     let Some(listing) = listing::repo(app, rest, private).await? else {
         return Ok(None);
@@ -255,10 +265,30 @@ pub(super) async fn repo_page(
     };
     let pulls = app.ops.pulls.get(pull_key(repo), repo.name.as_str());
     let mut h = String::with_capacity(8 << 10);
-    head(&mut h, &format!("{} — berth", repo.name));
+    head(&mut h, &format!("{} — berth", repo.name), viewer);
+    h.push_str("<main>");
+    // What the last action did (the redirect after a form says so in the query).
+    for (key, what) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let said = match &*key {
+            "deleted" => format!("Deleted <code>{}</code>.", esc(&what)),
+            "purged" => "Purged from the cache: the next pull fetches it from the upstream.".into(),
+            "warming" => format!(
+                "Warming <code>{}</code> in the background: see the downloads in flight.",
+                esc(&what)
+            ),
+            _ => continue,
+        };
+        let _ = write!(h, "<p class=\"notice\" id=\"notice\">{said}</p>");
+        break;
+    }
+    // Buttons only for a signed-in user allowed to delete here; the post is checked again.
+    let actions = match (&viewer.user, &viewer.csrf) {
+        (Some(user), Some(csrf)) if repo.area == Area::Local => Some((user, csrf.as_str())),
+        _ => None,
+    };
     let _ = write!(
         h,
-        "<main><p><a href=\"/\">← all repositories</a></p><section><h2>{}</h2><table>\
+        "<p><a href=\"/\">← all repositories</a></p><section><h2>{}</h2><table>\
          <tr><th>Upstream</th><td>{}</td></tr><tr><th>Size</th><td>{}</td></tr>\
          <tr><th>Last pull</th><td>{}</td></tr></table></section>",
         esc(repo.name.as_str()),
@@ -268,10 +298,18 @@ pub(super) async fn repo_page(
             .as_ref()
             .map_or_else(|| "— (none since start)".to_owned(), |p| ago(p.last)),
     );
+    if let (Some(user), Some(csrf), Area::Cache) = (&viewer.user, &viewer.csrf, repo.area) {
+        admin_forms(app, &mut h, user, csrf, repo);
+    }
     h.push_str(
         "<section><h2>Tags</h2><table><tr><th>Tag</th><th>Digest</th><th>Type</th>\
-         <th class=\"num\">Size</th><th>Checked upstream</th><th class=\"num\">Pulls</th></tr>",
+         <th class=\"num\">Size</th><th>Checked upstream</th><th class=\"num\">Pulls</th>",
     );
+    if actions.is_some() {
+        h.push_str("<th>Delete</th>");
+    }
+    h.push_str("</tr>");
+    let action_url = esc(&repo_href(&repo.upstream, &repo.name));
     for t in &repo.tags {
         let kind = match t.platforms {
             Some(n) => format!("index, {n} platforms"),
@@ -285,7 +323,7 @@ pub(super) async fn repo_page(
         let _ = write!(
             h,
             "<tr><td><code>{}</code></td><td><code title=\"{}\">{}</code></td><td>{}</td>\
-             <td class=\"num\">{}</td><td>{}</td><td class=\"num\">{n}</td></tr>",
+             <td class=\"num\">{}</td><td>{}</td><td class=\"num\">{n}</td>",
             esc(&t.tag),
             esc(&t.digest),
             esc(short_digest(&t.digest)),
@@ -298,6 +336,42 @@ pub(super) async fn repo_page(
                 ago(t.fetched_at)
             },
         );
+        let may = |user, action| permitted(&app.config, user, &repo.name, &action);
+        if let Some((user, csrf)) = actions {
+            let tag = Tag::parse(&t.tag)
+                .ok()
+                .filter(|tag| may(user, Action::DeleteTag(tag.clone())));
+            let digest = Digest::parse(&t.digest)
+                .ok()
+                .filter(|d| may(user, Action::DeleteManifest(*d)));
+            let csrf = esc(csrf);
+            h.push_str("<td>");
+            if tag.is_some() {
+                let _ = write!(
+                    h,
+                    "<form method=\"post\" action=\"{action_url}\">\
+                     <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+                     <input type=\"hidden\" name=\"action\" value=\"delete-tag\">\
+                     <input type=\"hidden\" name=\"tag\" value=\"{tag}\">\
+                     <button type=\"submit\" id=\"delete-tag-{tag}\">tag</button></form> ",
+                    tag = esc(&t.tag),
+                );
+            }
+            if digest.is_some() {
+                let _ = write!(
+                    h,
+                    "<form method=\"post\" action=\"{action_url}\">\
+                     <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+                     <input type=\"hidden\" name=\"action\" value=\"delete-manifest\">\
+                     <input type=\"hidden\" name=\"digest\" value=\"{digest}\">\
+                     <button type=\"submit\" title=\"the manifest and every tag pointing at it\">\
+                     manifest</button></form>",
+                    digest = esc(&t.digest),
+                );
+            }
+            h.push_str("</td>");
+        }
+        h.push_str("</tr>");
     }
     h.push_str("</table>");
     let unread = repo.tag_count.saturating_sub(repo.tags.len());
@@ -308,20 +382,76 @@ pub(super) async fn repo_page(
     Ok(Some(h))
 }
 
-fn head(h: &mut String, title: &str) {
+/// The admin's forms on a mirrored repository's page, each shown only to a user it is permitted
+/// to (the post is checked again).
+fn admin_forms(app: &Service, h: &mut String, user: &crate::auth::User, csrf: &str, repo: &Repo) {
+    let may = |action| permitted(&app.config, user, &repo.name, &action);
+    let url = esc(&repo_href(&repo.upstream, &repo.name));
+    let csrf = esc(csrf);
+    let purge = may(Action::Purge);
+    let warm = crate::oci::names::Reference::parse("latest").is_ok_and(|r| may(Action::Warm(r)));
+    if !purge && !warm {
+        return;
+    }
+    h.push_str("<section><h2>Admin</h2>");
+    if warm {
+        let _ = write!(
+            h,
+            "<form method=\"post\" action=\"{url}\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <input type=\"hidden\" name=\"action\" value=\"warm\">\
+             <label>Warm tag or digest <input name=\"reference\" value=\"latest\" \
+             maxlength=\"200\"></label> <button type=\"submit\" id=\"warm\">Warm</button></form>"
+        );
+    }
+    if purge {
+        let _ = write!(
+            h,
+            "<form method=\"post\" action=\"{url}\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <input type=\"hidden\" name=\"action\" value=\"purge\">\
+             <button type=\"submit\" id=\"purge\" title=\"its tags, manifests and the blobs \
+             only they use\">Purge this repository from the cache</button></form>"
+        );
+    }
+    h.push_str("</section>");
+}
+
+pub(super) fn head(h: &mut String, title: &str, viewer: &Viewer) {
     let _ = write!(
         h,
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-         <title>{}</title><style>{CSS}</style></head><body><header><h1><a href=\"/\">berth</a> \
-         <small>pull-through registry mirror</small></h1></header>",
+         <title>{}</title><style>{CSS}</style></head><body><header>",
         esc(title)
+    );
+    match (&viewer.user, &viewer.csrf) {
+        (Some(user), Some(csrf)) => {
+            let _ = write!(
+                h,
+                "<div class=\"who\">Signed in as <b id=\"signed-in-as\">{}</b> \
+                 <form method=\"post\" action=\"/ui/logout\">\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+                 <button type=\"submit\" id=\"sign-out\">Sign out</button></form></div>",
+                esc(user.name()),
+                esc(csrf)
+            );
+        }
+        _ if viewer.can_sign_in => {
+            h.push_str(
+                "<div class=\"who\"><a href=\"/ui/login\" id=\"sign-in-link\">Sign in</a></div>",
+            );
+        }
+        _ => {}
+    }
+    h.push_str(
+        "<h1><a href=\"/\">berth</a> <small>pull-through registry mirror</small></h1></header>",
     );
 }
 
-pub(super) fn not_found(path: &str) -> String {
+pub(super) fn not_found(path: &str, viewer: &Viewer) -> String {
     let mut h = String::new();
-    head(&mut h, "not found — berth");
+    head(&mut h, "not found — berth", viewer);
     let _ = writeln!(
         h,
         "<main><section><h2>Not found</h2><p>Nothing at <code>{}</code>.</p>\
@@ -378,7 +508,7 @@ pub fn esc(s: &str) -> String {
 /// Unreserved characters and `:` (as in `localhost:5000`) stay; everything else is escaped.
 const UPSTREAM_KEY: &percent_encoding::AsciiSet = &crate::oci::routes::UNRESERVED.remove(b':');
 
-fn percent_encode(s: &str) -> String {
+pub(super) fn percent_encode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, UPSTREAM_KEY).to_string()
 }
 
