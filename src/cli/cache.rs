@@ -1,16 +1,14 @@
 //! `berth cache ls|du|rm`: what the mirror cache holds, read from the store, and purges asked
 //! of the running berth over its API.
 
-use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Subcommand};
 use http_body_util::{BodyExt, Empty, Limited};
 
-use berth::config::{human_bytes, Config};
+use berth::config::human_bytes;
 use berth::oci::names::{Digest, RepoName, Tag};
 use berth::store::inventory::{cached_tags, usage};
 
@@ -269,11 +267,11 @@ impl RmArgs {
         let base = match &self.url {
             Some(u) => u.trim_end_matches('/').to_owned(),
             None => match super::load_config(self.config.as_deref()) {
-                Ok(c) => default_url(&c),
+                Ok(c) => super::client::default_url(&c),
                 Err(code) => return code,
             },
         };
-        let password = match password() {
+        let password = match super::client::password() {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("berth: cache rm: reading the password: {e}");
@@ -321,30 +319,6 @@ impl RmArgs {
     }
 }
 
-/// `http://` and the config's listen address (the loopback one when it listens on all).
-fn default_url(config: &Config) -> String {
-    let mut addr = config.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    format!("http://{addr}")
-}
-
-fn password() -> std::io::Result<String> {
-    if let Ok(p) = std::env::var("BERTH_PASSWORD") {
-        return Ok(p);
-    }
-    if std::io::stdin().is_terminal() {
-        eprint!("Password: ");
-    }
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line)?;
-    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
-}
-
 /// Sends the DELETE with Basic credentials; the JSON report on success, else what went wrong.
 async fn delete(
     url: &str,
@@ -352,39 +326,14 @@ async fn delete(
     password: &str,
     ca_file: Option<&PathBuf>,
 ) -> Result<serde_json::Value, String> {
-    use base64::Engine as _;
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    if let Some(ca) = ca_file {
-        let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", ca.display()))?;
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .build();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build(https);
-    let credentials =
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let client = super::client::http_client(ca_file.map(PathBuf::as_path))?;
     let req = http::Request::builder()
         .method(http::Method::DELETE)
         .uri(url)
-        .header(http::header::AUTHORIZATION, format!("Basic {credentials}"))
+        .header(
+            http::header::AUTHORIZATION,
+            super::client::basic(user, password),
+        )
         .body(Empty::<bytes::Bytes>::new())
         .map_err(|e| format!("{url}: {e}"))?;
     let resp = client
@@ -459,15 +408,5 @@ mod tests {
         assert!(parse_ref("alpine", false).is_err());
         assert!(parse_ref("alpine:1", true).is_err());
         assert!(parse_ref("Alpine:1", false).is_err());
-    }
-
-    #[test]
-    fn the_default_url_is_the_listen_address_on_loopback() {
-        let mut c = Config::default();
-        assert_eq!(default_url(&c), "http://127.0.0.1:5000");
-        c.listen = "[::]:5001".parse().unwrap();
-        assert_eq!(default_url(&c), "http://[::1]:5001");
-        c.listen = "10.0.0.7:5000".parse().unwrap();
-        assert_eq!(default_url(&c), "http://10.0.0.7:5000");
     }
 }

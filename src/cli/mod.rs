@@ -11,6 +11,7 @@ use berth::config::{Config, LogFormat};
 
 mod cache;
 mod certs;
+mod client;
 mod fsck;
 mod gc;
 mod serve;

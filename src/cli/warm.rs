@@ -3,10 +3,8 @@
 //! an index's children of the chosen platforms, and every blob, read to the end and checked
 //! against its digest.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,8 +12,6 @@ use clap::Args;
 use futures_util::StreamExt;
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use sha2::Digest as _;
 
 use berth::config::human_bytes;
@@ -59,7 +55,8 @@ pub struct WarmArgs {
     /// [default: berth's default upstream]
     #[arg(long)]
     upstream: Option<String>,
-    /// User to log in as; the password is read from the BERTH_PASSWORD environment variable
+    /// User to log in as; the password is read from BERTH_PASSWORD, else from the first line of
+    /// stdin
     #[arg(long)]
     user: Option<String>,
     /// Extra CA certificate (PEM) trusted for an https --url, such as the one `berth certs`
@@ -122,10 +119,7 @@ fn parse_image(s: &str, upstream: Option<&str>) -> Result<Image, String> {
     })
 }
 
-type HttpClient = Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Empty<Bytes>,
->;
+use super::client::HttpClient;
 
 struct Puller {
     client: HttpClient,
@@ -157,25 +151,23 @@ impl WarmArgs {
                 .collect::<Result<Vec<_>, _>>()?;
             let base = match &self.url {
                 Some(u) => u.trim_end_matches('/').to_owned(),
-                None => default_url(self.config.as_deref())?,
+                None => super::client::default_url(
+                    &berth::config::Config::load(self.config.as_deref())
+                        .map_err(|e| e.to_string())?,
+                ),
             };
             if !base.starts_with("http://") && !base.starts_with("https://") {
                 return Err(format!("--url {base:?}: give an http:// or https:// URL"));
             }
             let auth = match &self.user {
                 Some(user) => {
-                    let password = std::env::var("BERTH_PASSWORD")
-                        .map_err(|_| "--user needs the password in BERTH_PASSWORD".to_owned())?;
-                    use base64::Engine as _;
-                    Some(format!(
-                        "Basic {}",
-                        base64::engine::general_purpose::STANDARD
-                            .encode(format!("{user}:{password}"))
-                    ))
+                    let password = super::client::password()
+                        .map_err(|e| format!("reading the password: {e}"))?;
+                    Some(super::client::basic(user, &password))
                 }
                 None => None,
             };
-            let client = http_client(self.ca_file.as_deref())?;
+            let client = super::client::http_client(self.ca_file.as_deref())?;
             Ok((
                 images,
                 Puller {
@@ -227,50 +219,6 @@ impl WarmArgs {
             ExitCode::FAILURE
         }
     }
-}
-
-/// `http://` and the config's listen address, a wildcard address taken as the loopback one.
-fn default_url(config: Option<&std::path::Path>) -> Result<String, String> {
-    let config = match config {
-        Some(p) => berth::config::Config::from_file(p).map_err(|e| e.to_string())?,
-        None => berth::config::Config::default(),
-    };
-    let mut at = config.listen;
-    if at.ip().is_unspecified() {
-        at.set_ip(match at.ip() {
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        });
-    }
-    Ok(format!("http://{at}"))
-}
-
-fn http_client(ca_file: Option<&std::path::Path>) -> Result<HttpClient, String> {
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    if let Some(ca) = ca_file {
-        let fail = |m: String| format!("--ca-file {}: {m}", ca.display());
-        let pem = std::fs::read(ca).map_err(|e| fail(e.to_string()))?;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| fail(e.to_string()))?;
-            roots.add(cert).map_err(|e| fail(e.to_string()))?;
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .build();
-    Ok(Client::builder(TokioExecutor::new()).build(https))
 }
 
 impl Puller {
