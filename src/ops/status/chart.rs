@@ -60,6 +60,24 @@ struct Series {
     fmt: fn(u64) -> String,
 }
 
+/// The bytes chart's two series.
+const BYTES: [Series; 2] = [
+    Series {
+        attr: "cache-bytes",
+        what: "served from the cache",
+        colour: CACHE_COLOUR,
+        value: |c| c.cache_bytes,
+        fmt: human_bytes,
+    },
+    Series {
+        attr: "upstream-bytes",
+        what: "fetched upstream",
+        colour: UPSTREAM_COLOUR,
+        value: |c| c.upstream_bytes,
+        fmt: human_bytes,
+    },
+];
+
 /// The "Savings" section.
 pub(super) fn savings(traffic: &Traffic, h: &mut String) {
     let (hours, days) = traffic.history();
@@ -89,22 +107,7 @@ pub(super) fn savings(traffic: &Traffic, h: &mut String) {
             s,
             "bytes",
             "Bytes served from the cache and fetched upstream",
-            &[
-                Series {
-                    attr: "cache-bytes",
-                    what: "served from the cache",
-                    colour: CACHE_COLOUR,
-                    value: |c| c.cache_bytes,
-                    fmt: human_bytes,
-                },
-                Series {
-                    attr: "upstream-bytes",
-                    what: "fetched upstream",
-                    colour: UPSTREAM_COLOUR,
-                    value: |c| c.upstream_bytes,
-                    fmt: human_bytes,
-                },
-            ],
+            &BYTES,
         );
         ratio(h, s);
         bars(
@@ -367,28 +370,7 @@ mod tests {
             label: hour_label,
         };
         let mut h = String::new();
-        bars(
-            &mut h,
-            &s,
-            "bytes",
-            "Bytes",
-            &[
-                Series {
-                    attr: "cache-bytes",
-                    what: "served from the cache",
-                    colour: CACHE_COLOUR,
-                    value: |c| c.cache_bytes,
-                    fmt: human_bytes,
-                },
-                Series {
-                    attr: "upstream-bytes",
-                    what: "fetched upstream",
-                    colour: UPSTREAM_COLOUR,
-                    value: |c| c.upstream_bytes,
-                    fmt: human_bytes,
-                },
-            ],
-        );
+        bars(&mut h, &s, "bytes", "Bytes", &BYTES);
         assert!(h.contains("data-cache-bytes=\"2048\" data-upstream-bytes=\"1031\""));
         assert_eq!(
             h.matches("<rect").count(),
