@@ -811,3 +811,72 @@ async fn an_admin_of_everything_manages_users_over_the_api() {
         .await;
     assert_eq!(r.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_rules_the_catalog_lists_only_what_the_user_may_pull() {
+    let e = Env::start(RULES).await;
+    let img = Image::new(9, &[50]);
+    for repo in [
+        "private/team-a/app",
+        "private/team-a/lib",
+        "private/team-b/x1",
+        "private/team-b/x2",
+        "private/team-b/x3",
+    ] {
+        assert_eq!(e.push_image(repo, "v1", &img, "carol").await.status, 201);
+    }
+    e.up.add_image("library/alpine", "3", &img);
+    e.b.pull("alpine", "3", &img).await;
+    let listing = |user: &'static str, query: &'static str| {
+        let e = &e;
+        async move {
+            let r = e
+                .req(Method::GET, &format!("/v2/_catalog{query}"), user)
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            let names: Vec<String> =
+                serde_json::from_value(r.json()["repositories"].clone()).unwrap();
+            (
+                names,
+                r.headers
+                    .get("link")
+                    .map(|l| l.to_str().unwrap().to_owned()),
+            )
+        }
+    };
+    // carol may pull everything: every name.
+    let (all, _) = listing("carol", "").await;
+    assert_eq!(all.len(), 6, "{all:?}");
+    // bob (team-a): team-a's and the mirrored ones; team-b's names are not shown.
+    let (names, link) = listing("bob", "").await;
+    assert!(
+        names.iter().all(|n| !n.starts_with("private/team-b/")),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"private/team-a/app".to_owned()),
+        "{names:?}"
+    );
+    assert!(names.iter().any(|n| n.ends_with("alpine")), "{names:?}");
+    assert_eq!(link, None);
+    // Paged by two: every visible name once, in order, none hidden.
+    let mut paged = Vec::new();
+    let mut query = "?n=2".to_owned();
+    for _ in 0..10 {
+        let q: &'static str = Box::leak(query.clone().into_boxed_str());
+        let (page, link) = listing("bob", q).await;
+        assert!(page.len() <= 2);
+        paged.extend(page);
+        let Some(link) = link else { break };
+        let start = link.find("?").unwrap();
+        query = link[start..link.find('>').unwrap()].to_owned();
+        query = query.replace("/v2/_catalog", "");
+    }
+    assert_eq!(paged, names);
+    // dave, with no rule: only the mirrored names.
+    let (names, _) = listing("dave", "").await;
+    assert!(
+        names.iter().all(|n| !n.starts_with("private/")),
+        "{names:?}"
+    );
+}

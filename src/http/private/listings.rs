@@ -69,17 +69,68 @@ pub(super) async fn tags(
 /// size, gets this many and a `Link` to the rest.
 pub const MAX_CATALOG_PAGE: usize = 1000;
 
-pub(super) async fn catalog(app: &App, query: &Query) -> Result<Response<Body>, RegistryError> {
+/// Catalog pages read from the store for one answer at most, when access rules hide names: a
+/// page of hidden names ends the answer early, with a `Link` to go on from there.
+const CATALOG_SCANS: usize = 8;
+
+/// `GET /v2/_catalog`. Under access rules, a private repository is listed only to users who may
+/// pull from it (`private_pull_public` lists them all); mirrored ones are listed to everyone.
+pub(super) async fn catalog(
+    app: &App,
+    query: &Query,
+    user: Option<&User>,
+) -> Result<Response<Body>, RegistryError> {
     let n = query
         .page_size()?
         .unwrap_or(MAX_CATALOG_PAGE)
         .min(MAX_CATALOG_PAGE);
-    let last = query.last.clone();
-    let store = app.private.store.store().clone();
-    let mut names = blocking(move || Ok(store.catalog_names(last.as_deref(), n + 1))).await?;
-    let next = if names.len() > n {
-        names.truncate(n);
-        names.last().map(|l| (n, l.clone()))
+    let config = &app.config;
+    let filtered = !config.access.is_empty() && !config.private_pull_public;
+    let visible = |name: &str| {
+        if !filtered {
+            return true;
+        }
+        let Ok(repo) = RepoName::parse(name) else {
+            return false;
+        };
+        !app.is_private(&repo)
+            || user.is_some_and(|u| {
+                crate::auth::rules::rights(config, u.name(), &repo)
+                    .actions
+                    .contains(crate::auth::Actions::PULL)
+            })
+    };
+    let mut names = Vec::new();
+    let mut cursor = query.last.clone();
+    let mut more = false;
+    for _ in 0..CATALOG_SCANS {
+        let store = app.private.store.store().clone();
+        let after = cursor.clone();
+        let batch = blocking(move || Ok(store.catalog_names(after.as_deref(), n + 1))).await?;
+        let batch_more = batch.len() > n;
+        let scanned = batch.len().min(n);
+        for (i, name) in batch.into_iter().take(n).enumerate() {
+            cursor = Some(name.clone());
+            if visible(&name) {
+                names.push(name);
+                if names.len() == n {
+                    more = i + 1 < scanned || batch_more;
+                    break;
+                }
+            }
+        }
+        if names.len() == n {
+            break;
+        }
+        if !batch_more {
+            more = false;
+            break;
+        }
+        // Every page scanned so far was mostly hidden; past the last scan the client goes on.
+        more = true;
+    }
+    let next = if more {
+        cursor.map(|last| (n, last))
     } else {
         None
     };

@@ -77,7 +77,7 @@ pub async fn dispatch(
     let head = method == Method::HEAD;
     let actor = user.as_ref().map(|u| u.name().to_owned());
     match (route, method) {
-        (Route::Catalog, Method::GET) => catalog(app, &query).await,
+        (Route::Catalog, Method::GET) => catalog(app, &query, user.as_ref()).await,
         (Route::Manifest { name, reference }, Method::GET | Method::HEAD) => {
             get_manifest(app, name, reference, head).await
         }
