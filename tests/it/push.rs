@@ -1292,11 +1292,21 @@ async fn webhooks_get_signed_push_and_delete_events() {
         .delete(&format!("/v2/private/app/manifests/{}", img.digest))
         .await;
     assert_eq!(r.status, 202);
+    // Deliveries run concurrently: the second push's event and the delete's may come in
+    // either order.
+    let delete_event = || {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(json, _, _)| json["action"] == "delete")
+            .cloned()
+    };
     wait_for("the delete event", Duration::from_secs(10), || {
-        events.lock().unwrap().len() >= 3
+        delete_event().is_some() && events.lock().unwrap().len() >= 3
     })
     .await;
-    let (del, body, headers) = events.lock().unwrap()[2].clone();
+    let (del, body, headers) = delete_event().unwrap();
     assert_eq!(del["action"], "delete");
     assert_eq!(del["tag"], Value::Null);
     assert_eq!(del["tags"], serde_json::json!(["latest", "v1"]));
@@ -1304,6 +1314,20 @@ async fn webhooks_get_signed_push_and_delete_events() {
     let sig = headers["berth-signature"].to_str().unwrap();
     assert!(signature_ok(b"s3cret", sig, &body), "{sig}");
     // Every event arrived: the failed first attempt was retried and counted once as delivered.
+    // (A delivery is counted once the receiver's answer is in, just after it recorded the event.)
+    let stats =
+        e.b.running
+            .as_ref()
+            .unwrap()
+            .app
+            .private
+            .webhooks
+            .stats
+            .clone();
+    wait_for("three deliveries counted", Duration::from_secs(10), || {
+        stats.delivered.load(std::sync::atomic::Ordering::Relaxed) == 3
+    })
+    .await;
     let text = String::from_utf8_lossy(&e.b.get("/metrics").await.bytes()).into_owned();
     let deliveries = |result| {
         berth::ops::metrics::sample(
