@@ -161,8 +161,12 @@ impl App {
                     http_body_util::Limited::new(req.into_body(), MAX_ADMIN_BODY).collect(),
                 )
                 .await
-                .map_err(|_| RegistryError::Unsupported("the body took too long".into()))?
                 .map_err(|_| {
+                    tracing::warn!(user = %name, "admin API: a user's body took too long; refused");
+                    RegistryError::Unsupported("the body took too long".into())
+                })?
+                .map_err(|_| {
+                    tracing::warn!(user = %name, limit = MAX_ADMIN_BODY, "admin API: a user's body is too large; refused");
                     RegistryError::TooLarge(format!("a body over {MAX_ADMIN_BODY} bytes"))
                 })?
                 .to_bytes();

@@ -260,33 +260,32 @@ async fn a_token_grants_no_more_than_the_rules() {
     };
     let image = Image::new(5, &[200]);
     let blob = image.layers[0].clone();
+    // A monolithic blob push to `repo` with a token.
+    let push_with = |token: String, repo: &'static str| {
+        let url = e.b.url(&format!(
+            "/v2/{repo}/blobs/uploads/?digest={}",
+            sha256(&blob)
+        ));
+        let blob = blob.clone();
+        async move {
+            let bearer = format!("Bearer {token}");
+            send_body(
+                Method::POST,
+                &url,
+                &[("authorization", bearer.as_str())],
+                blob,
+            )
+            .await
+        }
+    };
     // bob asks for push to team-b: the token does not grant it, and the push is refused.
     let t = token_for("bob", "repository:private/team-b/app:pull,push").await;
-    let bearer = format!("Bearer {t}");
-    let r = send_body(
-        Method::POST,
-        &e.b.url(&format!(
-            "/v2/private/team-b/app/blobs/uploads/?digest={}",
-            sha256(&blob)
-        )),
-        &[("authorization", bearer.as_str())],
-        blob.clone(),
-    )
-    .await;
+    let r = push_with(t, "private/team-b/app").await;
     assert_denied(&r, "bob may not push to private/team-b/app");
     // For team-a it does.
     let t = token_for("bob", "repository:private/team-a/app:pull,push,delete").await;
     let bearer = format!("Bearer {t}");
-    let r = send_body(
-        Method::POST,
-        &e.b.url(&format!(
-            "/v2/private/team-a/app/blobs/uploads/?digest={}",
-            sha256(&blob)
-        )),
-        &[("authorization", bearer.as_str())],
-        blob.clone(),
-    )
-    .await;
+    let r = push_with(t.clone(), "private/team-a/app").await;
     assert_eq!(r.status, 201, "{:?}", r.body);
     // Delete was asked for but not granted: the rules refuse it.
     let r = send(
@@ -798,6 +797,16 @@ async fn an_admin_of_everything_manages_users_over_the_api() {
     let huge: &'static str =
         Box::leak(format!("{{\"password\": \"{}\"}}", "x".repeat(5000)).into_boxed_str());
     assert_eq!(set("eve", huge).await.error_code(), "SIZE_INVALID");
+    // Refused before it is read whole, and counted with its route and status.
+    let metrics = String::from_utf8_lossy(&e.b.get("/metrics").await.bytes()).into_owned();
+    assert_eq!(
+        berth::ops::metrics::sample(
+            &metrics,
+            "berth_http_requests_total",
+            &[("route", "admin"), ("status", "413")]
+        ),
+        1.0
+    );
     let r = e
         .req(Method::DELETE, "/_berth/api/users/eve", "carol")
         .await;
